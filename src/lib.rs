@@ -1,0 +1,17 @@
+//! fedbpt: federated black-box prompt tuning (FedBPT, Sun et al. 2023) of frozen language models.
+//!
+//! This crate is the method: assets, data and tasks, model backends with soft-prompt injection,
+//! the random projection, objectives, CMA-ES and the aggregation strategies. It knows nothing of
+//! actors; the runtime (`fedbpt-actors`) moves messages and calls into it.
+
+pub mod assets;
+pub mod cmaes;
+pub mod data;
+pub mod error;
+pub mod models;
+pub mod objective;
+pub mod projection;
+pub mod strategy;
+pub mod task;
+
+pub use error::{Error, Result};
