@@ -1,0 +1,471 @@
+//! Sampling: the fixed test split, k-shot train / dev sets, client partitions (iid and
+//! Dirichlet non-iid) and the token noise of FedBPT's perturbation.
+//!
+//! Everything random takes a seed (or a caller-owned generator) so that every party, and every
+//! rerun, draws the same samples.
+
+use std::collections::BTreeMap;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Gamma};
+
+use super::{Dataset, Example};
+use crate::{Error, Result};
+
+/// The three example sets of one experiment.
+#[derive(Debug, Clone)]
+pub struct Split {
+    /// The k-shot training examples (what the clients' shards are cut from).
+    pub train: Vec<Example>,
+    /// The dev examples of the same size, for model selection.
+    pub dev: Vec<Example>,
+    /// The fixed held-out test set.
+    pub test: Vec<Example>,
+}
+
+/// Sets aside a fixed, seeded test set of `test_size` examples and returns `(rest, test)`.
+///
+/// The split is stratified: each class gets a share of the test set proportional to its size
+/// (largest remainders round), so that a small test set keeps the corpus' class balance.
+pub fn test_split(
+    ds: &Dataset,
+    test_size: usize,
+    seed: u64,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    let n = ds.examples.len();
+    if test_size >= n {
+        return Err(Error::config(
+            "test_size",
+            format!(
+                "{test_size} leaves no training data in `{}` ({n} examples)",
+                ds.name
+            ),
+        ));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut by_class = indices_by_class(ds.examples.iter().map(|e| e.label));
+    // Quota of each class: floor of its proportional share, then one more for the classes with
+    // the largest remainders until the quotas sum to test_size.
+    let mut quotas: Vec<(usize, usize)> = by_class
+        .values()
+        .map(|idx| {
+            let exact = test_size * idx.len();
+            (exact / n, exact % n)
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..quotas.len()).collect();
+    order.sort_by(|&a, &b| quotas[b].1.cmp(&quotas[a].1).then(a.cmp(&b)));
+    let short = test_size - quotas.iter().map(|q| q.0).sum::<usize>();
+    for &i in order.iter().take(short) {
+        quotas[i].0 += 1;
+    }
+
+    let mut in_test = vec![false; n];
+    for (idx, (quota, _)) in by_class.values_mut().zip(quotas) {
+        idx.shuffle(&mut rng);
+        for &i in &idx[..quota] {
+            in_test[i] = true;
+        }
+    }
+    let (mut test, mut rest): (Vec<_>, Vec<_>) =
+        ds.examples.iter().zip(&in_test).partition(|(_, &t)| t);
+    test.shuffle(&mut rng);
+    rest.shuffle(&mut rng);
+    let strip = |v: Vec<(&Example, &bool)>| v.into_iter().map(|(e, _)| e.clone()).collect();
+    Ok((strip(rest), strip(test)))
+}
+
+/// Draws a k-shot train set and a dev set of the same size from `pool`, as the reference does:
+/// after one seeded shuffle, each class contributes its first `k` examples to train and its next
+/// `k` to dev. Both outputs are shuffled (deterministically) so that classes are interleaved.
+pub fn k_shot(
+    pool: &[Example],
+    n_classes: usize,
+    k: usize,
+    seed: u64,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    if k == 0 {
+        return Err(Error::config("k_shot", "must be at least 1"));
+    }
+    if n_classes == 0 {
+        return Err(Error::config("n_classes", "must be at least 1"));
+    }
+    check_labels(pool.iter().map(|e| e.label), n_classes)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..pool.len()).collect();
+    order.shuffle(&mut rng);
+    let mut per_class: Vec<Vec<usize>> = vec![Vec::new(); n_classes];
+    for i in order {
+        per_class[pool[i].label].push(i);
+    }
+    let (mut train, mut dev) = (Vec::new(), Vec::new());
+    for (c, idx) in per_class.iter().enumerate() {
+        if idx.len() < 2 * k {
+            return Err(Error::config(
+                "k_shot",
+                format!(
+                    "class {c} has {} examples; k_shot {k} needs {} (k for train, k for dev)",
+                    idx.len(),
+                    2 * k
+                ),
+            ));
+        }
+        train.extend(idx[..k].iter().map(|&i| pool[i].clone()));
+        dev.extend(idx[k..2 * k].iter().map(|&i| pool[i].clone()));
+    }
+    train.shuffle(&mut rng);
+    dev.shuffle(&mut rng);
+    Ok((train, dev))
+}
+
+/// Splits `0..n` at random into `n_clients` shards whose sizes differ by at most one. Each
+/// shard's indices are sorted.
+pub fn partition_iid(n: usize, n_clients: usize, seed: u64) -> Result<Vec<Vec<usize>>> {
+    check_clients(n, n_clients)?;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let (base, extra) = (n / n_clients, n % n_clients);
+    let mut shards = Vec::with_capacity(n_clients);
+    let mut rest = order.as_slice();
+    for client in 0..n_clients {
+        let (shard, tail) = rest.split_at(base + usize::from(client < extra));
+        let mut shard = shard.to_vec();
+        shard.sort_unstable();
+        shards.push(shard);
+        rest = tail;
+    }
+    Ok(shards)
+}
+
+/// Non-iid partition of examples with the given labels over `n_clients` clients: for each class,
+/// client proportions are drawn from Dirichlet(alpha, ..., alpha) and the class' shuffled
+/// examples are cut accordingly. Small `alpha` gives each client few classes; large `alpha`
+/// approaches an iid split.
+///
+/// Every client gets at least one example: while some client is empty, the largest client hands
+/// it one example (its last), which disturbs the drawn proportions as little as possible. Each
+/// shard's indices are sorted.
+pub fn partition_dirichlet(
+    labels: &[usize],
+    n_classes: usize,
+    n_clients: usize,
+    alpha: f64,
+    seed: u64,
+) -> Result<Vec<Vec<usize>>> {
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(Error::config(
+            "alpha",
+            format!("must be positive and finite, got {alpha}"),
+        ));
+    }
+    check_clients(labels.len(), n_clients)?;
+    check_labels(labels.iter().copied(), n_classes)?;
+    let gamma = Gamma::new(alpha, 1.0)
+        .map_err(|e| Error::config("alpha", format!("invalid Dirichlet concentration: {e}")))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new(); n_clients];
+    let mut per_class: Vec<Vec<usize>> = vec![Vec::new(); n_classes];
+    for (i, &l) in labels.iter().enumerate() {
+        per_class[l].push(i);
+    }
+    for mut idx in per_class {
+        if idx.is_empty() {
+            continue;
+        }
+        idx.shuffle(&mut rng);
+        // Dirichlet draw as normalised Gamma(alpha, 1) variates.
+        let mut p: Vec<f64> = (0..n_clients).map(|_| gamma.sample(&mut rng)).collect();
+        let total: f64 = p.iter().sum();
+        if !(total.is_finite() && total > 0.0) {
+            // Tiny alpha can underflow every draw to 0; the Dirichlet's limit is then a single
+            // client taking the whole class.
+            p.iter_mut().for_each(|x| *x = 0.0);
+            p[rng.random_range(0..n_clients)] = 1.0;
+        } else {
+            p.iter_mut().for_each(|x| *x /= total);
+        }
+        let m = idx.len();
+        let mut start = 0usize;
+        let mut cum = 0.0;
+        for (client, &pk) in p.iter().enumerate() {
+            cum += pk;
+            let end = if client + 1 == n_clients {
+                m
+            } else {
+                ((cum * m as f64).floor() as usize).clamp(start, m)
+            };
+            shards[client].extend_from_slice(&idx[start..end]);
+            start = end;
+        }
+    }
+    // n >= n_clients, so while a shard is empty the largest one holds at least two.
+    while let Some(empty) = shards.iter().position(Vec::is_empty) {
+        let largest = (0..n_clients)
+            .max_by_key(|&c| (shards[c].len(), std::cmp::Reverse(c)))
+            .unwrap_or(0);
+        if let Some(i) = shards[largest].pop() {
+            shards[empty].push(i);
+        }
+    }
+    shards.iter_mut().for_each(|s| s.sort_unstable());
+    Ok(shards)
+}
+
+/// FedBPT's perturbation: each token whose `editable` flag is set is, with probability `rate`,
+/// replaced by a random token id drawn uniformly from `[0, vocab_size)` minus its current id (so
+/// that every replacement is a real change). Positions past the end of `editable` are not
+/// editable. Returns how many tokens changed. A `rate` of 0 or less (or NaN), or a vocabulary of
+/// fewer than two ids, changes nothing.
+pub fn noise_tokens(
+    ids: &mut [u32],
+    editable: &[bool],
+    rate: f32,
+    vocab_size: u32,
+    rng: &mut impl Rng,
+) -> usize {
+    if rate.is_nan() || rate <= 0.0 || vocab_size < 2 {
+        return 0;
+    }
+    let mut changed = 0;
+    for (id, _) in ids.iter_mut().zip(editable).filter(|(_, &e)| e) {
+        if rng.random::<f32>() >= rate {
+            continue;
+        }
+        *id = if *id < vocab_size {
+            // Uniform over the other vocab_size - 1 ids.
+            let r = rng.random_range(0..vocab_size - 1);
+            if r >= *id {
+                r + 1
+            } else {
+                r
+            }
+        } else {
+            rng.random_range(0..vocab_size)
+        };
+        changed += 1;
+    }
+    changed
+}
+
+/// Example indices grouped by label, classes in increasing order.
+fn indices_by_class(labels: impl Iterator<Item = usize>) -> BTreeMap<usize, Vec<usize>> {
+    let mut by_class: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, l) in labels.enumerate() {
+        by_class.entry(l).or_default().push(i);
+    }
+    by_class
+}
+
+fn check_labels(mut labels: impl Iterator<Item = usize>, n_classes: usize) -> Result<()> {
+    match labels.find(|&l| l >= n_classes) {
+        Some(l) => Err(Error::config(
+            "n_classes",
+            format!("label {l} is out of range for {n_classes} classes"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn check_clients(n: usize, n_clients: usize) -> Result<()> {
+    if n_clients == 0 {
+        return Err(Error::config("n_clients", "must be at least 1"));
+    }
+    if n < n_clients {
+        return Err(Error::config(
+            "n_clients",
+            format!("{n_clients} clients but only {n} examples: every client needs one"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(i: usize, label: usize) -> Example {
+        Example {
+            text: format!("t{i}"),
+            text_b: None,
+            label,
+        }
+    }
+
+    /// 3 classes of sizes 50, 30, 20.
+    fn dataset() -> Dataset {
+        let examples = (0..100)
+            .map(|i| {
+                ex(
+                    i,
+                    if i < 50 {
+                        0
+                    } else if i < 80 {
+                        1
+                    } else {
+                        2
+                    },
+                )
+            })
+            .collect();
+        Dataset {
+            name: "toy".into(),
+            label_names: vec!["a".into(), "b".into(), "c".into()],
+            examples,
+            warnings: vec![],
+        }
+    }
+
+    fn texts(v: &[Example]) -> Vec<&str> {
+        v.iter().map(|e| e.text.as_str()).collect()
+    }
+
+    #[test]
+    fn test_split_is_disjoint_stratified_and_seeded() {
+        let ds = dataset();
+        let (rest, test) = test_split(&ds, 10, 7).unwrap();
+        assert_eq!((rest.len(), test.len()), (90, 10));
+        let mut all = [texts(&rest), texts(&test)].concat();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 100);
+        let count = |c| test.iter().filter(|e| e.label == c).count();
+        assert_eq!((count(0), count(1), count(2)), (5, 3, 2));
+        assert_eq!(test_split(&ds, 10, 7).unwrap().1, test);
+        assert_ne!(texts(&test_split(&ds, 10, 8).unwrap().1), texts(&test));
+        assert!(test_split(&ds, 100, 7).is_err());
+    }
+
+    #[test]
+    fn k_shot_takes_k_per_class_disjoint() {
+        let ds = dataset();
+        let (rest, test) = test_split(&ds, 10, 1).unwrap();
+        let (train, dev) = k_shot(&rest, 3, 4, 2).unwrap();
+        for c in 0..3 {
+            assert_eq!(train.iter().filter(|e| e.label == c).count(), 4);
+            assert_eq!(dev.iter().filter(|e| e.label == c).count(), 4);
+        }
+        let mut all = [texts(&train), texts(&dev), texts(&test)].concat();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 12 + 12 + 10);
+        assert_eq!(k_shot(&rest, 3, 4, 2).unwrap(), (train.clone(), dev));
+        assert_ne!(k_shot(&rest, 3, 4, 3).unwrap().0, train);
+        // Output is interleaved, not grouped by class.
+        assert_ne!(
+            train.iter().map(|e| e.label).collect::<Vec<_>>(),
+            [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+        );
+    }
+
+    #[test]
+    fn k_shot_names_the_short_class() {
+        let ds = dataset();
+        let msg = k_shot(&ds.examples, 3, 11, 0).unwrap_err().to_string();
+        assert!(msg.contains("class 2") && msg.contains("k_shot"), "{msg}");
+        assert!(
+            k_shot(&ds.examples, 2, 1, 0).is_err(),
+            "label 2 is out of range for 2 classes"
+        );
+    }
+
+    fn assert_cover(shards: &[Vec<usize>], n: usize) {
+        let mut all: Vec<usize> = shards.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..n).collect::<Vec<_>>());
+        assert!(shards.iter().all(|s| !s.is_empty()));
+    }
+
+    #[test]
+    fn iid_partition_covers_equally() {
+        let shards = partition_iid(103, 10, 5).unwrap();
+        assert_cover(&shards, 103);
+        assert!(shards.iter().all(|s| s.len() == 10 || s.len() == 11));
+        assert_eq!(partition_iid(103, 10, 5).unwrap(), shards);
+        assert_ne!(partition_iid(103, 10, 6).unwrap(), shards);
+        assert!(partition_iid(5, 0, 0).is_err());
+        assert!(partition_iid(5, 6, 0).is_err());
+    }
+
+    /// Largest distance, over clients, between a client's class distribution and the uniform one.
+    fn max_skew(labels: &[usize], shards: &[Vec<usize>], n_classes: usize) -> f64 {
+        shards
+            .iter()
+            .map(|s| {
+                (0..n_classes)
+                    .map(|c| {
+                        let p =
+                            s.iter().filter(|&&i| labels[i] == c).count() as f64 / s.len() as f64;
+                        (p - 1.0 / n_classes as f64).abs()
+                    })
+                    .fold(0.0, f64::max)
+            })
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn dirichlet_partition_skew_follows_alpha() {
+        let labels: Vec<usize> = (0..2000).map(|i| i % 4).collect();
+        let skewed = partition_dirichlet(&labels, 4, 10, 0.1, 3).unwrap();
+        assert_cover(&skewed, 2000);
+        assert!(
+            max_skew(&labels, &skewed, 4) > 0.5,
+            "alpha 0.1 should be far from uniform"
+        );
+        let flat = partition_dirichlet(&labels, 4, 10, 1000.0, 3).unwrap();
+        assert_cover(&flat, 2000);
+        assert!(
+            max_skew(&labels, &flat, 4) < 0.1,
+            "alpha 1000 should be near uniform"
+        );
+        assert_eq!(partition_dirichlet(&labels, 4, 10, 0.1, 3).unwrap(), skewed);
+        assert_ne!(partition_dirichlet(&labels, 4, 10, 0.1, 4).unwrap(), skewed);
+    }
+
+    #[test]
+    fn dirichlet_partition_never_leaves_a_client_empty() {
+        let labels: Vec<usize> = (0..12).map(|i| i % 2).collect();
+        for seed in 0..50 {
+            assert_cover(
+                &partition_dirichlet(&labels, 2, 12, 0.01, seed).unwrap(),
+                12,
+            );
+        }
+        // Underflowing Gamma draws still give a valid partition.
+        assert_cover(&partition_dirichlet(&labels, 2, 3, 1e-300, 0).unwrap(), 12);
+    }
+
+    #[test]
+    fn dirichlet_partition_rejects_bad_arguments() {
+        let labels = [0, 1, 0, 1];
+        for alpha in [0.0, -1.0, f64::NAN] {
+            assert!(partition_dirichlet(&labels, 2, 2, alpha, 0).is_err());
+        }
+        assert!(partition_dirichlet(&labels, 2, 0, 1.0, 0).is_err());
+        assert!(partition_dirichlet(&labels, 2, 5, 1.0, 0).is_err());
+        assert!(partition_dirichlet(&labels, 1, 2, 1.0, 0).is_err());
+    }
+
+    #[test]
+    fn noise_respects_rate_and_mask() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let orig: Vec<u32> = (0..200).map(|i| i % 50).collect();
+        let editable: Vec<bool> = (0..200).map(|i| i % 3 != 0).collect();
+
+        let mut ids = orig.clone();
+        assert_eq!(noise_tokens(&mut ids, &editable, 0.0, 50, &mut rng), 0);
+        assert_eq!(ids, orig);
+
+        let changed = noise_tokens(&mut ids, &editable, 1.0, 50, &mut rng);
+        assert_eq!(changed, editable.iter().filter(|&&e| e).count());
+        for ((a, b), e) in ids.iter().zip(&orig).zip(&editable) {
+            assert_eq!(a != b, *e);
+            assert!(*a < 50);
+        }
+
+        let mut ids = orig.clone();
+        let changed = noise_tokens(&mut ids, &editable, 0.5, 50, &mut rng);
+        assert!((40..=93).contains(&changed), "about half of 133: {changed}");
+    }
+}
