@@ -5,9 +5,12 @@
 //! actors; the runtime (`fedbpt-actors`) moves messages and calls into it.
 
 pub mod assets;
+pub mod bbt;
 pub mod cmaes;
+pub mod config;
 pub mod data;
 pub mod error;
+pub mod experiment;
 pub mod models;
 pub mod objective;
 pub mod projection;

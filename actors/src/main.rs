@@ -1,1 +1,181 @@
-fn main() {}
+//! `fedbpt`: the command line.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use fedbpt::assets;
+use fedbpt::config::Config;
+use fedbpt::experiment;
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "fedbpt", version, about = "Federated black-box prompt tuning of frozen language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download and verify assets (models, data) into $FEDBPT_HOME (default ~/.cache/fedbpt).
+    Fetch {
+        /// Asset names (default: all): smollm2, minilm, mr, bbc.
+        names: Vec<String>,
+    },
+    /// Centralized black-box prompt tuning on one party's k-shot data.
+    Bbt {
+        config: PathBuf,
+        /// Output directory (default runs/<config name>-seed<seed>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override a config key: --set key=value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Forward-throughput benchmark of the backends at BBT's shapes (JSON lines on stdout).
+    Bench {
+        /// Models to measure: smollm2, minilm.
+        #[arg(long, default_values_t = vec!["minilm".to_string(), "smollm2".to_string()])]
+        models: Vec<String>,
+        /// Repetitions per measurement.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Also write the JSON lines here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Fetch { names } => fetch(&names),
+        Command::Bbt { config, out, overrides } => bbt(&config, out, &overrides),
+        Command::Bench { models, iters, json } => bench::run(&models, iters, json.as_deref()),
+    }
+}
+
+fn say(msg: &str) {
+    eprintln!("{msg}");
+}
+
+fn fetch(names: &[String]) -> Result<()> {
+    let root = assets::home();
+    let wanted: Vec<&assets::AssetSpec> = if names.is_empty() {
+        assets::ASSETS.iter().collect()
+    } else {
+        names
+            .iter()
+            .map(|n| {
+                assets::spec(n).with_context(|| {
+                    let known: Vec<&str> = assets::ASSETS.iter().map(|a| a.name).collect();
+                    format!("unknown asset `{n}` (known: {})", known.join(", "))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    for spec in wanted {
+        let dir = assets::ensure(&root, spec, &mut |m| say(m))?;
+        println!("{}\t{}", spec.name, dir.display());
+    }
+    Ok(())
+}
+
+fn default_out(config: &Path, seed: u64) -> PathBuf {
+    let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
+    PathBuf::from("runs").join(format!("{stem}-seed{seed}"))
+}
+
+/// Writes `value` as pretty JSON to `path` atomically (write, then rename).
+pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> {
+    let cfg = Config::load(config, overrides)?;
+    let out = out.unwrap_or_else(|| default_out(config, cfg.seed));
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let device = experiment::device(cfg.runtime.devices.first().map(String::as_str).unwrap_or("cpu"))?;
+    let model = experiment::load_model(&cfg, &device, &mut |m| say(m))?;
+    let (ds, split) = experiment::load_split(&cfg, &mut |m| say(m))?;
+    let task = cfg.task_spec()?;
+    if task.n_classes() != ds.label_names.len() {
+        bail!(
+            "task `{}` has {} classes but the data has {} ({:?})",
+            task.name,
+            task.n_classes(),
+            ds.label_names.len(),
+            ds.label_names
+        );
+    }
+    say(&format!(
+        "bbt: {} on {} ({} train / {} dev / {} test), d = {}, {} prompt tokens, budget {} evaluations",
+        model.info().name,
+        task.name,
+        split.train.len(),
+        split.dev.len(),
+        split.test.len(),
+        cfg.intrinsic_dim,
+        cfg.n_prompt_tokens,
+        cfg.budget
+    ));
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics = fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
+    let bar = ProgressBar::new(cfg.budget as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} evals {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("preparing (tokenize, text caches, zero-shot test)");
+    let mut write_err: Option<std::io::Error> = None;
+    let summary = fedbpt::bbt::run(&cfg, model.as_ref(), &task, &split, &mut |rec| {
+        bar.set_position(rec.evaluations.min(cfg.budget) as u64);
+        bar.set_message(format!("train loss {:.4} dev acc {:.3} sigma {:.3}", rec.best_train_loss, rec.dev_acc, rec.sigma));
+        if write_err.is_none() {
+            let line = serde_json::to_string(rec).unwrap_or_default();
+            if let Err(e) = writeln!(metrics, "{line}").and_then(|_| metrics.flush()) {
+                write_err = Some(e);
+            }
+        }
+    })?;
+    bar.finish_and_clear();
+    if let Some(e) = write_err {
+        bail!("writing {}: {e}", metrics_path.display());
+    }
+    write_json_atomic(&out.join("summary.json"), &summary)?;
+    println!(
+        "manual prompt {:.2}% | z=0 {:.2}% | final {:.2}% | best-on-dev {:.2}% (dev {:.2}%) | {} evaluations in {:.0}s -> {}",
+        100.0 * summary.zero_shot_test_acc,
+        100.0 * summary.zero_prompt_test_acc,
+        100.0 * summary.final_test_acc,
+        100.0 * summary.best_dev_test_acc,
+        100.0 * summary.best_dev_acc,
+        summary.evaluations,
+        summary.wall_s,
+        out.display()
+    );
+    Ok(())
+}

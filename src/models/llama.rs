@@ -444,6 +444,9 @@ impl CausalLm {
         let sin = self.sin.index_select(&pos, 0)?.contiguous()?;
         let eps = self.cfg.rms_norm_eps as f32;
         let scale = 1.0 / (hd as f64).sqrt();
+        let rep = nh / nkv;
+        // The mask repeated for the query heads stacked per kv head.
+        let mask = if rep > 1 { Tensor::cat(&vec![mask; rep], 2)? } else { mask.clone() };
         let mut x = x.reshape((b * t, h))?;
         let mut kept = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
@@ -471,11 +474,13 @@ impl CausalLm {
             if keep_kv {
                 kept.push((k.clone(), v.clone()));
             }
-            let k = candle_transformers::utils::repeat_kv(k, nh / nkv)?.contiguous()?;
-            let v = candle_transformers::utils::repeat_kv(v, nh / nkv)?.contiguous()?;
-            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+            // Grouped-query attention without copying keys: the query heads that share a kv
+            // head are stacked along the query axis, so one matmul per (example, kv head)
+            // instead of one per query head.
+            let q = q.reshape((b, nkv, rep * t, hd))?;
+            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
             let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b * t, h))?;
+            let y = att.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, h))?;
             x = (x + layer.o.forward(&y)?)?;
             let hn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let ff = (candle_nn::ops::silu(&layer.gate.forward(&hn)?)? * layer.up.forward(&hn)?)?;
@@ -554,7 +559,9 @@ struct CausalBatch {
     placeholders: Vec<u32>,
     placement: Placement,
     examples: Vec<Encoded>,
-    /// Suffix placement: per chunk of examples, the text's key/value cache.
+    /// Processing order (by length); chunks of it share one padded forward.
+    order: Vec<usize>,
+    /// Suffix placement: per chunk of `order`, the text's key/value cache.
     caches: Vec<KvCache>,
     /// Suffix placement: the shared tail tokens.
     tail: Vec<u32>,
@@ -647,11 +654,14 @@ impl PromptModel for CausalLm {
         if placement == Placement::Suffix && tail.is_empty() {
             return Err(Error::Task("suffix placement needs template text after {prompt}".into()));
         }
+        // Length-sorted chunks keep left padding (wasted compute) small.
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| encoded[i].head.len());
         let mut caches = Vec::new();
         let mut tokens_per_pass = 0;
         if placement == Placement::Suffix {
-            for chunk in encoded.chunks(self.chunk_examples) {
-                let seqs: Vec<&[u32]> = chunk.iter().map(|e| e.head.as_slice()).collect();
+            for chunk in order.chunks(self.chunk_examples) {
+                let seqs: Vec<&[u32]> = chunk.iter().map(|&i| encoded[i].head.as_slice()).collect();
                 let (x, attended) = self.embed_padded(&seqs)?;
                 let t = attended[0].len();
                 let mask = causal_mask(&attended, &self.device)?;
@@ -668,7 +678,7 @@ impl PromptModel for CausalLm {
             labels,
             n_classes: label_ids.len(),
             tokens_per_pass,
-            inner: Box::new(CausalBatch { label_ids, placeholders, placement, examples: encoded, caches, tail }),
+            inner: Box::new(CausalBatch { label_ids, placeholders, placement, examples: encoded, order, caches, tail }),
         })
     }
 
@@ -698,24 +708,26 @@ impl CausalLm {
     /// the manual prompt. Returns `[prompt][example][class]`.
     fn score_candidates(&self, b: &CausalBatch, prompts: &[Tensor], with_placeholders: bool) -> Result<Vec<Vec<Vec<f32>>>> {
         let n_cand = prompts.len().max(1);
-        let mut out = vec![Vec::with_capacity(b.examples.len()); n_cand];
+        let mut out = vec![vec![Vec::new(); b.examples.len()]; n_cand];
         match b.placement {
             Placement::Suffix => {
-                for (ci, chunk) in b.examples.chunks(self.chunk_examples).enumerate() {
+                for (ci, chunk) in b.order.chunks(self.chunk_examples).enumerate() {
                     let cache = &b.caches[ci];
                     let s = self.suffix_scores(cache, &b.tail, &b.placeholders, prompts, with_placeholders, &b.label_ids)?;
                     for (p, rows) in s.into_iter().enumerate() {
-                        debug_assert_eq!(rows.len(), chunk.len());
-                        out[p].extend(rows);
+                        for (&i, row) in chunk.iter().zip(rows) {
+                            out[p][i] = row;
+                        }
                     }
                 }
             }
             Placement::Prefix => {
-                for chunk in b.examples.chunks(self.chunk_examples) {
+                for chunk in b.order.chunks(self.chunk_examples) {
                     for p in 0..n_cand {
                         let seqs: Vec<Vec<u32>> = chunk
                             .iter()
-                            .map(|e| {
+                            .map(|&i| {
+                                let e = &b.examples[i];
                                 let mut s = if with_placeholders { b.placeholders.clone() } else { Vec::new() };
                                 s.extend_from_slice(&e.head);
                                 s.extend_from_slice(&e.tail);
@@ -740,7 +752,9 @@ impl CausalLm {
                         let (h, _) = self.forward_embeds(&x, &positions, &mask, None, false)?;
                         let last = h.i((.., t - 1))?.contiguous()?;
                         let logits = self.label_logits(&last, &b.label_ids)?;
-                        out[p].extend(logits.to_vec2::<f32>()?);
+                        for (&i, row) in chunk.iter().zip(logits.to_vec2::<f32>()?) {
+                            out[p][i] = row;
+                        }
                     }
                 }
             }

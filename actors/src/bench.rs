@@ -1,0 +1,126 @@
+//! `fedbpt bench`: forward throughput of each backend at BBT's batch shapes, beside the PyTorch
+//! peer (`../shared/bench/peer_forward.py`) when PyTorch is installed. One JSON object per line.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use fedbpt::config::Config;
+use fedbpt::experiment;
+use fedbpt::models::{Placement, PromptModel};
+
+/// Non-embedding parameters: 2 FLOPs each per token is the forward's matmul work.
+fn non_embedding_params(model: &dyn PromptModel) -> usize {
+    let info = model.info();
+    info.n_params.saturating_sub(info.vocab_size * info.hidden_size)
+}
+
+fn time_scores(model: &dyn PromptModel, batch: &fedbpt::models::Prepared, prompts: &[Vec<f32>], iters: usize) -> Result<f64> {
+    let refs: Vec<&[f32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    model.scores_many(batch, &refs)?; // warm-up
+    let t = Instant::now();
+    for _ in 0..iters {
+        model.scores_many(batch, &refs)?;
+    }
+    Ok(t.elapsed().as_secs_f64() / iters as f64)
+}
+
+pub fn run(models: &[String], iters: usize, json_out: Option<&Path>) -> Result<()> {
+    let iters = iters.max(1);
+    let mut lines = Vec::new();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    for name in models {
+        let (placements, examples, populations): (Vec<Placement>, usize, Vec<usize>) = match name.as_str() {
+            "minilm" => (vec![Placement::Suffix], 32, vec![1, 20]),
+            _ => (vec![Placement::Suffix, Placement::Prefix], 64, vec![1, 20]),
+        };
+        for placement in placements {
+            let mut cfg = Config::default();
+            cfg.model_name = name.clone();
+            cfg.task_name = "mr".into();
+            cfg.placement = placement;
+            let device = experiment::device("cpu")?;
+            let model = experiment::load_model(&cfg, &device, &mut |m| eprintln!("{m}"))?;
+            let (_, split) = experiment::load_split(&cfg, &mut |m| eprintln!("{m}"))?;
+            let task = cfg.task_spec()?;
+            let exs = &split.test[..examples.min(split.test.len())];
+            let t = Instant::now();
+            let batch = model.prepare(&task, exs, None)?;
+            let prepare_s = t.elapsed().as_secs_f64();
+            let out_dim = cfg.n_prompt_tokens * model.info().hidden_size;
+            let flops_per_token = 2.0 * non_embedding_params(model.as_ref()) as f64;
+            for &pop in &populations {
+                // Prefix placement reruns whole sequences per candidate: one population is plenty.
+                if placement == Placement::Prefix && pop > 1 && model.info().family == "llama" {
+                    continue;
+                }
+                let prompts: Vec<Vec<f32>> = (0..pop).map(|i| vec![1e-3 * i as f32; out_dim]).collect();
+                let dt = time_scores(model.as_ref(), &batch, &prompts, iters)?;
+                let tokens = (batch.tokens_per_pass * pop) as f64;
+                let line = json!({
+                    "model": model.info().name,
+                    "family": model.info().family,
+                    "placement": format!("{placement:?}").to_lowercase(),
+                    "examples": batch.len(),
+                    "candidates": pop,
+                    "tokens_per_pass": batch.tokens_per_pass,
+                    "prepare_s": prepare_s,
+                    "s_per_call": dt,
+                    "s_per_candidate": dt / pop as f64,
+                    "tokens_per_s": tokens / dt,
+                    "examples_per_s": (batch.len() * pop) as f64 / dt,
+                    "gflops": tokens * flops_per_token / dt / 1e9,
+                    "threads": threads,
+                });
+                println!("{line}");
+                lines.push(line);
+            }
+            if name == "minilm" {
+                let dir = assets::model_dir(name)?;
+                let line = peer(&dir);
+                println!("{line}");
+                lines.push(line);
+            }
+        }
+    }
+    if let Some(p) = json_out {
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+mod assets {
+    use anyhow::{Context, Result};
+    use std::path::PathBuf;
+
+    pub fn model_dir(name: &str) -> Result<PathBuf> {
+        let spec = fedbpt::assets::spec(name).with_context(|| format!("no asset {name}"))?;
+        Ok(fedbpt::assets::asset_dir(&fedbpt::assets::home(), spec))
+    }
+}
+
+/// Runs the PyTorch peer on the same model and shapes, if PyTorch is importable.
+fn peer(model_dir: &Path) -> serde_json::Value {
+    let script = ["../shared/bench/peer_forward.py", "shared/bench/peer_forward.py"]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.exists());
+    let Some(script) = script else {
+        return json!({"peer": "unavailable: shared/bench/peer_forward.py not found"});
+    };
+    let python = std::env::var("FEDBPT_PEER_PYTHON").unwrap_or_else(|_| "python3".into());
+    match Command::new(&python).arg(script).arg(model_dir).args(["--batch", "32", "--seq", "32"]).output() {
+        Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|_| json!({"peer": "unparsable output", "stdout": String::from_utf8_lossy(&o.stdout)})),
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let last = err.lines().last().unwrap_or("").to_string();
+            json!({"peer": format!("unavailable: {python} {} failed: {last} (install torch and transformers, or set FEDBPT_PEER_PYTHON)", script.display())})
+        }
+        Err(e) => json!({"peer": format!("unavailable: cannot run {python}: {e}")}),
+    }
+}

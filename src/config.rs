@@ -1,0 +1,317 @@
+//! Run configuration: TOML files with the reference job's knob names, `--set key=value`
+//! overrides, unknown keys and out-of-range values rejected with the key named.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::sources::Columns;
+use crate::models::llama::WeightFormat;
+use crate::models::{Placement, PromptMode};
+use crate::objective::LossType;
+use crate::task::TaskSpec;
+use crate::{Error, Result};
+
+/// Which backend reads a model directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Decide from the model (GGUF or `model_type` = llama: causal; MLM head keys: mlm; else encoder).
+    #[default]
+    Auto,
+    Causal,
+    Mlm,
+    Encoder,
+}
+
+/// Server-side aggregation rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregation {
+    #[default]
+    Fedbpt,
+    Fedavg,
+}
+
+/// A user-supplied data file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataFile {
+    pub path: PathBuf,
+    /// `tsv` (GLUE), `csv` or `jsonl`.
+    pub format: String,
+    /// For `csv` / `jsonl`: column names.
+    #[serde(default)]
+    pub columns: Option<Columns>,
+}
+
+/// The `[runtime]` section (used by the federation runtime).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Runtime {
+    /// Devices for forward workers: "cpu", "cuda:0", ...
+    pub devices: Vec<String>,
+    pub workers_per_device: usize,
+    /// Most examples one batched forward serves.
+    pub max_batch_examples: usize,
+    /// tokio worker threads.
+    pub tokio_threads: usize,
+    /// Compute threads for candle (0 = all cores).
+    pub compute_threads: usize,
+    /// Seconds the server waits for replies in a round.
+    pub round_timeout_s: f64,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Self {
+            devices: vec!["cpu".into()],
+            workers_per_device: 1,
+            max_batch_examples: 256,
+            tokio_threads: 2,
+            compute_threads: 0,
+            round_timeout_s: 600.0,
+        }
+    }
+}
+
+/// Every knob of a run. Names follow the reference job where it has one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub task_name: String,
+    /// `smollm2`, `minilm`, a local path (GGUF file or model directory) or a hub id.
+    pub model_name: String,
+    pub backend: BackendKind,
+    /// GGUF weights kept quantized or dequantized to f32.
+    pub weights: WeightFormat,
+    pub n_prompt_tokens: usize,
+    pub intrinsic_dim: usize,
+    pub k_shot: usize,
+    pub seed: u64,
+    pub loss_type: LossType,
+    pub cat_or_add: PromptMode,
+    pub placement: Placement,
+    /// Text whose tokens fill the placeholders.
+    pub placeholder: Option<String>,
+    /// Initial CMA-ES step size (and BBT's projection sigma stays 1).
+    pub sigma: f64,
+    /// Multiplies the projection's std (BBT's std_hat = std of the word-embedding matrix).
+    pub projection_gain: f32,
+    /// Centralized BBT: CMA-ES population and evaluation budget.
+    pub popsize: usize,
+    pub budget: usize,
+    /// Held-out test sentences (fixed split, independent of `seed`).
+    pub test_size: usize,
+    /// Longest text kept, in tokens.
+    pub max_text_tokens: usize,
+    // Federation knobs (reference names).
+    pub num_users: usize,
+    pub iid: bool,
+    pub alpha_dir: f64,
+    pub local_iter: usize,
+    pub local_popsize: usize,
+    pub perturb: bool,
+    pub perturb_rate: f32,
+    pub eval_clients: String,
+    pub min_clients: usize,
+    pub num_rounds: usize,
+    pub eval_every: usize,
+    pub aggregation: Aggregation,
+    pub runtime: Runtime,
+    /// Overrides of the built-in task definition.
+    pub task: Option<TaskSpec>,
+    /// A user-supplied data file instead of the built-in corpus.
+    pub data: Option<DataFile>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            task_name: "mr".into(),
+            model_name: "smollm2".into(),
+            backend: BackendKind::Auto,
+            weights: WeightFormat::F32,
+            n_prompt_tokens: 5,
+            intrinsic_dim: 100,
+            k_shot: 32,
+            seed: 42,
+            loss_type: LossType::Ce,
+            cat_or_add: PromptMode::Add,
+            placement: Placement::Suffix,
+            placeholder: None,
+            sigma: 1.0,
+            projection_gain: 1.0,
+            popsize: 20,
+            budget: 800,
+            test_size: 1000,
+            max_text_tokens: 128,
+            num_users: 10,
+            iid: true,
+            alpha_dir: 1.0,
+            local_iter: 8,
+            local_popsize: 5,
+            perturb: false,
+            perturb_rate: 0.5,
+            eval_clients: "site-1".into(),
+            min_clients: 1,
+            num_rounds: 20,
+            eval_every: 1,
+            aggregation: Aggregation::Fedbpt,
+            runtime: Runtime::default(),
+            task: None,
+            data: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file, applies `key=value` overrides, validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml_str(&text, overrides).map_err(|e| match e {
+            Error::Config { key, msg } if key.is_empty() => Error::file(path, msg),
+            Error::Config { key, msg } => Error::file(path, format!("key `{key}`: {msg}")),
+            other => other,
+        })
+    }
+
+    /// Parses TOML text with overrides (each `dotted.key=value`, the value in TOML syntax or a
+    /// bare string).
+    pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Config> {
+        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::config("", e.to_string()))?;
+        for ov in overrides {
+            let (key, raw) = ov
+                .split_once('=')
+                .ok_or_else(|| Error::config(ov.clone(), "override must look like key=value"))?;
+            let key = key.trim();
+            let value: toml::Value = format!("v = {}", raw.trim())
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+            let mut table = &mut doc;
+            let parts: Vec<&str> = key.split('.').collect();
+            for part in &parts[..parts.len() - 1] {
+                let entry = table
+                    .entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                table = entry
+                    .as_table_mut()
+                    .ok_or_else(|| Error::config(key, format!("`{part}` is not a table")))?;
+            }
+            table.insert(parts[parts.len() - 1].to_string(), value);
+        }
+        let cfg: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::config("", e.message().to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Range checks, each naming its key.
+    pub fn validate(&self) -> Result<()> {
+        let pos = |key: &str, v: usize| {
+            if v == 0 {
+                Err(Error::config(key, "must be > 0"))
+            } else {
+                Ok(())
+            }
+        };
+        pos("n_prompt_tokens", self.n_prompt_tokens)?;
+        pos("intrinsic_dim", self.intrinsic_dim)?;
+        pos("k_shot", self.k_shot)?;
+        pos("budget", self.budget)?;
+        pos("num_users", self.num_users)?;
+        pos("local_iter", self.local_iter)?;
+        pos("num_rounds", self.num_rounds)?;
+        pos("eval_every", self.eval_every)?;
+        pos("max_text_tokens", self.max_text_tokens)?;
+        pos("runtime.workers_per_device", self.runtime.workers_per_device)?;
+        pos("runtime.max_batch_examples", self.runtime.max_batch_examples)?;
+        pos("runtime.tokio_threads", self.runtime.tokio_threads)?;
+        if self.popsize < 2 {
+            return Err(Error::config("popsize", "must be >= 2"));
+        }
+        if self.local_popsize < 2 {
+            return Err(Error::config("local_popsize", "must be >= 2"));
+        }
+        if !(self.sigma.is_finite() && self.sigma > 0.0) {
+            return Err(Error::config("sigma", "must be finite and > 0"));
+        }
+        if !(self.projection_gain.is_finite() && self.projection_gain > 0.0) {
+            return Err(Error::config("projection_gain", "must be finite and > 0"));
+        }
+        if !(0.0..=1.0).contains(&self.perturb_rate) {
+            return Err(Error::config("perturb_rate", "must be in [0, 1]"));
+        }
+        if !(self.alpha_dir.is_finite() && self.alpha_dir > 0.0) {
+            return Err(Error::config("alpha_dir", "must be finite and > 0"));
+        }
+        if self.min_clients > self.num_users {
+            return Err(Error::config(
+                "min_clients",
+                format!("{} exceeds num_users = {}", self.min_clients, self.num_users),
+            ));
+        }
+        if !(self.runtime.round_timeout_s.is_finite() && self.runtime.round_timeout_s > 0.0) {
+            return Err(Error::config("runtime.round_timeout_s", "must be finite and > 0"));
+        }
+        if self.runtime.devices.is_empty() {
+            return Err(Error::config("runtime.devices", "needs at least one device"));
+        }
+        if let Some(t) = &self.task {
+            t.validate()?;
+        }
+        Ok(())
+    }
+
+    /// The task definition: the `[task]` override or the built-in one.
+    pub fn task_spec(&self) -> Result<TaskSpec> {
+        match &self.task {
+            Some(t) => Ok(t.clone()),
+            None => TaskSpec::builtin(&self.task_name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_out_of_range_keys_are_named() {
+        let e = Config::from_toml_str("intrinsic_dimm = 3", &[]).unwrap_err().to_string();
+        assert!(e.contains("intrinsic_dimm"), "{e}");
+        let e = Config::from_toml_str("perturb_rate = 1.5", &[]).unwrap_err().to_string();
+        assert!(e.contains("perturb_rate"), "{e}");
+        let e = Config::from_toml_str("[runtime]\nworkers = 2", &[]).unwrap_err().to_string();
+        assert!(e.contains("workers"), "{e}");
+        let e = Config::from_toml_str("k_shot = \"many\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("k_shot") || e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn overrides_apply_with_types() {
+        let c = Config::from_toml_str(
+            "seed = 1",
+            &["seed=7".into(), "runtime.tokio_threads=3".into(), "model_name=minilm".into(), "iid=false".into()],
+        )
+        .unwrap();
+        assert_eq!(c.seed, 7);
+        assert_eq!(c.runtime.tokio_threads, 3);
+        assert_eq!(c.model_name, "minilm");
+        assert!(!c.iid);
+        assert!(Config::from_toml_str("", &["nokey=1".into()]).is_err());
+        assert!(Config::from_toml_str("", &["seed".into()]).is_err());
+    }
+
+    #[test]
+    fn bad_file_names_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.toml");
+        std::fs::write(&p, "seed = 1\nseed = 2\n").unwrap();
+        let e = Config::load(&p, &[]).unwrap_err().to_string();
+        assert!(e.contains("bad.toml"), "{e}");
+    }
+}

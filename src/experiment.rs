@@ -1,0 +1,205 @@
+//! From a [`Config`] to loaded parts: the model backend (embedded asset, local path or hub id)
+//! and the task's data split.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use crate::assets;
+use crate::config::{BackendKind, Config};
+use crate::data::split::{k_shot, test_split, Split};
+use crate::data::{sources, Dataset};
+use crate::models::bert::{MaskedLm, SentenceEncoder};
+use crate::models::llama::CausalLm;
+use crate::models::{PromptModel, PromptSettings};
+use crate::{Error, Result};
+
+/// Seed of the fixed test split: the same test set for every run seed.
+pub const TEST_SPLIT_SEED: u64 = 20_231_003;
+
+/// Prompt settings from the config.
+pub fn prompt_settings(cfg: &Config) -> PromptSettings {
+    PromptSettings {
+        n_prompt_tokens: cfg.n_prompt_tokens,
+        mode: cfg.cat_or_add,
+        placement: cfg.placement,
+        placeholder: cfg.placeholder.clone(),
+    }
+}
+
+/// Parses "cpu" / "cuda:N".
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        other => {
+            let idx = other
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse::<usize>().ok())
+                .ok_or_else(|| Error::config("runtime.devices", format!("unknown device `{other}` (cpu or cuda:N)")))?;
+            Device::new_cuda(idx).map_err(|e| {
+                Error::config(
+                    "runtime.devices",
+                    format!("`{other}` unavailable ({e}); CUDA needs a build with `--features cuda`"),
+                )
+            })
+        }
+    }
+}
+
+/// Loads the configured model on `device`, fetching an embedded asset when needed.
+pub fn load_model(cfg: &Config, device: &Device, progress: &mut dyn FnMut(&str)) -> Result<Arc<dyn PromptModel>> {
+    let settings = prompt_settings(cfg);
+    let name = cfg.model_name.as_str();
+    let path = match assets::spec(name) {
+        Some(spec) if spec.kind == assets::AssetKind::Model => {
+            let dir = assets::ensure(&assets::home(), spec, progress)?;
+            match name {
+                "smollm2" => dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+                _ => dir,
+            }
+        }
+        _ => {
+            let p = PathBuf::from(name);
+            if p.exists() {
+                p
+            } else if looks_like_hub_id(name) {
+                hub_download(name)?
+            } else {
+                return Err(Error::config(
+                    "model_name",
+                    format!("`{name}` is neither an embedded model (smollm2, minilm), an existing path, nor a hub id (org/name)"),
+                ));
+            }
+        }
+    };
+    load_model_path(&path, cfg, settings, device)
+}
+
+fn load_model_path(path: &Path, cfg: &Config, settings: PromptSettings, device: &Device) -> Result<Arc<dyn PromptModel>> {
+    let is_gguf = path.extension().is_some_and(|e| e == "gguf");
+    let kind = match cfg.backend {
+        BackendKind::Auto if is_gguf => BackendKind::Causal,
+        BackendKind::Auto => detect_backend(path)?,
+        k => k,
+    };
+    Ok(match kind {
+        BackendKind::Causal => {
+            let mut m = if is_gguf {
+                CausalLm::from_gguf(path, settings, cfg.weights, device)?
+            } else {
+                CausalLm::from_safetensors_dir(path, settings, device)?
+            };
+            m.max_text_tokens = cfg.max_text_tokens;
+            Arc::new(m)
+        }
+        BackendKind::Mlm => Arc::new(MaskedLm::load(path, settings, device)?),
+        BackendKind::Encoder => Arc::new(SentenceEncoder::load(path, settings, device)?),
+        BackendKind::Auto => unreachable!("resolved above"),
+    })
+}
+
+/// Picks a backend for a Hugging Face directory from its `config.json`.
+fn detect_backend(dir: &Path) -> Result<BackendKind> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(&cfg_path, format!("invalid JSON: {e}")))?;
+    let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+    let archs = v.get("architectures").map(|a| a.to_string()).unwrap_or_default();
+    Ok(match model_type {
+        "llama" | "mistral" | "qwen2" => BackendKind::Causal,
+        _ if archs.contains("MaskedLM") => BackendKind::Mlm,
+        "bert" | "roberta" | "xlm-roberta" => BackendKind::Encoder,
+        other => {
+            return Err(Error::file(
+                &cfg_path,
+                format!("model_type `{other}` not recognised; set `backend` to causal, mlm or encoder"),
+            ))
+        }
+    })
+}
+
+fn looks_like_hub_id(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('/').collect();
+    parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'))
+}
+
+/// Downloads `config.json`, `tokenizer.json` and the safetensors of a hub model (hf-hub's cache).
+fn hub_download(id: &str) -> Result<PathBuf> {
+    let offline = |e: String| {
+        Error::config(
+            "model_name",
+            format!(
+                "`{id}` looks like a Hugging Face hub id, but downloading it failed: {e}. \
+                 The hub is unreachable from this machine; download the model elsewhere and set \
+                 model_name to its local directory (config.json, *.safetensors, tokenizer.json)"
+            ),
+        )
+    };
+    let api = hf_hub::api::sync::Api::new().map_err(|e| offline(e.to_string()))?;
+    let repo = api.model(id.to_string());
+    let config = repo.get("config.json").map_err(|e| offline(e.to_string()))?;
+    repo.get("tokenizer.json").map_err(|e| offline(e.to_string()))?;
+    repo.get("model.safetensors").map_err(|e| offline(e.to_string()))?;
+    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// Loads the configured corpus (embedded `mr` / `bbc`, or `[data]`).
+pub fn load_dataset(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Dataset> {
+    if let Some(d) = &cfg.data {
+        return match d.format.as_str() {
+            "tsv" => {
+                let kind = match cfg.task_name.as_str() {
+                    "sst2" | "mr" | "yelp" => sources::GlueKind::Sst2,
+                    "mrpc" => sources::GlueKind::Mrpc,
+                    "rte" => sources::GlueKind::Rte,
+                    "snli" => sources::GlueKind::Snli,
+                    other => return Err(Error::config("data.format", format!("tsv needs a GLUE task, not `{other}`"))),
+                };
+                sources::load_glue_tsv(&d.path, kind)
+            }
+            "csv" | "jsonl" => {
+                let cols = d
+                    .columns
+                    .as_ref()
+                    .ok_or_else(|| Error::config("data.columns", "csv and jsonl need [data.columns]"))?;
+                if d.format == "csv" {
+                    sources::load_csv(&d.path, cols)
+                } else {
+                    sources::load_jsonl(&d.path, cols)
+                }
+            }
+            other => Err(Error::config("data.format", format!("unknown format `{other}` (tsv, csv, jsonl)"))),
+        };
+    }
+    let root = assets::home();
+    match cfg.task_name.as_str() {
+        "mr" => {
+            let spec = assets::spec("mr").ok_or_else(|| Error::config("task_name", "no mr asset"))?;
+            let dir = assets::ensure(&root, spec, progress)?;
+            sources::load_mr(&dir.join("movieReviewSnippets_GroundTruth.txt"))
+        }
+        "bbc" => {
+            let spec = assets::spec("bbc").ok_or_else(|| Error::config("task_name", "no bbc asset"))?;
+            let dir = assets::ensure(&root, spec, progress)?;
+            sources::load_bbc(&dir)
+        }
+        other => Err(Error::config(
+            "task_name",
+            format!("task `{other}` has no embedded data; give a [data] file (path, format)"),
+        )),
+    }
+}
+
+/// The fixed test split and the seeded k-shot train/dev sets.
+pub fn load_split(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<(Dataset, Split)> {
+    let ds = load_dataset(cfg, progress)?;
+    for w in &ds.warnings {
+        progress(&format!("data warning: {w}"));
+    }
+    let test_size = cfg.test_size.min(ds.examples.len() / 2);
+    let (rest, test) = test_split(&ds, test_size, TEST_SPLIT_SEED)?;
+    let (train, dev) = k_shot(&rest, ds.label_names.len(), cfg.k_shot, cfg.seed)?;
+    Ok((ds, Split { train, dev, test }))
+}

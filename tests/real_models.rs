@@ -1,0 +1,61 @@
+//! End to end on the real embedded models and data (fetched into `$FEDBPT_HOME` on first use,
+//! hash-pinned): small shards and budgets, so the whole file stays within a couple of minutes.
+
+use fedbpt::config::Config;
+use fedbpt::experiment;
+
+fn small(model: &str) -> Config {
+    Config::from_toml_str(
+        &format!(
+            "model_name = \"{model}\"\ntask_name = \"mr\"\nk_shot = 4\ntest_size = 48\nbudget = 20\npopsize = 10\nintrinsic_dim = 20\nseed = 3"
+        ),
+        &[],
+    )
+    .expect("valid config")
+}
+
+fn run(model: &str) -> fedbpt::bbt::BbtSummary {
+    let cfg = small(model);
+    let device = experiment::device("cpu").unwrap();
+    let m = experiment::load_model(&cfg, &device, &mut |l| eprintln!("{l}")).expect("model loads");
+    let (ds, split) = experiment::load_split(&cfg, &mut |l| eprintln!("{l}")).expect("data loads");
+    assert_eq!(ds.label_names, vec!["negative", "positive"]);
+    // MR: 10,605 rated sentences minus the neutral ones.
+    assert!(ds.examples.len() > 10_000, "{}", ds.examples.len());
+    assert_eq!((split.train.len(), split.dev.len(), split.test.len()), (8, 8, 48));
+    let task = cfg.task_spec().unwrap();
+    let mut iters = 0;
+    let s = fedbpt::bbt::run(&cfg, m.as_ref(), &task, &split, &mut |_| iters += 1).expect("bbt runs");
+    assert_eq!(s.evaluations, 20);
+    assert_eq!(iters, 2);
+    for acc in [s.zero_shot_test_acc, s.zero_prompt_test_acc, s.final_test_acc, s.best_dev_test_acc] {
+        assert!((0.0..=1.0).contains(&acc));
+    }
+    s
+}
+
+#[test]
+fn smollm2_bbt_end_to_end() {
+    let s = run("smollm2");
+    // A wrongly loaded model (tokenizer, RoPE layout, weights) scores at chance; the real one's
+    // manual prompt is clearly above it on MR.
+    assert!(s.zero_shot_test_acc >= 0.6, "manual prompt accuracy {}", s.zero_shot_test_acc);
+}
+
+#[test]
+fn minilm_bbt_end_to_end() {
+    let s = run("minilm");
+    assert!(s.zero_shot_test_acc >= 0.6, "manual prompt accuracy {}", s.zero_shot_test_acc);
+}
+
+#[test]
+fn offline_hub_id_fails_with_a_clear_message() {
+    let mut cfg = small("smollm2");
+    cfg.model_name = "HuggingFaceTB/SmolLM2-135M".into();
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let err = match experiment::load_model(&cfg, &experiment::device("cpu").unwrap(), &mut |_| {}) {
+        Ok(_) => panic!("no hub here"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("hub") && err.contains("local directory"), "{err}");
+}
