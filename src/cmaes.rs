@@ -89,16 +89,7 @@ impl Params {
         let c1 = 2.0 / ((nf + 1.3).powi(2) + mueff);
         let cmu = (1.0 - c1).min(2.0 * (mueff - 2.0 + 1.0 / mueff) / ((nf + 2.0).powi(2) + mueff));
         let damps = 1.0 + 2.0 * (((mueff - 1.0) / (nf + 1.0)).sqrt() - 1.0).max(0.0) + cs;
-        Self {
-            lambda,
-            weights,
-            mueff,
-            cc,
-            cs,
-            c1,
-            cmu,
-            damps,
-        }
+        Self { lambda, weights, mueff, cc, cs, c1, cmu, damps }
     }
 
     /// Generations between two eigendecompositions: pycma's lazy gap of
@@ -156,9 +147,7 @@ impl Cmaes {
         check_finite("mean", &mean)?;
         let lambda = opts.popsize.unwrap_or_else(|| default_popsize(dim));
         if lambda < 2 {
-            return Err(Error::Optimizer(format!(
-                "popsize must be at least 2, got {lambda}"
-            )));
+            return Err(Error::Optimizer(format!("popsize must be at least 2, got {lambda}")));
         }
         if let Some((lo, hi)) = opts.bounds {
             if !(lo.is_finite() && hi.is_finite() && lo < hi) {
@@ -232,11 +221,8 @@ impl Cmaes {
         let y = &self.basis * z;
         y.column_iter()
             .map(|yk| {
-                let mut x: Vec<f64> = yk
-                    .iter()
-                    .zip(self.mean.iter())
-                    .map(|(y, m)| m + self.sigma * y)
-                    .collect();
+                let mut x: Vec<f64> =
+                    yk.iter().zip(self.mean.iter()).map(|(y, m)| m + self.sigma * y).collect();
                 if let Some((lo, hi)) = self.bounds {
                     x.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
                 }
@@ -289,9 +275,8 @@ impl Cmaes {
         let mu = p.weights.len();
 
         // Steps of the selected candidates in units of sigma, best first.
-        let ys = DMatrix::from_fn(n, mu, |i, j| {
-            (candidates[order[j]][i] - self.mean[i]) / self.sigma
-        });
+        let ys =
+            DMatrix::from_fn(n, mu, |i, j| (candidates[order[j]][i] - self.mean[i]) / self.sigma);
         let yw = &ys * DVector::from_column_slice(&p.weights);
         let mean = &self.mean + &yw * self.sigma;
 
@@ -314,11 +299,7 @@ impl Cmaes {
 
         // Rank-one and rank-mu update; the weights sum to one. When h_sigma stalls, the variance
         // the rank-one path lost is added back (the tutorial's delta(h_sigma) term).
-        let lost = if hsig {
-            0.0
-        } else {
-            p.c1 * p.cc * (2.0 - p.cc)
-        };
+        let lost = if hsig { 0.0 } else { p.c1 * p.cc * (2.0 - p.cc) };
         let mut cov = &self.cov * (1.0 - p.c1 - p.cmu + lost);
         cov.ger(p.c1, &pc, &pc, 1.0);
         let mut ys_weighted = ys.clone();
@@ -328,21 +309,12 @@ impl Cmaes {
         cov.gemm(p.cmu, &ys_weighted, &ys.transpose(), 1.0);
         symmetrize(&mut cov);
 
-        let sigma = self.sigma
-            * ((p.cs / p.damps) * (ps_norm / self.chi_n - 1.0))
-                .min(1.0)
-                .exp();
+        let sigma = self.sigma * ((p.cs / p.damps) * (ps_norm / self.chi_n - 1.0)).min(1.0).exp();
 
         if !(sigma.is_finite() && sigma > 0.0) {
             return Err(Error::Optimizer(format!("step size became {sigma}")));
         }
-        if mean
-            .iter()
-            .chain(cov.iter())
-            .chain(ps.iter())
-            .chain(pc.iter())
-            .any(|v| !v.is_finite())
-        {
+        if mean.iter().chain(cov.iter()).chain(ps.iter()).chain(pc.iter()).any(|v| !v.is_finite()) {
             return Err(Error::Optimizer("update produced non-finite state".into()));
         }
 
@@ -475,28 +447,20 @@ fn check_sigma(sigma: f64) -> Result<()> {
     if sigma.is_finite() && sigma > 0.0 {
         Ok(())
     } else {
-        Err(Error::Optimizer(format!(
-            "sigma must be finite and positive, got {sigma}"
-        )))
+        Err(Error::Optimizer(format!("sigma must be finite and positive, got {sigma}")))
     }
 }
 
 fn check_finite(what: &str, v: &[f64]) -> Result<()> {
     match v.iter().position(|x| !x.is_finite()) {
-        Some(i) => Err(Error::Optimizer(format!(
-            "{what} has non-finite value {} at {i}",
-            v[i]
-        ))),
+        Some(i) => Err(Error::Optimizer(format!("{what} has non-finite value {} at {i}", v[i]))),
         None => Ok(()),
     }
 }
 
 fn check_in_bounds(v: &[f64], lo: f64, hi: f64) -> Result<()> {
     match v.iter().position(|x| *x < lo || *x > hi) {
-        Some(i) => Err(Error::Optimizer(format!(
-            "mean[{i}] = {} lies outside [{lo}, {hi}]",
-            v[i]
-        ))),
+        Some(i) => Err(Error::Optimizer(format!("mean[{i}] = {} lies outside [{lo}, {hi}]", v[i]))),
         None => Ok(()),
     }
 }
@@ -552,16 +516,11 @@ mod tests {
 
     fn ellipsoid(x: &[f64]) -> f64 {
         let n = x.len() as f64;
-        x.iter()
-            .enumerate()
-            .map(|(i, v)| 1e6f64.powf(i as f64 / (n - 1.0)) * v * v)
-            .sum()
+        x.iter().enumerate().map(|(i, v)| 1e6f64.powf(i as f64 / (n - 1.0)) * v * v).sum()
     }
 
     fn rosenbrock(x: &[f64]) -> f64 {
-        x.windows(2)
-            .map(|w| 100.0 * (w[1] - w[0] * w[0]).powi(2) + (1.0 - w[0]).powi(2))
-            .sum()
+        x.windows(2).map(|w| 100.0 * (w[1] - w[0] * w[0]).powi(2) + (1.0 - w[0]).powi(2)).sum()
     }
 
     /// Runs ask/tell until the best fitness of a generation reaches `target` or `max_evals`
@@ -579,11 +538,7 @@ mod tests {
     }
 
     fn opts(seed: u64) -> CmaesOptions {
-        CmaesOptions {
-            popsize: None,
-            seed,
-            bounds: None,
-        }
+        CmaesOptions { popsize: None, seed, bounds: None }
     }
 
     #[test]
@@ -596,48 +551,30 @@ mod tests {
         assert!(p.weights.windows(2).all(|w| w[0] > w[1]));
         assert!((p.mueff - 3.1672).abs() < 1e-3, "mueff {}", p.mueff);
         assert!((es.chi_n - 3.0847).abs() < 1e-3);
-        assert_eq!(
-            Cmaes::new(vec![0.0; 500], 1.0, opts(0)).unwrap().popsize(),
-            22
-        );
+        assert_eq!(Cmaes::new(vec![0.0; 500], 1.0, opts(0)).unwrap().popsize(), 22);
     }
 
     #[test]
     fn sphere_d10_converges() {
         let mut es = Cmaes::new(vec![1.0; 10], 0.5, opts(1)).unwrap();
         let f = minimize(&mut es, sphere, 1e-8, 3000);
-        assert!(
-            f < 1e-8,
-            "sphere reached only {f:e} in {} evals",
-            es.evaluations()
-        );
+        assert!(f < 1e-8, "sphere reached only {f:e} in {} evals", es.evaluations());
     }
 
     #[test]
     fn ellipsoid_d10_converges() {
         let mut es = Cmaes::new(vec![1.0; 10], 0.5, opts(2)).unwrap();
         let f = minimize(&mut es, ellipsoid, 1e-8, 10_000);
-        assert!(
-            f < 1e-8,
-            "ellipsoid reached only {f:e} in {} evals",
-            es.evaluations()
-        );
+        assert!(f < 1e-8, "ellipsoid reached only {f:e} in {} evals", es.evaluations());
     }
 
     #[test]
     fn rosenbrock_d10_converges() {
         let mut es = Cmaes::new(vec![0.0; 10], 0.5, opts(3)).unwrap();
         let f = minimize(&mut es, rosenbrock, 1e-6, 15_000);
-        assert!(
-            f < 1e-6,
-            "rosenbrock reached only {f:e} in {} evals",
-            es.evaluations()
-        );
+        assert!(f < 1e-6, "rosenbrock reached only {f:e} in {} evals", es.evaluations());
         let (x, _) = es.best().unwrap();
-        assert!(
-            x.iter().all(|v| (v - 1.0).abs() < 1e-2),
-            "not the global optimum: {x:?}"
-        );
+        assert!(x.iter().all(|v| (v - 1.0).abs() < 1e-2), "not the global optimum: {x:?}");
     }
 
     #[test]
@@ -645,11 +582,7 @@ mod tests {
         let mut es = Cmaes::new(vec![1.0; 500], 0.3, opts(4)).unwrap();
         let f0 = sphere(es.mean());
         let f = minimize(&mut es, sphere, f0 * 1e-3, 40_000);
-        assert!(
-            f < f0 * 1e-3,
-            "sphere d=500: {f0} -> {f} in {} evals",
-            es.evaluations()
-        );
+        assert!(f < f0 * 1e-3, "sphere d=500: {f0} -> {f} in {} evals", es.evaluations());
     }
 
     #[test]
@@ -724,8 +657,7 @@ mod tests {
         // All parents: every candidate pulls the mean, the better ones harder.
         let mut es = Cmaes::new(vec![0.0; 2], 1.0, opts(5)).unwrap();
         es.set_parents(Parents::All);
-        es.tell(&[vec![1.0, 0.0], vec![-1.0, 0.0]], &[0.0, 1.0])
-            .unwrap();
+        es.tell(&[vec![1.0, 0.0], vec![-1.0, 0.0]], &[0.0, 1.0]).unwrap();
         assert!(es.mean()[0] > 0.0 && es.mean()[0] < 1.0, "{:?}", es.mean());
     }
 
@@ -750,15 +682,9 @@ mod tests {
         assert!(Cmaes::new(vec![], 1.0, opts(0)).is_err());
         assert!(Cmaes::new(vec![0.0], 0.0, opts(0)).is_err());
         assert!(Cmaes::new(vec![0.0], f64::NAN, opts(0)).is_err());
-        let small = CmaesOptions {
-            popsize: Some(1),
-            ..opts(0)
-        };
+        let small = CmaesOptions { popsize: Some(1), ..opts(0) };
         assert!(Cmaes::new(vec![0.0], 1.0, small).is_err());
-        let bad_bounds = CmaesOptions {
-            bounds: Some((1.0, -1.0)),
-            ..opts(0)
-        };
+        let bad_bounds = CmaesOptions { bounds: Some((1.0, -1.0)), ..opts(0) };
         assert!(Cmaes::new(vec![0.0], 1.0, bad_bounds).is_err());
 
         assert!(es.set_sigma(-1.0).is_err());
@@ -796,11 +722,7 @@ mod tests {
 
     #[test]
     fn bounds_clip_candidates() {
-        let o = CmaesOptions {
-            popsize: Some(12),
-            seed: 3,
-            bounds: Some((-0.5, 0.5)),
-        };
+        let o = CmaesOptions { popsize: Some(12), seed: 3, bounds: Some((-0.5, 0.5)) };
         let mut es = Cmaes::new(vec![0.4; 5], 2.0, o).unwrap();
         // The optimum (2, 2, ...) lies outside: the search must end on the upper bound.
         let f = |x: &[f64]| x.iter().map(|v| (v - 2.0).powi(2)).sum::<f64>();
@@ -810,11 +732,7 @@ mod tests {
             let fs: Vec<f64> = xs.iter().map(|x| f(x)).collect();
             es.tell(&xs, &fs).unwrap();
         }
-        assert!(
-            es.mean().iter().all(|m| (m - 0.5).abs() < 1e-3),
-            "{:?}",
-            es.mean()
-        );
+        assert!(es.mean().iter().all(|m| (m - 0.5).abs() < 1e-3), "{:?}", es.mean());
     }
 
     #[test]

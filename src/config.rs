@@ -179,7 +179,8 @@ impl Config {
     /// Parses TOML text with overrides (each `dotted.key=value`, the value in TOML syntax or a
     /// bare string).
     pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Config> {
-        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::config("", e.to_string()))?;
+        let mut doc: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| Error::config("", e.to_string()))?;
         for ov in overrides {
             let (key, raw) = ov
                 .split_once('=')
@@ -295,7 +296,12 @@ mod tests {
     fn overrides_apply_with_types() {
         let c = Config::from_toml_str(
             "seed = 1",
-            &["seed=7".into(), "runtime.tokio_threads=3".into(), "model_name=minilm".into(), "iid=false".into()],
+            &[
+                "seed=7".into(),
+                "runtime.tokio_threads=3".into(),
+                "model_name=minilm".into(),
+                "iid=false".into(),
+            ],
         )
         .unwrap();
         assert_eq!(c.seed, 7);

@@ -36,11 +36,18 @@ pub fn device(name: &str) -> Result<Device> {
             let idx = other
                 .strip_prefix("cuda:")
                 .and_then(|i| i.parse::<usize>().ok())
-                .ok_or_else(|| Error::config("runtime.devices", format!("unknown device `{other}` (cpu or cuda:N)")))?;
+                .ok_or_else(|| {
+                    Error::config(
+                        "runtime.devices",
+                        format!("unknown device `{other}` (cpu or cuda:N)"),
+                    )
+                })?;
             Device::new_cuda(idx).map_err(|e| {
                 Error::config(
                     "runtime.devices",
-                    format!("`{other}` unavailable ({e}); CUDA needs a build with `--features cuda`"),
+                    format!(
+                        "`{other}` unavailable ({e}); CUDA needs a build with `--features cuda`"
+                    ),
                 )
             })
         }
@@ -48,7 +55,11 @@ pub fn device(name: &str) -> Result<Device> {
 }
 
 /// Loads the configured model on `device`, fetching an embedded asset when needed.
-pub fn load_model(cfg: &Config, device: &Device, progress: &mut dyn FnMut(&str)) -> Result<Arc<dyn PromptModel>> {
+pub fn load_model(
+    cfg: &Config,
+    device: &Device,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Arc<dyn PromptModel>> {
     let settings = prompt_settings(cfg);
     let name = cfg.model_name.as_str();
     let path = match assets::spec(name) {
@@ -76,7 +87,12 @@ pub fn load_model(cfg: &Config, device: &Device, progress: &mut dyn FnMut(&str))
     load_model_path(&path, cfg, settings, device)
 }
 
-fn load_model_path(path: &Path, cfg: &Config, settings: PromptSettings, device: &Device) -> Result<Arc<dyn PromptModel>> {
+fn load_model_path(
+    path: &Path,
+    cfg: &Config,
+    settings: PromptSettings,
+    device: &Device,
+) -> Result<Arc<dyn PromptModel>> {
     let is_gguf = path.extension().is_some_and(|e| e == "gguf");
     let kind = match cfg.backend {
         BackendKind::Auto if is_gguf => BackendKind::Causal,
@@ -103,8 +119,8 @@ fn load_model_path(path: &Path, cfg: &Config, settings: PromptSettings, device: 
 fn detect_backend(dir: &Path) -> Result<BackendKind> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::file(&cfg_path, format!("invalid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(&cfg_path, format!("invalid JSON: {e}")))?;
     let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
     let archs = v.get("architectures").map(|a| a.to_string()).unwrap_or_default();
     Ok(match model_type {
@@ -114,7 +130,9 @@ fn detect_backend(dir: &Path) -> Result<BackendKind> {
         other => {
             return Err(Error::file(
                 &cfg_path,
-                format!("model_type `{other}` not recognised; set `backend` to causal, mlm or encoder"),
+                format!(
+                    "model_type `{other}` not recognised; set `backend` to causal, mlm or encoder"
+                ),
             ))
         }
     })
@@ -155,33 +173,42 @@ pub fn load_dataset(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Data
                     "mrpc" => sources::GlueKind::Mrpc,
                     "rte" => sources::GlueKind::Rte,
                     "snli" => sources::GlueKind::Snli,
-                    other => return Err(Error::config("data.format", format!("tsv needs a GLUE task, not `{other}`"))),
+                    other => {
+                        return Err(Error::config(
+                            "data.format",
+                            format!("tsv needs a GLUE task, not `{other}`"),
+                        ))
+                    }
                 };
                 sources::load_glue_tsv(&d.path, kind)
             }
             "csv" | "jsonl" => {
-                let cols = d
-                    .columns
-                    .as_ref()
-                    .ok_or_else(|| Error::config("data.columns", "csv and jsonl need [data.columns]"))?;
+                let cols = d.columns.as_ref().ok_or_else(|| {
+                    Error::config("data.columns", "csv and jsonl need [data.columns]")
+                })?;
                 if d.format == "csv" {
                     sources::load_csv(&d.path, cols)
                 } else {
                     sources::load_jsonl(&d.path, cols)
                 }
             }
-            other => Err(Error::config("data.format", format!("unknown format `{other}` (tsv, csv, jsonl)"))),
+            other => Err(Error::config(
+                "data.format",
+                format!("unknown format `{other}` (tsv, csv, jsonl)"),
+            )),
         };
     }
     let root = assets::home();
     match cfg.task_name.as_str() {
         "mr" => {
-            let spec = assets::spec("mr").ok_or_else(|| Error::config("task_name", "no mr asset"))?;
+            let spec =
+                assets::spec("mr").ok_or_else(|| Error::config("task_name", "no mr asset"))?;
             let dir = assets::ensure(&root, spec, progress)?;
             sources::load_mr(&dir.join("movieReviewSnippets_GroundTruth.txt"))
         }
         "bbc" => {
-            let spec = assets::spec("bbc").ok_or_else(|| Error::config("task_name", "no bbc asset"))?;
+            let spec =
+                assets::spec("bbc").ok_or_else(|| Error::config("task_name", "no bbc asset"))?;
             let dir = assets::ensure(&root, spec, progress)?;
             sources::load_bbc(&dir)
         }

@@ -14,6 +14,7 @@ pub mod experiment;
 pub mod models;
 pub mod objective;
 pub mod projection;
+pub mod seeds;
 pub mod strategy;
 pub mod task;
 

@@ -67,11 +67,7 @@ pub fn loss_with_metric(
 ) -> Result<f64> {
     let n_classes = validate(scores, labels)?;
     let mean = |per_example: fn(&[f32], usize) -> f64| {
-        scores
-            .iter()
-            .zip(labels)
-            .map(|(s, &y)| per_example(s, y))
-            .sum::<f64>()
+        scores.iter().zip(labels).map(|(s, &y)| per_example(s, y)).sum::<f64>()
             / labels.len() as f64
     };
     Ok(match kind {
@@ -109,11 +105,7 @@ fn hinge(s: &[f32], y: usize) -> f64 {
 fn validate(scores: &[Vec<f32>], labels: &[usize]) -> Result<usize> {
     let bad = |msg: String| Err(Error::Task(format!("loss: {msg}")));
     if scores.len() != labels.len() {
-        return bad(format!(
-            "{} score rows for {} labels",
-            scores.len(),
-            labels.len()
-        ));
+        return bad(format!("{} score rows for {} labels", scores.len(), labels.len()));
     }
     let Some(first) = scores.first() else {
         return bad("empty batch".into());
@@ -124,15 +116,10 @@ fn validate(scores: &[Vec<f32>], labels: &[usize]) -> Result<usize> {
     }
     for (i, (s, &y)) in scores.iter().zip(labels).enumerate() {
         if s.len() != n_classes {
-            return bad(format!(
-                "example {i} has {} scores, example 0 has {n_classes}",
-                s.len()
-            ));
+            return bad(format!("example {i} has {} scores, example 0 has {n_classes}", s.len()));
         }
         if y >= n_classes {
-            return bad(format!(
-                "example {i} has label {y} but there are {n_classes} classes"
-            ));
+            return bad(format!("example {i} has label {y} but there are {n_classes} classes"));
         }
         if let Some(x) = s.iter().find(|x| !x.is_finite()) {
             return bad(format!("example {i} has a non-finite score {x}"));
@@ -160,11 +147,7 @@ pub fn accuracy(scores: &[Vec<f32>], labels: &[usize]) -> f64 {
     if n == 0 {
         return 0.0;
     }
-    let hits = scores
-        .iter()
-        .zip(labels)
-        .filter(|(s, &y)| argmax(s) == Some(y))
-        .count();
+    let hits = scores.iter().zip(labels).filter(|(s, &y)| argmax(s) == Some(y)).count();
     hits as f64 / n as f64
 }
 
@@ -208,11 +191,7 @@ pub fn macro_f1(scores: &[Vec<f32>], labels: &[usize], n_classes: usize) -> f64 
     if present.is_empty() {
         return 0.0;
     }
-    present
-        .iter()
-        .map(|&c| f1_of(scores, labels, c))
-        .sum::<f64>()
-        / present.len() as f64
+    present.iter().map(|&c| f1_of(scores, labels, c)).sum::<f64>() / present.len() as f64
 }
 
 /// FedBPT's fitness of a candidate prompt (paper Eq. 7): `loss_real / loss_perturbed`. Lower is
@@ -271,36 +250,22 @@ mod tests {
         let scores = vec![vec![3.0, 2.0, 0.0], vec![3.0, 2.0, 0.0]];
         let l = loss(&scores, &[0, 2], LossType::Hinge).unwrap();
         assert!(close(l, 2.5), "{l}");
-        assert!(close(
-            loss(&[vec![5.0, 0.0]], &[0], LossType::Hinge).unwrap(),
-            0.0
-        ));
+        assert!(close(loss(&[vec![5.0, 0.0]], &[0], LossType::Hinge).unwrap(), 0.0));
     }
 
     #[test]
     fn accuracy_and_f1_hand_computed() {
         // Predictions (argmax, ties low): 1, 0, 1, 0 (tie), 1.
-        let scores = vec![
-            vec![0.0, 1.0],
-            vec![2.0, 1.0],
-            vec![0.0, 3.0],
-            vec![1.0, 1.0],
-            vec![-1.0, 0.0],
-        ];
+        let scores =
+            vec![vec![0.0, 1.0], vec![2.0, 1.0], vec![0.0, 3.0], vec![1.0, 1.0], vec![-1.0, 0.0]];
         let labels = [1, 0, 0, 1, 1];
         assert!(close(accuracy(&scores, &labels), 0.6));
         // Class 1: tp 2, fp 1, fn 1 -> 4 / 6.
         assert!(close(f1_binary(&scores, &labels), 2.0 / 3.0));
         // Class 0: tp 1, fp 1, fn 1 -> 0.5; macro = (0.5 + 2/3) / 2.
-        assert!(close(
-            macro_f1(&scores, &labels, 2),
-            (0.5 + 2.0 / 3.0) / 2.0
-        ));
+        assert!(close(macro_f1(&scores, &labels, 2), (0.5 + 2.0 / 3.0) / 2.0));
         // An absent third class is not averaged in.
-        assert!(close(
-            macro_f1(&scores, &labels, 3),
-            (0.5 + 2.0 / 3.0) / 2.0
-        ));
+        assert!(close(macro_f1(&scores, &labels, 3), (0.5 + 2.0 / 3.0) / 2.0));
         assert!(close(loss(&scores, &labels, LossType::Perf).unwrap(), -0.6));
         let l = loss_with_metric(&scores, &labels, LossType::Perf, Metric::F1).unwrap();
         assert!(close(l, -2.0 / 3.0));
@@ -324,32 +289,17 @@ mod tests {
     fn fitness_is_the_guarded_ratio() {
         assert!(close(fitness_perturbed(0.5, 2.0), 0.25));
         assert!(close(fitness_perturbed(0.0, 0.0), 0.0));
-        assert!(close(
-            fitness_perturbed(1.0, 0.0),
-            1.0 / PERTURBED_LOSS_FLOOR
-        ));
+        assert!(close(fitness_perturbed(1.0, 0.0), 1.0 / PERTURBED_LOSS_FLOOR));
         assert_eq!(fitness_perturbed(f64::NAN, 1.0), f64::INFINITY);
         // perf: error rates 0.1 / 0.5.
-        assert!(close(
-            fitness_perturbed_for(LossType::Perf, -0.9, -0.5),
-            0.2
-        ));
+        assert!(close(fitness_perturbed_for(LossType::Perf, -0.9, -0.5), 0.2));
     }
 
     #[test]
     fn loss_type_serde_is_lowercase() {
-        assert_eq!(
-            serde_json::to_string(&LossType::Hinge).unwrap(),
-            "\"hinge\""
-        );
-        assert_eq!(
-            serde_json::from_str::<LossType>("\"perf\"").unwrap(),
-            LossType::Perf
-        );
+        assert_eq!(serde_json::to_string(&LossType::Hinge).unwrap(), "\"hinge\"");
+        assert_eq!(serde_json::from_str::<LossType>("\"perf\"").unwrap(), LossType::Perf);
         assert_eq!(LossType::default(), LossType::Ce);
-        assert_eq!(
-            serde_json::from_str::<Metric>("\"f1\"").unwrap(),
-            Metric::F1
-        );
+        assert_eq!(serde_json::from_str::<Metric>("\"f1\"").unwrap(), Metric::F1);
     }
 }

@@ -21,7 +21,13 @@ pub struct Projection {
 impl Projection {
     /// `out_dim = n_prompt_tokens * hidden`; `std_hat` the embedding standard deviation the
     /// prompt should match; `sigma_scale` BBT's sigma knob (1 by default).
-    pub fn new(d: usize, out_dim: usize, std_hat: f32, sigma_scale: f32, seed: u64) -> Result<Self> {
+    pub fn new(
+        d: usize,
+        out_dim: usize,
+        std_hat: f32,
+        sigma_scale: f32,
+        seed: u64,
+    ) -> Result<Self> {
         if d == 0 || out_dim == 0 {
             return Err(Error::config("intrinsic_dim", "must be > 0"));
         }
@@ -32,7 +38,8 @@ impl Projection {
             ));
         }
         let std = std_hat / ((d as f32).sqrt() * sigma_scale);
-        let normal = Normal::new(0.0f32, std).map_err(|e| Error::config("projection", e.to_string()))?;
+        let normal =
+            Normal::new(0.0f32, std).map_err(|e| Error::config("projection", e.to_string()))?;
         // A distinct stream from every other use of the run seed.
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_a11c_e000_0001);
         let a = (0..out_dim * d).map(|_| normal.sample(&mut rng)).collect();

@@ -53,10 +53,7 @@ impl PackedCovariance {
     /// or holds non-finite ones.
     pub fn unpack(&self) -> Result<DMatrix<f64>> {
         let n = self.dim;
-        let expected = n
-            .checked_add(1)
-            .and_then(|m| n.checked_mul(m))
-            .map(|v| v / 2);
+        let expected = n.checked_add(1).and_then(|m| n.checked_mul(m)).map(|v| v / 2);
         if expected != Some(self.upper.len()) {
             return Err(Error::Optimizer(format!(
                 "packed covariance of dimension {n} has {} values, expected {n}*({n}+1)/2",
@@ -64,9 +61,7 @@ impl PackedCovariance {
             )));
         }
         if self.upper.iter().any(|v| !v.is_finite()) {
-            return Err(Error::Optimizer(
-                "packed covariance has non-finite values".into(),
-            ));
+            return Err(Error::Optimizer("packed covariance has non-finite values".into()));
         }
         let mut c = DMatrix::zeros(n, n);
         let mut values = self.upper.iter();
@@ -141,19 +136,12 @@ impl FedBpt {
     /// `send_covariance` ships its covariance to clients (`d(d+1)/2` floats per client per
     /// round); without it clients search with the identity, as in the paper's 4 KB budget.
     pub fn new(dim: usize, sigma0: f64, seed: u64, send_covariance: bool) -> Result<Self> {
-        let opts = CmaesOptions {
-            popsize: None,
-            seed,
-            bounds: None,
-        };
+        let opts = CmaesOptions { popsize: None, seed, bounds: None };
         let mut es = Cmaes::new(vec![0.0; dim], sigma0, opts)?;
         // Every client that replies gets a positive, rank-decreasing weight, as in the
         // reference server (pycma with CMA_mu = number of clients).
         es.set_parents(Parents::All);
-        Ok(Self {
-            es,
-            send_covariance,
-        })
+        Ok(Self { es, send_covariance })
     }
 
     /// The global CMA-ES.
@@ -172,9 +160,7 @@ impl Aggregator for FedBpt {
             round,
             mean: to_f32(self.es.mean()),
             sigma: self.es.sigma(),
-            covariance: self
-                .send_covariance
-                .then(|| pack_upper(self.es.covariance())),
+            covariance: self.send_covariance.then(|| pack_upper(self.es.covariance())),
         }
     }
 
@@ -185,10 +171,8 @@ impl Aggregator for FedBpt {
         validate(self.es.dim(), round, updates)?;
         // Computed before `tell` so that nothing is mutated if it fails.
         let sigma = rms_sigma(updates)?;
-        let candidates: Vec<Vec<f64>> = updates
-            .iter()
-            .map(|u| u.mean.iter().map(|&v| f64::from(v)).collect())
-            .collect();
+        let candidates: Vec<Vec<f64>> =
+            updates.iter().map(|u| u.mean.iter().map(|&v| f64::from(v)).collect()).collect();
         let fitness: Vec<f64> = updates.iter().map(|u| u.fitness).collect();
         let before = self.es.sigma();
         self.es.tell(&candidates, &fitness)?;
@@ -236,10 +220,7 @@ impl FedAvgBbt {
                 "sigma0 must be finite and positive, got {sigma0}"
             )));
         }
-        Ok(Self {
-            mean: vec![0.0; dim],
-            sigma: sigma0,
-        })
+        Ok(Self { mean: vec![0.0; dim], sigma: sigma0 })
     }
 }
 
@@ -249,12 +230,7 @@ impl Aggregator for FedAvgBbt {
     }
 
     fn configure(&self, round: usize) -> SearchDistribution {
-        SearchDistribution {
-            round,
-            mean: to_f32(&self.mean),
-            sigma: self.sigma,
-            covariance: None,
-        }
+        SearchDistribution { round, mean: to_f32(&self.mean), sigma: self.sigma, covariance: None }
     }
 
     /// Plain (unweighted) average of the client means, then sigma by [`rms_sigma`].
@@ -302,11 +278,7 @@ impl Aggregator for FedAvgBbt {
 /// identically, so all clients drew the same samples).
 pub fn client_search(dist: &SearchDistribution, popsize: usize, seed: u64) -> Result<Cmaes> {
     let mean: Vec<f64> = dist.mean.iter().map(|&v| f64::from(v)).collect();
-    let opts = CmaesOptions {
-        popsize: Some(popsize),
-        seed,
-        bounds: None,
-    };
+    let opts = CmaesOptions { popsize: Some(popsize), seed, bounds: None };
     let mut es = Cmaes::new(mean, dist.sigma, opts)?;
     if let Some(packed) = &dist.covariance {
         if packed.dim != es.dim() {
@@ -329,10 +301,8 @@ pub fn client_search(dist: &SearchDistribution, popsize: usize, seed: u64) -> Re
 /// clients times the local `mu` (paper Eq. 6: by lambda): with dropouts that denominator
 /// shrinks sigma for every missing reply, and it is not a mean of the reported sigmas at all.
 pub fn rms_sigma(updates: &[ClientUpdate]) -> Result<Option<f64>> {
-    let (sum_sq, count) = updates
-        .iter()
-        .flat_map(|u| &u.sigmas)
-        .fold((0.0, 0usize), |(s, c), v| (s + v * v, c + 1));
+    let (sum_sq, count) =
+        updates.iter().flat_map(|u| &u.sigmas).fold((0.0, 0usize), |(s, c), v| (s + v * v, c + 1));
     if count == 0 {
         return Ok(None);
     }
@@ -347,18 +317,13 @@ pub fn rms_sigma(updates: &[ClientUpdate]) -> Result<Option<f64>> {
 /// Checks the replies of `round` for a `dim`-dimensional search.
 fn validate(dim: usize, round: usize, updates: &[ClientUpdate]) -> Result<()> {
     if updates.is_empty() {
-        return Err(Error::Optimizer(format!(
-            "round {round}: no client updates to aggregate"
-        )));
+        return Err(Error::Optimizer(format!("round {round}: no client updates to aggregate")));
     }
     let mut seen = HashSet::with_capacity(updates.len());
     for u in updates {
         let who = format!("round {round}, client {}", u.client);
         if u.round != round {
-            return Err(Error::Optimizer(format!(
-                "{who}: update is for round {}",
-                u.round
-            )));
+            return Err(Error::Optimizer(format!("{who}: update is for round {}", u.round)));
         }
         if !seen.insert(u.client) {
             return Err(Error::Optimizer(format!("{who}: duplicate update")));
@@ -370,9 +335,7 @@ fn validate(dim: usize, round: usize, updates: &[ClientUpdate]) -> Result<()> {
             )));
         }
         if u.mean.iter().any(|v| !v.is_finite()) {
-            return Err(Error::Optimizer(format!(
-                "{who}: mean has non-finite values"
-            )));
+            return Err(Error::Optimizer(format!("{who}: mean has non-finite values")));
         }
         if !u.fitness.is_finite() {
             return Err(Error::Optimizer(format!("{who}: fitness is {}", u.fitness)));
@@ -396,19 +359,13 @@ fn snapshot_of<T: Serialize>(name: &str, state: &T) -> Result<serde_json::Value>
 }
 
 fn restore_of<T: for<'de> Deserialize<'de>>(name: &str, mut v: serde_json::Value) -> Result<T> {
-    let found = v
-        .get("aggregator")
-        .and_then(|a| a.as_str())
-        .unwrap_or("<none>");
+    let found = v.get("aggregator").and_then(|a| a.as_str()).unwrap_or("<none>");
     if found != name {
         return Err(Error::Optimizer(format!(
             "snapshot of aggregator `{found}`, expected `{name}`"
         )));
     }
-    let state = v
-        .get_mut("state")
-        .map(serde_json::Value::take)
-        .unwrap_or_default();
+    let state = v.get_mut("state").map(serde_json::Value::take).unwrap_or_default();
     serde_json::from_value(state)
         .map_err(|e| Error::Optimizer(format!("{name}: bad snapshot: {e}")))
 }
@@ -428,14 +385,7 @@ mod tests {
     use super::*;
 
     fn update(client: usize, round: usize, mean: Vec<f32>, fitness: f64) -> ClientUpdate {
-        ClientUpdate {
-            client,
-            round,
-            mean,
-            fitness,
-            sigmas: vec![0.5; 4],
-            n_examples: 40,
-        }
+        ClientUpdate { client, round, mean, fitness, sigmas: vec![0.5; 4], n_examples: 40 }
     }
 
     #[test]
@@ -462,8 +412,7 @@ mod tests {
         better[0] = 1.0;
         let mut worse = vec![0.0; 4];
         worse[0] = -1.0;
-        agg.aggregate(0, &[update(7, 0, worse, 2.0), update(3, 0, better, 1.0)])
-            .unwrap();
+        agg.aggregate(0, &[update(7, 0, worse, 2.0), update(3, 0, better, 1.0)]).unwrap();
         let m = agg.global_mean();
         assert!(m[0] > 0.0, "mean {m:?}");
         assert!(m[1..].iter().all(|v| *v == 0.0));
@@ -476,10 +425,7 @@ mod tests {
 
     #[test]
     fn sigma_is_rms_of_reported_sigmas() {
-        let mut ups = vec![
-            update(0, 5, vec![0.0; 2], 1.0),
-            update(1, 5, vec![0.0; 2], 2.0),
-        ];
+        let mut ups = vec![update(0, 5, vec![0.0; 2], 1.0), update(1, 5, vec![0.0; 2], 2.0)];
         ups[0].sigmas = vec![1.0, 2.0, 3.0];
         ups[1].sigmas = vec![4.0];
         let mut silent = update(2, 5, vec![1.0; 2], 0.5);
@@ -560,15 +506,9 @@ mod tests {
         assert_eq!(p.upper, vec![2.0, 0.5, -0.25, 1.0, 0.125, 3.0]);
         assert_eq!(p.unpack().unwrap(), c);
         assert!(PackedCovariance::pack(&DMatrix::zeros(2, 3)).is_err());
-        let short = PackedCovariance {
-            dim: 3,
-            upper: vec![1.0; 5],
-        };
+        let short = PackedCovariance { dim: 3, upper: vec![1.0; 5] };
         assert!(short.unpack().is_err());
-        let huge = PackedCovariance {
-            dim: usize::MAX,
-            upper: vec![],
-        };
+        let huge = PackedCovariance { dim: usize::MAX, upper: vec![] };
         assert!(huge.unpack().is_err());
     }
 
@@ -577,14 +517,7 @@ mod tests {
         let mut a = FedBpt::new(5, 0.8, 3, true).unwrap();
         for round in 0..3 {
             let ups: Vec<ClientUpdate> = (0..4)
-                .map(|k| {
-                    update(
-                        k,
-                        round,
-                        vec![0.3 * k as f32 - 0.4; 5],
-                        (k as f64 - 1.5).abs(),
-                    )
-                })
+                .map(|k| update(k, round, vec![0.3 * k as f32 - 0.4; 5], (k as f64 - 1.5).abs()))
                 .collect();
             a.aggregate(round, &ups).unwrap();
         }
@@ -593,16 +526,14 @@ mod tests {
         b.restore(snap.clone()).unwrap();
         assert_eq!(a.configure(3), b.configure(3));
         // And they keep agreeing.
-        let ups: Vec<ClientUpdate> = (0..3)
-            .map(|k| update(k, 3, vec![k as f32; 5], k as f64))
-            .collect();
+        let ups: Vec<ClientUpdate> =
+            (0..3).map(|k| update(k, 3, vec![k as f32; 5], k as f64)).collect();
         a.aggregate(3, &ups).unwrap();
         b.aggregate(3, &ups).unwrap();
         assert_eq!(a.configure(4), b.configure(4));
 
         let mut avg = FedAvgBbt::new(5, 1.0).unwrap();
-        avg.aggregate(0, &[update(0, 0, vec![1.0; 5], 0.0)])
-            .unwrap();
+        avg.aggregate(0, &[update(0, 0, vec![1.0; 5], 0.0)]).unwrap();
         let mut avg2 = FedAvgBbt::new(5, 1.0).unwrap();
         avg2.restore(avg.snapshot().unwrap()).unwrap();
         assert_eq!(avg.configure(1), avg2.configure(1));
@@ -619,21 +550,12 @@ mod tests {
     fn federated_sphere(agg: &mut dyn Aggregator) -> (f64, f64) {
         let dim = 10;
         let optima: Vec<Vec<f64>> = (0..4)
-            .map(|k| {
-                (0..dim)
-                    .map(|i| 2.0 + 0.2 * (((k + i) % 4) as f64 - 1.5))
-                    .collect()
-            })
+            .map(|k| (0..dim).map(|i| 2.0 + 0.2 * (((k + i) % 4) as f64 - 1.5)).collect())
             .collect();
-        let target: Vec<f64> = (0..dim)
-            .map(|i| optima.iter().map(|o| o[i]).sum::<f64>() / 4.0)
-            .collect();
+        let target: Vec<f64> =
+            (0..dim).map(|i| optima.iter().map(|o| o[i]).sum::<f64>() / 4.0).collect();
         let dist_to_target = |m: &[f32]| -> f64 {
-            m.iter()
-                .zip(&target)
-                .map(|(a, b)| (f64::from(*a) - b).powi(2))
-                .sum::<f64>()
-                .sqrt()
+            m.iter().zip(&target).map(|(a, b)| (f64::from(*a) - b).powi(2)).sum::<f64>().sqrt()
         };
         let start = dist_to_target(&agg.global_mean());
         for round in 0..30 {
@@ -674,11 +596,7 @@ mod tests {
         let mut avg = FedAvgBbt::new(10, 1.0).unwrap();
         let (start, end) = federated_sphere(&mut avg);
         assert!(end < 0.05 * start, "fedavg-bbt: {start} -> {end}");
-        assert!(
-            avg.sigma() < 0.1,
-            "sigma should shrink near the optimum: {}",
-            avg.sigma()
-        );
+        assert!(avg.sigma() < 0.1, "sigma should shrink near the optimum: {}", avg.sigma());
     }
 
     #[test]
@@ -693,18 +611,13 @@ mod tests {
             n_examples: 40,
         };
         let bytes = bincode::serde::encode_to_vec(&u, bincode::config::standard()).unwrap();
-        assert!(
-            bytes.len() <= 500 * 4 + 8 * local_iter + 64,
-            "{} bytes",
-            bytes.len()
-        );
+        assert!(bytes.len() <= 500 * 4 + 8 * local_iter + 64, "{} bytes", bytes.len());
     }
 
     #[test]
     fn client_search_starts_from_the_distribution() {
         let mut bpt = FedBpt::new(3, 0.7, 0, true).unwrap();
-        bpt.aggregate(0, &[update(0, 0, vec![1.0, 0.0, 0.0], 0.0)])
-            .unwrap();
+        bpt.aggregate(0, &[update(0, 0, vec![1.0, 0.0, 0.0], 0.0)]).unwrap();
         let dist = bpt.configure(1);
         let es = client_search(&dist, 5, 1).unwrap();
         assert_eq!(es.popsize(), 5);
@@ -713,10 +626,7 @@ mod tests {
         let cov = dist.covariance.clone().unwrap().unpack().unwrap();
         assert_eq!(es.covariance(), &cov);
         let mut bad = dist.clone();
-        bad.covariance = Some(PackedCovariance {
-            dim: 2,
-            upper: vec![1.0, 0.0, 1.0],
-        });
+        bad.covariance = Some(PackedCovariance { dim: 2, upper: vec![1.0, 0.0, 1.0] });
         assert!(client_search(&bad, 5, 1).is_err());
         assert!(client_search(&dist, 1, 1).is_err());
     }

@@ -179,7 +179,7 @@ impl TaskSpec {
         ] {
             parse(t).map_err(|m| Error::config(key, m))?;
         }
-        if !(self.encoder.temperature > 0.0) {
+        if self.encoder.temperature.is_nan() || self.encoder.temperature <= 0.0 {
             return Err(Error::config("task.encoder.temperature", "must be > 0"));
         }
         Ok(())
@@ -218,7 +218,7 @@ fn parse(template: &str) -> std::result::Result<Vec<Token>, String> {
     if !rest.is_empty() {
         out.push(Token::Lit(rest.to_string()));
     }
-    if !out.iter().any(|t| *t == Token::Text) {
+    if !out.contains(&Token::Text) {
         return Err(format!("template {template:?} has no {{text}}"));
     }
     Ok(out)

@@ -30,7 +30,8 @@ fn vocab() -> (Vec<String>, Vec<String>) {
 }
 
 fn randn(rng: &mut ChaCha8Rng, shape: (usize, usize), std: f32) -> Tensor {
-    let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| (rng.random::<f32>() - 0.5) * 3.46 * std).collect();
+    let v: Vec<f32> =
+        (0..shape.0 * shape.1).map(|_| (rng.random::<f32>() - 0.5) * 3.46 * std).collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
@@ -45,20 +46,44 @@ fn write_gguf(dir: &Path) -> PathBuf {
     };
     let kv = HIDDEN / HEADS * KV_HEADS;
     let mut tensors: Vec<(String, QTensor)> = vec![
-        ("token_embd.weight".into(), q(randn(&mut rng, (vocab_size, HIDDEN), 0.5), GgmlDType::Q8_0)),
+        (
+            "token_embd.weight".into(),
+            q(randn(&mut rng, (vocab_size, HIDDEN), 0.5), GgmlDType::Q8_0),
+        ),
         ("output_norm.weight".into(), ones(HIDDEN)),
     ];
     for i in 0..LAYERS {
         let p = format!("blk.{i}");
         tensors.push((format!("{p}.attn_norm.weight"), ones(HIDDEN)));
         tensors.push((format!("{p}.ffn_norm.weight"), ones(HIDDEN)));
-        tensors.push((format!("{p}.attn_q.weight"), q(randn(&mut rng, (HIDDEN, HIDDEN), 0.2), GgmlDType::Q4_1)));
-        tensors.push((format!("{p}.attn_k.weight"), q(randn(&mut rng, (kv, HIDDEN), 0.2), GgmlDType::Q4_1)));
-        tensors.push((format!("{p}.attn_v.weight"), q(randn(&mut rng, (kv, HIDDEN), 0.2), GgmlDType::Q4_1)));
-        tensors.push((format!("{p}.attn_output.weight"), q(randn(&mut rng, (HIDDEN, HIDDEN), 0.2), GgmlDType::Q4_1)));
-        tensors.push((format!("{p}.ffn_gate.weight"), q(randn(&mut rng, (FFN, HIDDEN), 0.2), GgmlDType::Q4_1)));
-        tensors.push((format!("{p}.ffn_up.weight"), q(randn(&mut rng, (FFN, HIDDEN), 0.2), GgmlDType::Q4_1)));
-        tensors.push((format!("{p}.ffn_down.weight"), q(randn(&mut rng, (HIDDEN, FFN), 0.2), GgmlDType::Q4_1)));
+        tensors.push((
+            format!("{p}.attn_q.weight"),
+            q(randn(&mut rng, (HIDDEN, HIDDEN), 0.2), GgmlDType::Q4_1),
+        ));
+        tensors.push((
+            format!("{p}.attn_k.weight"),
+            q(randn(&mut rng, (kv, HIDDEN), 0.2), GgmlDType::Q4_1),
+        ));
+        tensors.push((
+            format!("{p}.attn_v.weight"),
+            q(randn(&mut rng, (kv, HIDDEN), 0.2), GgmlDType::Q4_1),
+        ));
+        tensors.push((
+            format!("{p}.attn_output.weight"),
+            q(randn(&mut rng, (HIDDEN, HIDDEN), 0.2), GgmlDType::Q4_1),
+        ));
+        tensors.push((
+            format!("{p}.ffn_gate.weight"),
+            q(randn(&mut rng, (FFN, HIDDEN), 0.2), GgmlDType::Q4_1),
+        ));
+        tensors.push((
+            format!("{p}.ffn_up.weight"),
+            q(randn(&mut rng, (FFN, HIDDEN), 0.2), GgmlDType::Q4_1),
+        ));
+        tensors.push((
+            format!("{p}.ffn_down.weight"),
+            q(randn(&mut rng, (HIDDEN, FFN), 0.2), GgmlDType::Q4_1),
+        ));
     }
     use gguf_file::Value;
     let s = |x: &str| Value::String(x.to_string());
@@ -121,7 +146,12 @@ fn quantized_path_matches_candle_quantized_llama() {
     let ids: Vec<u32> = vec![5, 17, 94, 40, 2, 95, 60, 61];
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = gguf_file::Content::read(&mut f).unwrap();
-    let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
+    let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        ct,
+        &mut f,
+        &Device::Cpu,
+    )
+    .unwrap();
     let want: Vec<f32> = reference
         .forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0)
         .unwrap()
@@ -131,7 +161,13 @@ fn quantized_path_matches_candle_quantized_llama() {
         .unwrap();
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     for format in [WeightFormat::Quantized, WeightFormat::F32] {
-        let m = CausalLm::from_gguf(&path, settings(Placement::Suffix, PromptMode::Add), format, &Device::Cpu).unwrap();
+        let m = CausalLm::from_gguf(
+            &path,
+            settings(Placement::Suffix, PromptMode::Add),
+            format,
+            &Device::Cpu,
+        )
+        .unwrap();
         let got = m.next_token_logits(&ids, None).unwrap();
         assert_eq!(got.len(), want.len());
         let d = max_abs_diff(&got, &want);
@@ -152,7 +188,13 @@ fn cached_batched_suffix_scores_equal_single_sequence_forwards() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_gguf(dir.path());
     for mode in [PromptMode::Add, PromptMode::Cat] {
-        let m = CausalLm::from_gguf(&path, settings(Placement::Suffix, mode), WeightFormat::F32, &Device::Cpu).unwrap();
+        let m = CausalLm::from_gguf(
+            &path,
+            settings(Placement::Suffix, mode),
+            WeightFormat::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         let t = task();
         let exs = examples();
         let batch = m.prepare(&t, &exs, None).unwrap();
@@ -173,7 +215,11 @@ fn cached_batched_suffix_scores_equal_single_sequence_forwards() {
                 ids.extend(m.encode_text("S:").unwrap());
                 let full = m.next_token_logits(&ids, Some((start, p))).unwrap();
                 let want = [full[label[0] as usize], full[label[1] as usize]];
-                assert!(max_abs_diff(&many[pi][ei], &want) < 1e-4, "{mode:?} p{pi} e{ei}: {:?} vs {want:?}", many[pi][ei]);
+                assert!(
+                    max_abs_diff(&many[pi][ei], &want) < 1e-4,
+                    "{mode:?} p{pi} e{ei}: {:?} vs {want:?}",
+                    many[pi][ei]
+                );
                 assert!(max_abs_diff(&single[ei], &want) < 1e-4);
             }
         }
@@ -196,7 +242,13 @@ fn cached_batched_suffix_scores_equal_single_sequence_forwards() {
 fn prefix_placement_matches_single_sequence_forward() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_gguf(dir.path());
-    let m = CausalLm::from_gguf(&path, settings(Placement::Prefix, PromptMode::Add), WeightFormat::F32, &Device::Cpu).unwrap();
+    let m = CausalLm::from_gguf(
+        &path,
+        settings(Placement::Prefix, PromptMode::Add),
+        WeightFormat::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let t = task();
     let exs = examples();
     let batch = m.prepare(&t, &exs, None).unwrap();
@@ -220,15 +272,29 @@ fn prefix_placement_matches_single_sequence_forward() {
 fn token_noise_is_seeded_and_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_gguf(dir.path());
-    let m = CausalLm::from_gguf(&path, settings(Placement::Suffix, PromptMode::Add), WeightFormat::F32, &Device::Cpu).unwrap();
+    let m = CausalLm::from_gguf(
+        &path,
+        settings(Placement::Suffix, PromptMode::Add),
+        WeightFormat::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let t = task();
     let exs = examples();
     let clean = m.scores(&m.prepare(&t, &exs, None).unwrap(), None).unwrap();
-    let zero = m.scores(&m.prepare(&t, &exs, Some(TokenNoise { rate: 0.0, seed: 1 })).unwrap(), None).unwrap();
+    let zero = m
+        .scores(&m.prepare(&t, &exs, Some(TokenNoise { rate: 0.0, seed: 1 })).unwrap(), None)
+        .unwrap();
     assert_eq!(clean, zero);
-    let a = m.scores(&m.prepare(&t, &exs, Some(TokenNoise { rate: 1.0, seed: 1 })).unwrap(), None).unwrap();
-    let b = m.scores(&m.prepare(&t, &exs, Some(TokenNoise { rate: 1.0, seed: 1 })).unwrap(), None).unwrap();
-    let c = m.scores(&m.prepare(&t, &exs, Some(TokenNoise { rate: 1.0, seed: 2 })).unwrap(), None).unwrap();
+    let a = m
+        .scores(&m.prepare(&t, &exs, Some(TokenNoise { rate: 1.0, seed: 1 })).unwrap(), None)
+        .unwrap();
+    let b = m
+        .scores(&m.prepare(&t, &exs, Some(TokenNoise { rate: 1.0, seed: 1 })).unwrap(), None)
+        .unwrap();
+    let c = m
+        .scores(&m.prepare(&t, &exs, Some(TokenNoise { rate: 1.0, seed: 2 })).unwrap(), None)
+        .unwrap();
     assert_eq!(a, b);
     assert_ne!(a, clean);
     assert_ne!(a, c);
@@ -238,7 +304,13 @@ fn token_noise_is_seeded_and_bounded() {
 fn bad_inputs_are_errors_naming_the_culprit() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_gguf(dir.path());
-    let m = CausalLm::from_gguf(&path, settings(Placement::Suffix, PromptMode::Add), WeightFormat::F32, &Device::Cpu).unwrap();
+    let m = CausalLm::from_gguf(
+        &path,
+        settings(Placement::Suffix, PromptMode::Add),
+        WeightFormat::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut t = task();
     t.causal.label_words = vec![" xy".into(), " y".into()];
     let e = m.prepare(&t, &examples(), None).err().unwrap().to_string();
@@ -252,23 +324,37 @@ fn bad_inputs_are_errors_naming_the_culprit() {
 
     let bad = dir.path().join("bad.gguf");
     std::fs::write(&bad, b"GGUF but not really").unwrap();
-    let e = CausalLm::from_gguf(&bad, settings(Placement::Suffix, PromptMode::Add), WeightFormat::F32, &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = CausalLm::from_gguf(
+        &bad,
+        settings(Placement::Suffix, PromptMode::Add),
+        WeightFormat::F32,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("bad.gguf"), "{e}");
     let bytes = std::fs::read(&path).unwrap();
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let e = CausalLm::from_gguf(&cut, settings(Placement::Suffix, PromptMode::Add), WeightFormat::F32, &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = CausalLm::from_gguf(
+        &cut,
+        settings(Placement::Suffix, PromptMode::Add),
+        WeightFormat::F32,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("cut.gguf"), "{e}");
-    let e = CausalLm::from_safetensors_dir(dir.path(), settings(Placement::Suffix, PromptMode::Add), &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = CausalLm::from_safetensors_dir(
+        dir.path(),
+        settings(Placement::Suffix, PromptMode::Add),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("config.json"), "{e}");
 }
 
@@ -285,7 +371,10 @@ fn safetensors_llama_matches_candle_llama() {
     let mut ts = std::collections::HashMap::new();
     ts.insert("model.embed_tokens.weight".to_string(), randn(&mut rng, (vocab_size, HIDDEN), 0.5));
     ts.insert("lm_head.weight".to_string(), randn(&mut rng, (vocab_size, HIDDEN), 0.5));
-    ts.insert("model.norm.weight".to_string(), Tensor::ones(HIDDEN, DType::F32, &Device::Cpu).unwrap());
+    ts.insert(
+        "model.norm.weight".to_string(),
+        Tensor::ones(HIDDEN, DType::F32, &Device::Cpu).unwrap(),
+    );
     for i in 0..LAYERS {
         let p = format!("model.layers.{i}");
         for (n, shape) in [
@@ -300,7 +389,10 @@ fn safetensors_llama_matches_candle_llama() {
             ts.insert(format!("{p}.{n}.weight"), randn(&mut rng, shape, 0.2));
         }
         for n in ["input_layernorm", "post_attention_layernorm"] {
-            ts.insert(format!("{p}.{n}.weight"), Tensor::ones(HIDDEN, DType::F32, &Device::Cpu).unwrap());
+            ts.insert(
+                format!("{p}.{n}.weight"),
+                Tensor::ones(HIDDEN, DType::F32, &Device::Cpu).unwrap(),
+            );
         }
     }
     candle_core::safetensors::save(&ts, dir.path().join("model.safetensors")).unwrap();
@@ -315,7 +407,8 @@ fn safetensors_llama_matches_candle_llama() {
     {
         use tokenizers::models::bpe::BPE;
         use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-        let v: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let v: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let mg = merges.iter().map(|m| {
             let (a, b) = m.split_once(' ').unwrap();
             (a.to_string(), b.to_string())
@@ -325,19 +418,33 @@ fn safetensors_llama_matches_candle_llama() {
         tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         tok.save(dir.path().join("tokenizer.json"), false).unwrap();
     }
-    let ours = CausalLm::from_safetensors_dir(dir.path(), settings(Placement::Suffix, PromptMode::Add), &Device::Cpu).unwrap();
+    let ours = CausalLm::from_safetensors_dir(
+        dir.path(),
+        settings(Placement::Suffix, PromptMode::Add),
+        &Device::Cpu,
+    )
+    .unwrap();
     let ids: Vec<u32> = vec![5, 17, 94, 40, 2, 95, 60, 61];
     let got = ours.next_token_logits(&ids, None).unwrap();
 
     let cfg: cl::LlamaConfig = serde_json::from_value(config).unwrap();
     let cfg = cfg.into_config(false);
     let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.path().join("model.safetensors")], DType::F32, &Device::Cpu).unwrap()
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.path().join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
     };
     let reference = cl::Llama::load(vb, &cfg).unwrap();
     let mut cache = cl::Cache::new(false, DType::F32, &cfg, &Device::Cpu).unwrap();
     let want: Vec<f32> = reference
-        .forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0, &mut cache)
+        .forward(
+            &Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+            0,
+            &mut cache,
+        )
         .unwrap()
         .squeeze(0)
         .unwrap()

@@ -25,10 +25,12 @@ fn run(model: &str) -> fedbpt::bbt::BbtSummary {
     assert_eq!((split.train.len(), split.dev.len(), split.test.len()), (8, 8, 48));
     let task = cfg.task_spec().unwrap();
     let mut iters = 0;
-    let s = fedbpt::bbt::run(&cfg, m.as_ref(), &task, &split, &mut |_| iters += 1).expect("bbt runs");
+    let s =
+        fedbpt::bbt::run(&cfg, m.as_ref(), &task, &split, &mut |_| iters += 1).expect("bbt runs");
     assert_eq!(s.evaluations, 20);
     assert_eq!(iters, 2);
-    for acc in [s.zero_shot_test_acc, s.zero_prompt_test_acc, s.final_test_acc, s.best_dev_test_acc] {
+    for acc in [s.zero_shot_test_acc, s.zero_prompt_test_acc, s.final_test_acc, s.best_dev_test_acc]
+    {
         assert!((0.0..=1.0).contains(&acc));
     }
     s

@@ -18,7 +18,12 @@ fn non_embedding_params(model: &dyn PromptModel) -> usize {
     info.n_params.saturating_sub(info.vocab_size * info.hidden_size)
 }
 
-fn time_scores(model: &dyn PromptModel, batch: &fedbpt::models::Prepared, prompts: &[Vec<f32>], iters: usize) -> Result<f64> {
+fn time_scores(
+    model: &dyn PromptModel,
+    batch: &fedbpt::models::Prepared,
+    prompts: &[Vec<f32>],
+    iters: usize,
+) -> Result<f64> {
     let refs: Vec<&[f32]> = prompts.iter().map(|p| p.as_slice()).collect();
     model.scores_many(batch, &refs)?; // warm-up
     let t = Instant::now();
@@ -33,15 +38,18 @@ pub fn run(models: &[String], iters: usize, json_out: Option<&Path>) -> Result<(
     let mut lines = Vec::new();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     for name in models {
-        let (placements, examples, populations): (Vec<Placement>, usize, Vec<usize>) = match name.as_str() {
-            "minilm" => (vec![Placement::Suffix], 32, vec![1, 20]),
-            _ => (vec![Placement::Suffix, Placement::Prefix], 64, vec![1, 20]),
-        };
+        let (placements, examples, populations): (Vec<Placement>, usize, Vec<usize>) =
+            match name.as_str() {
+                "minilm" => (vec![Placement::Suffix], 32, vec![1, 20]),
+                _ => (vec![Placement::Suffix, Placement::Prefix], 64, vec![1, 20]),
+            };
         for placement in placements {
-            let mut cfg = Config::default();
-            cfg.model_name = name.clone();
-            cfg.task_name = "mr".into();
-            cfg.placement = placement;
+            let cfg = Config {
+                model_name: name.clone(),
+                task_name: "mr".into(),
+                placement,
+                ..Config::default()
+            };
             let device = experiment::device("cpu")?;
             let model = experiment::load_model(&cfg, &device, &mut |m| eprintln!("{m}"))?;
             let (_, split) = experiment::load_split(&cfg, &mut |m| eprintln!("{m}"))?;
@@ -57,7 +65,8 @@ pub fn run(models: &[String], iters: usize, json_out: Option<&Path>) -> Result<(
                 if placement == Placement::Prefix && pop > 1 && model.info().family == "llama" {
                     continue;
                 }
-                let prompts: Vec<Vec<f32>> = (0..pop).map(|i| vec![1e-3 * i as f32; out_dim]).collect();
+                let prompts: Vec<Vec<f32>> =
+                    (0..pop).map(|i| vec![1e-3 * i as f32; out_dim]).collect();
                 let dt = time_scores(model.as_ref(), &batch, &prompts, iters)?;
                 let tokens = (batch.tokens_per_pass * pop) as f64;
                 let line = json!({
@@ -113,9 +122,15 @@ fn peer(model_dir: &Path) -> serde_json::Value {
         return json!({"peer": "unavailable: shared/bench/peer_forward.py not found"});
     };
     let python = std::env::var("FEDBPT_PEER_PYTHON").unwrap_or_else(|_| "python3".into());
-    match Command::new(&python).arg(script).arg(model_dir).args(["--batch", "32", "--seq", "32"]).output() {
-        Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|_| json!({"peer": "unparsable output", "stdout": String::from_utf8_lossy(&o.stdout)})),
+    match Command::new(&python)
+        .arg(script)
+        .arg(model_dir)
+        .args(["--batch", "32", "--seq", "32"])
+        .output()
+    {
+        Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).unwrap_or_else(
+            |_| json!({"peer": "unparsable output", "stdout": String::from_utf8_lossy(&o.stdout)}),
+        ),
         Ok(o) => {
             let err = String::from_utf8_lossy(&o.stderr);
             let last = err.lines().last().unwrap_or("").to_string();

@@ -13,9 +13,14 @@ use fedbpt::config::Config;
 use fedbpt::experiment;
 
 mod bench;
+mod fed;
 
 #[derive(Parser)]
-#[command(name = "fedbpt", version, about = "Federated black-box prompt tuning of frozen language models")]
+#[command(
+    name = "fedbpt",
+    version,
+    about = "Federated black-box prompt tuning of frozen language models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,6 +40,25 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Override a config key: --set key=value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// A simulated federation (FedBPT or FedAvg-BBT) on the actor runtime.
+    Run {
+        config: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Manual prompt vs FedAvg-BBT vs FedBPT, iid and non-iid, over several seeds: a markdown
+    /// table and one plot with every curve.
+    Compare {
+        config: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, value_delimiter = ',', default_values_t = vec![42u64, 43, 44])]
+        seeds: Vec<u64>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
@@ -71,11 +95,15 @@ fn real_main() -> Result<()> {
     match cli.command {
         Command::Fetch { names } => fetch(&names),
         Command::Bbt { config, out, overrides } => bbt(&config, out, &overrides),
+        Command::Run { config, out, overrides } => fed::run(&config, out, &overrides),
+        Command::Compare { config, out, seeds, overrides } => {
+            fed::compare(&config, out, &seeds, &overrides)
+        }
         Command::Bench { models, iters, json } => bench::run(&models, iters, json.as_deref()),
     }
 }
 
-fn say(msg: &str) {
+pub(crate) fn say(msg: &str) {
     eprintln!("{msg}");
 }
 
@@ -101,7 +129,7 @@ fn fetch(names: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn default_out(config: &Path, seed: u64) -> PathBuf {
+pub(crate) fn default_out(config: &Path, seed: u64) -> PathBuf {
     let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
     PathBuf::from("runs").join(format!("{stem}-seed{seed}"))
 }
@@ -109,7 +137,8 @@ fn default_out(config: &Path, seed: u64) -> PathBuf {
 /// Writes `value` as pretty JSON to `path` atomically (write, then rename).
 pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    fs::write(&tmp, serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }
@@ -118,7 +147,8 @@ fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> 
     let cfg = Config::load(config, overrides)?;
     let out = out.unwrap_or_else(|| default_out(config, cfg.seed));
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let device = experiment::device(cfg.runtime.devices.first().map(String::as_str).unwrap_or("cpu"))?;
+    let device =
+        experiment::device(cfg.runtime.devices.first().map(String::as_str).unwrap_or("cpu"))?;
     let model = experiment::load_model(&cfg, &device, &mut |m| say(m))?;
     let (ds, split) = experiment::load_split(&cfg, &mut |m| say(m))?;
     let task = cfg.task_spec()?;
@@ -143,7 +173,8 @@ fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> 
         cfg.budget
     ));
     let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
+    let mut metrics = fs::File::create(&metrics_path)
+        .with_context(|| format!("creating {}", metrics_path.display()))?;
     let bar = ProgressBar::new(cfg.budget as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} evals {msg}")
@@ -153,7 +184,10 @@ fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> 
     let mut write_err: Option<std::io::Error> = None;
     let summary = fedbpt::bbt::run(&cfg, model.as_ref(), &task, &split, &mut |rec| {
         bar.set_position(rec.evaluations.min(cfg.budget) as u64);
-        bar.set_message(format!("train loss {:.4} dev acc {:.3} sigma {:.3}", rec.best_train_loss, rec.dev_acc, rec.sigma));
+        bar.set_message(format!(
+            "train loss {:.4} dev acc {:.3} sigma {:.3}",
+            rec.best_train_loss, rec.dev_acc, rec.sigma
+        ));
         if write_err.is_none() {
             let line = serde_json::to_string(rec).unwrap_or_default();
             if let Err(e) = writeln!(metrics, "{line}").and_then(|_| metrics.flush()) {

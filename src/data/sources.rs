@@ -100,18 +100,10 @@ pub fn load_mr(path: &Path) -> Result<Dataset> {
             ));
         }
         let rating: f64 = fields[1].trim().parse().map_err(|_| {
-            Error::row(
-                path,
-                lineno,
-                format!("rating `{}` is not a number", fields[1]),
-            )
+            Error::row(path, lineno, format!("rating `{}` is not a number", fields[1]))
         })?;
         if !(-4.0..=4.0).contains(&rating) {
-            return Err(Error::row(
-                path,
-                lineno,
-                format!("rating {rating} is outside [-4, 4]"),
-            ));
+            return Err(Error::row(path, lineno, format!("rating {rating} is outside [-4, 4]")));
         }
         let label = if rating > 0.0 {
             1
@@ -121,25 +113,12 @@ pub fn load_mr(path: &Path) -> Result<Dataset> {
             neutral += 1;
             continue;
         };
-        examples.push(Example {
-            text: fields[2].trim().to_string(),
-            text_b: None,
-            label,
-        });
+        examples.push(Example { text: fields[2].trim().to_string(), text_b: None, label });
     }
     if neutral > 0 {
-        warnings.push(format!(
-            "{}: dropped {neutral} neutral snippets (rating 0)",
-            path.display()
-        ));
+        warnings.push(format!("{}: dropped {neutral} neutral snippets (rating 0)", path.display()));
     }
-    finish(
-        path,
-        "mr",
-        names(&["negative", "positive"]),
-        examples,
-        warnings,
-    )
+    finish(path, "mr", names(&["negative", "positive"]), examples, warnings)
 }
 
 /// The BBC News classes in label order. The second name is an alternative folder name seen in
@@ -172,11 +151,7 @@ pub fn load_bbc(dir: &Path) -> Result<Dataset> {
             })?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(&class_dir)
             .map_err(|e| Error::io(&class_dir, e))?
-            .map(|entry| {
-                entry
-                    .map(|e| e.path())
-                    .map_err(|e| Error::io(&class_dir, e))
-            })
+            .map(|entry| entry.map(|e| e.path()).map_err(|e| Error::io(&class_dir, e)))
             .collect::<Result<Vec<_>>>()?
             .into_iter()
             .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "txt"))
@@ -191,17 +166,10 @@ pub fn load_bbc(dir: &Path) -> Result<Dataset> {
                 warnings.push(format!("{}: empty article, skipped", file.display()));
                 continue;
             }
-            examples.push(Example {
-                text,
-                text_b: None,
-                label,
-            });
+            examples.push(Example { text, text_b: None, label });
         }
         if examples.len() == before {
-            return Err(Error::file(
-                &class_dir,
-                "no .txt articles in this class folder",
-            ));
+            return Err(Error::file(&class_dir, "no .txt articles in this class folder"));
         }
     }
     let label_names = BBC_CLASSES.iter().map(|(c, _)| c.to_string()).collect();
@@ -212,19 +180,14 @@ pub fn load_bbc(dir: &Path) -> Result<Dataset> {
 /// header name (see [`GlueKind`]); every row must have as many fields as the header.
 pub fn load_glue_tsv(path: &Path, kind: GlueKind) -> Result<Dataset> {
     let (text, mut warnings) = read_text(path)?;
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
     let Some((_, header)) = lines.next() else {
         return Err(Error::file(path, "empty file, expected a header line"));
     };
     let header: Vec<&str> = header.split('\t').map(str::trim).collect();
     let (text_col, text_b_col, label_col) = kind.columns();
     let text_idx = column_index(path, &header, text_col)?;
-    let text_b_idx = text_b_col
-        .map(|c| column_index(path, &header, c))
-        .transpose()?;
+    let text_b_idx = text_b_col.map(|c| column_index(path, &header, c)).transpose()?;
     let label_idx = column_index(path, &header, label_col)?;
 
     let mut examples = Vec::new();
@@ -236,11 +199,7 @@ pub fn load_glue_tsv(path: &Path, kind: GlueKind) -> Result<Dataset> {
             return Err(Error::row(
                 path,
                 lineno,
-                format!(
-                    "expected {} tab-separated fields, found {}",
-                    header.len(),
-                    fields.len()
-                ),
+                format!("expected {} tab-separated fields, found {}", header.len(), fields.len()),
             ));
         }
         let raw = fields[label_idx].trim();
@@ -260,10 +219,7 @@ pub fn load_glue_tsv(path: &Path, kind: GlueKind) -> Result<Dataset> {
                 return Err(Error::row(
                     path,
                     lineno,
-                    format!(
-                        "unknown {} label `{raw}` in column `{label_col}`",
-                        kind.name()
-                    ),
+                    format!("unknown {} label `{raw}` in column `{label_col}`", kind.name()),
                 ))
             }
         };
@@ -274,18 +230,10 @@ pub fn load_glue_tsv(path: &Path, kind: GlueKind) -> Result<Dataset> {
         });
     }
     if no_gold > 0 {
-        warnings.push(format!(
-            "{}: skipped {no_gold} rows without a gold label (`-`)",
-            path.display()
-        ));
+        warnings
+            .push(format!("{}: skipped {no_gold} rows without a gold label (`-`)", path.display()));
     }
-    finish(
-        path,
-        kind.name(),
-        names(kind.label_names()),
-        examples,
-        warnings,
-    )
+    finish(path, kind.name(), names(kind.label_names()), examples, warnings)
 }
 
 /// Reads an RFC 4180 CSV file with a header row: fields may be quoted, with `""` for a quote
@@ -298,11 +246,7 @@ pub fn load_csv(path: &Path, cols: &Columns) -> Result<Dataset> {
     };
     let header: Vec<&str> = header.fields.iter().map(|f| f.trim()).collect();
     let text_idx = column_index(path, &header, &cols.text)?;
-    let text_b_idx = cols
-        .text_b
-        .as_deref()
-        .map(|c| column_index(path, &header, c))
-        .transpose()?;
+    let text_b_idx = cols.text_b.as_deref().map(|c| column_index(path, &header, c)).transpose()?;
     let label_idx = column_index(path, &header, &cols.label)?;
 
     let mut rows = Vec::new();
@@ -311,11 +255,7 @@ pub fn load_csv(path: &Path, cols: &Columns) -> Result<Dataset> {
             return Err(Error::row(
                 path,
                 rec.line,
-                format!(
-                    "expected {} fields, found {}",
-                    header.len(),
-                    rec.fields.len()
-                ),
+                format!("expected {} fields, found {}", header.len(), rec.fields.len()),
             ));
         }
         let label = RawLabel::from_str(path, rec.line, &rec.fields[label_idx])?;
@@ -345,8 +285,7 @@ pub fn load_jsonl(path: &Path, cols: &Columns) -> Result<Dataset> {
             return Err(Error::row(path, lineno, "expected a JSON object"));
         };
         let get = |key: &str| {
-            obj.get(key)
-                .ok_or_else(|| Error::row(path, lineno, format!("missing key `{key}`")))
+            obj.get(key).ok_or_else(|| Error::row(path, lineno, format!("missing key `{key}`")))
         };
         let get_str = |key: &str| -> Result<String> {
             get(key)?
@@ -358,10 +297,7 @@ pub fn load_jsonl(path: &Path, cols: &Columns) -> Result<Dataset> {
             serde_json::Value::String(s) => RawLabel::from_str(path, lineno, s)?,
             serde_json::Value::Number(n) => {
                 match n.as_u64().and_then(|n| usize::try_from(n).ok()) {
-                    Some(i) => RawLabel {
-                        text: i.to_string(),
-                        index: Some(i),
-                    },
+                    Some(i) => RawLabel { text: i.to_string(), index: Some(i) },
                     None => {
                         return Err(Error::row(
                             path,
@@ -407,12 +343,7 @@ fn finish(
     if examples.is_empty() {
         return Err(Error::file(path, "no examples"));
     }
-    Ok(Dataset {
-        name: name.to_string(),
-        label_names,
-        examples,
-        warnings,
-    })
+    Ok(Dataset { name: name.to_string(), label_names, examples, warnings })
 }
 
 /// Index of header column `name`, or an error listing the columns there are.
@@ -420,10 +351,7 @@ fn column_index(path: &Path, header: &[&str], name: &str) -> Result<usize> {
     header.iter().position(|h| *h == name).ok_or_else(|| {
         Error::file(
             path,
-            format!(
-                "no column `{name}` in the header (columns: {})",
-                header.join(", ")
-            ),
+            format!("no column `{name}` in the header (columns: {})", header.join(", ")),
         )
     })
 }
@@ -483,10 +411,7 @@ impl RawLabel {
         if text.is_empty() {
             return Err(Error::row(path, line, "empty label"));
         }
-        Ok(RawLabel {
-            text: text.to_string(),
-            index: text.parse().ok(),
-        })
+        Ok(RawLabel { text: text.to_string(), index: text.parse().ok() })
     }
 }
 
@@ -504,34 +429,23 @@ fn finish_raw(
     rows: Vec<RawRow>,
     mut warnings: Vec<String>,
 ) -> Result<Dataset> {
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let label_names: Vec<String> = match &cols.label_names {
         Some(given) => {
             if given.is_empty() {
                 return Err(Error::config("label_names", "must name at least one class"));
             }
-            if let Some((_, dup)) = given
-                .iter()
-                .enumerate()
-                .find(|(i, n)| given[..*i].contains(n))
+            if let Some((_, dup)) = given.iter().enumerate().find(|(i, n)| given[..*i].contains(n))
             {
-                return Err(Error::config(
-                    "label_names",
-                    format!("`{dup}` appears twice"),
-                ));
+                return Err(Error::config("label_names", format!("`{dup}` appears twice")));
             }
             given.clone()
         }
         None if rows.iter().all(|r| r.label.index.is_some()) => {
             let seen: BTreeSet<usize> = rows.iter().filter_map(|r| r.label.index).collect();
             let n = seen.last().map_or(0, |m| m + 1);
-            let missing: Vec<String> = (0..n)
-                .filter(|i| !seen.contains(i))
-                .map(|i| i.to_string())
-                .collect();
+            let missing: Vec<String> =
+                (0..n).filter(|i| !seen.contains(i)).map(|i| i.to_string()).collect();
             if !missing.is_empty() {
                 warnings.push(format!(
                     "{}: integer labels without label_names; classes {} have no examples",
@@ -548,11 +462,8 @@ fn finish_raw(
     };
     // Integer labels are indices unless label_names were derived from the strings; a name match
     // wins over an index so that names such as "1", "2" keep their meaning.
-    let by_name: BTreeMap<&str, usize> = label_names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.as_str(), i))
-        .collect();
+    let by_name: BTreeMap<&str, usize> =
+        label_names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
     let strings_only = cols.label_names.is_none() && rows.iter().any(|r| r.label.index.is_none());
     let n = label_names.len();
     let mut examples = Vec::with_capacity(rows.len());
@@ -579,11 +490,7 @@ fn finish_raw(
                 ))
             }
         };
-        examples.push(Example {
-            text: r.text,
-            text_b: r.text_b,
-            label,
-        });
+        examples.push(Example { text: r.text, text_b: r.text_b, label });
     }
     finish(path, &name, label_names, examples, warnings)
 }
@@ -684,10 +591,7 @@ fn parse_csv(path: &Path, text: &str) -> Result<Vec<Record>> {
         }
         let blank = !quoted_any && fields.len() == 1 && fields[0].trim().is_empty();
         if !blank {
-            records.push(Record {
-                line: start,
-                fields,
-            });
+            records.push(Record { line: start, fields });
         }
     }
     Ok(records)
@@ -716,10 +620,7 @@ mod tests {
     /// The error's message must name the file and the line.
     fn assert_row_error(err: Error, file: &str, line: usize) {
         let msg = err.to_string();
-        assert!(
-            matches!(err, Error::DataRow { line: l, .. } if l == line),
-            "{msg}"
-        );
+        assert!(matches!(err, Error::DataRow { line: l, .. } if l == line), "{msg}");
         assert!(msg.contains(file), "{msg}");
         assert!(msg.contains(&format!(":{line}:")), "{msg}");
     }
@@ -735,19 +636,9 @@ mod tests {
         let ds = load_mr(&p).unwrap();
         assert_eq!(ds.name, "mr");
         assert_eq!(ds.label_names, ["negative", "positive"]);
-        let got: Vec<(&str, usize)> = ds
-            .examples
-            .iter()
-            .map(|e| (e.text.as_str(), e.label))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                ("A fine film.", 1),
-                ("Dull.", 0),
-                ("Clich\u{e9}s aside, ok.", 1)
-            ]
-        );
+        let got: Vec<(&str, usize)> =
+            ds.examples.iter().map(|e| (e.text.as_str(), e.label)).collect();
+        assert_eq!(got, [("A fine film.", 1), ("Dull.", 0), ("Clich\u{e9}s aside, ok.", 1)]);
         assert_eq!(ds.warnings.len(), 1);
         assert!(ds.warnings[0].contains("1 neutral"));
     }
@@ -764,50 +655,27 @@ mod tests {
     #[test]
     fn non_utf8_is_decoded_with_a_warning() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(
-            dir.path(),
-            "mr.txt",
-            b"1\t1.5\ta \xa315.8m signing, caf\xc3\xa9\n",
-        );
+        let p = write(dir.path(), "mr.txt", b"1\t1.5\ta \xa315.8m signing, caf\xc3\xa9\n");
         let ds = load_mr(&p).unwrap();
         assert_eq!(ds.examples[0].text, "a \u{a3}15.8m signing, caf\u{e9}");
-        assert!(ds
-            .warnings
-            .iter()
-            .any(|w| w.contains("mr.txt") && w.contains("UTF-8")));
+        assert!(ds.warnings.iter().any(|w| w.contains("mr.txt") && w.contains("UTF-8")));
     }
 
     #[test]
     fn bbc_reads_classes_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        for (i, class) in ["business", "entertainment", "politics", "sports", "tech"]
-            .iter()
-            .enumerate()
+        for (i, class) in
+            ["business", "entertainment", "politics", "sports", "tech"].iter().enumerate()
         {
             let d = dir.path().join(class);
             fs::create_dir(&d).unwrap();
-            write(
-                &d,
-                "002.txt",
-                format!("Title {i}b\n\nBody  two.\n").as_bytes(),
-            );
-            write(
-                &d,
-                "001.txt",
-                format!("Title {i}a\n\nBody\tone.\n\nMore.\n").as_bytes(),
-            );
+            write(&d, "002.txt", format!("Title {i}b\n\nBody  two.\n").as_bytes());
+            write(&d, "001.txt", format!("Title {i}a\n\nBody\tone.\n\nMore.\n").as_bytes());
             write(&d, "README", b"not an article");
         }
-        write(
-            &dir.path().join("sports"),
-            "003.txt",
-            b"Fee\n\na \xa315.8m signing\n",
-        );
+        write(&dir.path().join("sports"), "003.txt", b"Fee\n\na \xa315.8m signing\n");
         let ds = load_bbc(dir.path()).unwrap();
-        assert_eq!(
-            ds.label_names,
-            ["business", "entertainment", "politics", "sport", "tech"]
-        );
+        assert_eq!(ds.label_names, ["business", "entertainment", "politics", "sport", "tech"]);
         assert_eq!(ds.examples.len(), 11);
         assert_eq!(ds.examples[0].text, "Title 0a Body one. More.");
         assert_eq!(ds.examples[1].text, "Title 0b Body two.");
@@ -829,20 +697,9 @@ mod tests {
     #[test]
     fn glue_kinds() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(
-            dir.path(),
-            "sst2.tsv",
-            b"sentence\tlabel\nit 's great \t1\nbad\t0\n",
-        );
+        let p = write(dir.path(), "sst2.tsv", b"sentence\tlabel\nit 's great \t1\nbad\t0\n");
         let ds = load_glue_tsv(&p, GlueKind::Sst2).unwrap();
-        assert_eq!(
-            ds.examples[0],
-            Example {
-                text: "it 's great".into(),
-                text_b: None,
-                label: 1
-            }
-        );
+        assert_eq!(ds.examples[0], Example { text: "it 's great".into(), text_b: None, label: 1 });
         assert_eq!(ds.examples[1].label, 0);
 
         let p = write(
@@ -854,11 +711,7 @@ mod tests {
         let ds = load_glue_tsv(&p, GlueKind::Mrpc).unwrap();
         assert_eq!(
             ds.examples[0],
-            Example {
-                text: "A b.".into(),
-                text_b: Some("B a.".into()),
-                label: 1
-            }
+            Example { text: "A b.".into(), text_b: Some("B a.".into()), label: 1 }
         );
 
         let p = write(
@@ -867,10 +720,7 @@ mod tests {
             b"index\tsentence1\tsentence2\tlabel\n0\tP\tH\tnot_entailment\n1\tP\tH\tentailment\n",
         );
         let ds = load_glue_tsv(&p, GlueKind::Rte).unwrap();
-        assert_eq!(
-            ds.examples.iter().map(|e| e.label).collect::<Vec<_>>(),
-            [1, 0]
-        );
+        assert_eq!(ds.examples.iter().map(|e| e.label).collect::<Vec<_>>(), [1, 0]);
 
         let p = write(
             dir.path(),
@@ -878,10 +728,7 @@ mod tests {
             b"sentence1\tsentence2\tgold_label\nP\tH\tneutral\nP\tH\t-\nP\tH\tcontradiction\n",
         );
         let ds = load_glue_tsv(&p, GlueKind::Snli).unwrap();
-        assert_eq!(
-            ds.examples.iter().map(|e| e.label).collect::<Vec<_>>(),
-            [1, 2]
-        );
+        assert_eq!(ds.examples.iter().map(|e| e.label).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(ds.label_names, ["entailment", "neutral", "contradiction"]);
         assert!(ds.warnings[0].contains("1 rows without a gold label"));
     }
@@ -892,17 +739,9 @@ mod tests {
         let p = write(dir.path(), "dev.tsv", b"sentence\tlab\nok\t1\n");
         let msg = load_glue_tsv(&p, GlueKind::Sst2).unwrap_err().to_string();
         assert!(msg.contains("dev.tsv") && msg.contains("`label`"), "{msg}");
-        let p = write(
-            dir.path(),
-            "bad.tsv",
-            b"sentence\tlabel\nok\t1\nnot\tok\t1\n",
-        );
+        let p = write(dir.path(), "bad.tsv", b"sentence\tlabel\nok\t1\nnot\tok\t1\n");
         assert_row_error(load_glue_tsv(&p, GlueKind::Sst2).unwrap_err(), "bad.tsv", 3);
-        let p = write(
-            dir.path(),
-            "lab.tsv",
-            b"sentence1\tsentence2\tlabel\nP\tH\tmaybe\n",
-        );
+        let p = write(dir.path(), "lab.tsv", b"sentence1\tsentence2\tlabel\nP\tH\tmaybe\n");
         assert_row_error(load_glue_tsv(&p, GlueKind::Rte).unwrap_err(), "lab.tsv", 2);
     }
 
@@ -917,15 +756,9 @@ mod tests {
         let ds = load_csv(&p, &cols(None)).unwrap();
         assert_eq!(ds.name, "d");
         assert_eq!(ds.label_names, ["neg", "pos"]);
-        let got: Vec<(&str, usize)> = ds
-            .examples
-            .iter()
-            .map(|e| (e.text.as_str(), e.label))
-            .collect();
-        assert_eq!(
-            got,
-            [("Hello, \"world\"", 1), ("two\nlines", 0), ("plain", 1)]
-        );
+        let got: Vec<(&str, usize)> =
+            ds.examples.iter().map(|e| (e.text.as_str(), e.label)).collect();
+        assert_eq!(got, [("Hello, \"world\"", 1), ("two\nlines", 0), ("plain", 1)]);
     }
 
     #[test]
@@ -937,11 +770,7 @@ mod tests {
         let ds = load_csv(&p, &c).unwrap();
         assert_eq!(
             ds.examples[0],
-            Example {
-                text: "x".into(),
-                text_b: Some("y".into()),
-                label: 1
-            }
+            Example { text: "x".into(), text_b: Some("y".into()), label: 1 }
         );
         assert_eq!(ds.examples[1].label, 1);
         // Integer labels without names are indices.
@@ -981,10 +810,7 @@ mod tests {
             b"{\"text\": \"a\", \"label\": 1}\n\n{\"text\": \"b\", \"label\": \"neg\"}\r\n",
         );
         let ds = load_jsonl(&p, &cols(Some(&["neg", "pos"]))).unwrap();
-        assert_eq!(
-            ds.examples.iter().map(|e| e.label).collect::<Vec<_>>(),
-            [1, 0]
-        );
+        assert_eq!(ds.examples.iter().map(|e| e.label).collect::<Vec<_>>(), [1, 0]);
         let ds = load_jsonl(&p, &cols(None)).unwrap();
         assert_eq!(ds.label_names, ["1", "neg"]);
 
@@ -997,11 +823,7 @@ mod tests {
         assert_row_error(load_jsonl(&p, &c).unwrap_err(), "e.jsonl", 3);
         let p = write(dir.path(), "f.jsonl", b"{\"text\": \"a\", \"label\": 2}\n");
         assert_row_error(load_jsonl(&p, &c).unwrap_err(), "f.jsonl", 1);
-        let p = write(
-            dir.path(),
-            "g.jsonl",
-            b"{\"text\": \"a\", \"label\": 0}\n{\"label\": 0}\n",
-        );
+        let p = write(dir.path(), "g.jsonl", b"{\"text\": \"a\", \"label\": 0}\n{\"label\": 0}\n");
         assert_row_error(load_jsonl(&p, &c).unwrap_err(), "g.jsonl", 2);
         let p = write(dir.path(), "h.jsonl", b"{\"text\": \"a\", \"label\": -1}\n");
         assert_row_error(load_jsonl(&p, &c).unwrap_err(), "h.jsonl", 1);

@@ -38,10 +38,7 @@ pub fn test_split(
     if test_size >= n {
         return Err(Error::config(
             "test_size",
-            format!(
-                "{test_size} leaves no training data in `{}` ({n} examples)",
-                ds.name
-            ),
+            format!("{test_size} leaves no training data in `{}` ({n} examples)", ds.name),
         ));
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -155,10 +152,7 @@ pub fn partition_dirichlet(
     seed: u64,
 ) -> Result<Vec<Vec<usize>>> {
     if !(alpha.is_finite() && alpha > 0.0) {
-        return Err(Error::config(
-            "alpha",
-            format!("must be positive and finite, got {alpha}"),
-        ));
+        return Err(Error::config("alpha", format!("must be positive and finite, got {alpha}")));
     }
     check_clients(labels.len(), n_clients)?;
     check_labels(labels.iter().copied(), n_classes)?;
@@ -202,9 +196,8 @@ pub fn partition_dirichlet(
     }
     // n >= n_clients, so while a shard is empty the largest one holds at least two.
     while let Some(empty) = shards.iter().position(Vec::is_empty) {
-        let largest = (0..n_clients)
-            .max_by_key(|&c| (shards[c].len(), std::cmp::Reverse(c)))
-            .unwrap_or(0);
+        let largest =
+            (0..n_clients).max_by_key(|&c| (shards[c].len(), std::cmp::Reverse(c))).unwrap_or(0);
         if let Some(i) = shards[largest].pop() {
             shards[empty].push(i);
         }
@@ -286,11 +279,7 @@ mod tests {
     use super::*;
 
     fn ex(i: usize, label: usize) -> Example {
-        Example {
-            text: format!("t{i}"),
-            text_b: None,
-            label,
-        }
+        Example { text: format!("t{i}"), text_b: None, label }
     }
 
     /// 3 classes of sizes 50, 30, 20.
@@ -364,10 +353,7 @@ mod tests {
         let ds = dataset();
         let msg = k_shot(&ds.examples, 3, 11, 0).unwrap_err().to_string();
         assert!(msg.contains("class 2") && msg.contains("k_shot"), "{msg}");
-        assert!(
-            k_shot(&ds.examples, 2, 1, 0).is_err(),
-            "label 2 is out of range for 2 classes"
-        );
+        assert!(k_shot(&ds.examples, 2, 1, 0).is_err(), "label 2 is out of range for 2 classes");
     }
 
     fn assert_cover(shards: &[Vec<usize>], n: usize) {
@@ -409,16 +395,10 @@ mod tests {
         let labels: Vec<usize> = (0..2000).map(|i| i % 4).collect();
         let skewed = partition_dirichlet(&labels, 4, 10, 0.1, 3).unwrap();
         assert_cover(&skewed, 2000);
-        assert!(
-            max_skew(&labels, &skewed, 4) > 0.5,
-            "alpha 0.1 should be far from uniform"
-        );
+        assert!(max_skew(&labels, &skewed, 4) > 0.5, "alpha 0.1 should be far from uniform");
         let flat = partition_dirichlet(&labels, 4, 10, 1000.0, 3).unwrap();
         assert_cover(&flat, 2000);
-        assert!(
-            max_skew(&labels, &flat, 4) < 0.1,
-            "alpha 1000 should be near uniform"
-        );
+        assert!(max_skew(&labels, &flat, 4) < 0.1, "alpha 1000 should be near uniform");
         assert_eq!(partition_dirichlet(&labels, 4, 10, 0.1, 3).unwrap(), skewed);
         assert_ne!(partition_dirichlet(&labels, 4, 10, 0.1, 4).unwrap(), skewed);
     }
@@ -427,10 +407,7 @@ mod tests {
     fn dirichlet_partition_never_leaves_a_client_empty() {
         let labels: Vec<usize> = (0..12).map(|i| i % 2).collect();
         for seed in 0..50 {
-            assert_cover(
-                &partition_dirichlet(&labels, 2, 12, 0.01, seed).unwrap(),
-                12,
-            );
+            assert_cover(&partition_dirichlet(&labels, 2, 12, 0.01, seed).unwrap(), 12);
         }
         // Underflowing Gamma draws still give a valid partition.
         assert_cover(&partition_dirichlet(&labels, 2, 3, 1e-300, 0).unwrap(), 12);

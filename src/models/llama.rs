@@ -19,7 +19,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use super::{downcast, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings, TokenNoise};
+use super::{
+    downcast, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings, TokenNoise,
+};
 use crate::data::Example;
 use crate::task::{render, Piece, TaskSpec};
 use crate::{Error, Result};
@@ -46,12 +48,15 @@ impl LlamaConfig {
         let ok = self.hidden_size > 0
             && self.num_attention_heads > 0
             && self.num_key_value_heads > 0
-            && self.hidden_size % self.num_attention_heads == 0
-            && self.num_attention_heads % self.num_key_value_heads == 0
-            && self.head_dim() % 2 == 0
+            && self.hidden_size.is_multiple_of(self.num_attention_heads)
+            && self.num_attention_heads.is_multiple_of(self.num_key_value_heads)
+            && self.head_dim().is_multiple_of(2)
             && self.vocab_size > 0;
         if !ok {
-            return Err(Error::file(origin, format!("inconsistent Llama hyper-parameters {self:?}")));
+            return Err(Error::file(
+                origin,
+                format!("inconsistent Llama hyper-parameters {self:?}"),
+            ));
         }
         Ok(())
     }
@@ -159,7 +164,10 @@ impl CausalLm {
         };
         let arch = md("general.architecture")?.to_string().map_err(|e| model_err(path, e))?.clone();
         if arch != "llama" {
-            return Err(model_err(path, format!("architecture `{arch}` is not supported (llama only)")));
+            return Err(model_err(
+                path,
+                format!("architecture `{arch}` is not supported (llama only)"),
+            ));
         }
         let u = |k: &str| -> Result<usize> {
             Ok(md(&format!("llama.{k}"))?.to_u32().map_err(|e| model_err(path, e))? as usize)
@@ -198,7 +206,8 @@ impl CausalLm {
             let mut lin = |n: &str| -> Result<Linear> {
                 Linear::from_qtensor(get(&format!("blk.{i}.{n}.weight"))?, format, device)
             };
-            let (q, k, v, o) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
+            let (q, k, v, o) =
+                (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
             let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
             layers.push(Layer {
                 attn_norm: get(&format!("blk.{i}.attn_norm.weight"))?.dequantize(device)?,
@@ -221,15 +230,32 @@ impl CausalLm {
             tokenizer_from_gguf(&ct, path)?
         };
         let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("gguf").to_string();
-        Self::assemble(cfg, layers, embed, lm_head, final_norm, RopeStyle::Interleaved, tokenizer, name, n_params, settings, device, path)
+        Self::assemble(
+            cfg,
+            layers,
+            embed,
+            lm_head,
+            final_norm,
+            RopeStyle::Interleaved,
+            tokenizer,
+            name,
+            n_params,
+            settings,
+            device,
+            path,
+        )
     }
 
     /// Loads a Hugging Face Llama directory: `config.json`, `*.safetensors`, `tokenizer.json`.
-    pub fn from_safetensors_dir(dir: &Path, settings: PromptSettings, device: &Device) -> Result<Self> {
+    pub fn from_safetensors_dir(
+        dir: &Path,
+        settings: PromptSettings,
+        device: &Device,
+    ) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let raw: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| model_err(&cfg_path, format!("invalid JSON: {e}")))?;
+        let raw: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| model_err(&cfg_path, format!("invalid JSON: {e}")))?;
         let key = |k: &str| -> Result<usize> {
             raw.get(k)
                 .and_then(|v| v.as_u64())
@@ -264,7 +290,9 @@ impl CausalLm {
         let get = |name: &str| -> Result<Tensor> {
             tensors
                 .get(name)
-                .ok_or_else(|| model_err(dir, format!("no tensor `{name}` in {}", files_list(&files))))?
+                .ok_or_else(|| {
+                    model_err(dir, format!("no tensor `{name}` in {}", files_list(&files)))
+                })?
                 .to_dtype(DType::F32)
                 .map_err(Error::from)
         };
@@ -293,7 +321,20 @@ impl CausalLm {
         let final_norm = get("model.norm.weight")?;
         let tokenizer = load_tokenizer_json(&dir.join("tokenizer.json"))?;
         let name = dir.file_name().and_then(|s| s.to_str()).unwrap_or("llama").to_string();
-        Self::assemble(cfg, layers, embed, lm_head, final_norm, RopeStyle::HalfSplit, tokenizer, name, n_params, settings, device, dir)
+        Self::assemble(
+            cfg,
+            layers,
+            embed,
+            lm_head,
+            final_norm,
+            RopeStyle::HalfSplit,
+            tokenizer,
+            name,
+            n_params,
+            settings,
+            device,
+            dir,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -313,7 +354,10 @@ impl CausalLm {
     ) -> Result<Self> {
         let (vocab, hidden) = embed.dims2().map_err(|e| model_err(origin, e))?;
         if hidden != cfg.hidden_size {
-            return Err(model_err(origin, format!("embedding width {hidden} != hidden size {}", cfg.hidden_size)));
+            return Err(model_err(
+                origin,
+                format!("embedding width {hidden} != hidden size {}", cfg.hidden_size),
+            ));
         }
         cfg.vocab_size = vocab;
         cfg.validate(origin)?;
@@ -401,7 +445,11 @@ impl CausalLm {
     /// Next-token logits over the whole vocabulary after `ids`, one unpadded sequence, with an
     /// optional prompt injected at `(start, prompt)`: a diagnostic, the parity check against
     /// candle's own Llama, and the reference the cached batched path is tested against.
-    pub fn next_token_logits(&self, ids: &[u32], prompt_at: Option<(usize, &[f32])>) -> Result<Vec<f32>> {
+    pub fn next_token_logits(
+        &self,
+        ids: &[u32],
+        prompt_at: Option<(usize, &[f32])>,
+    ) -> Result<Vec<f32>> {
         if ids.is_empty() {
             return Err(Error::Model("empty input".into()));
         }
@@ -438,7 +486,8 @@ impl CausalLm {
         keep_kv: bool,
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let (b, t, h) = x.dims3()?;
-        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim());
+        let (nh, nkv, hd) =
+            (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim());
         let pos = Tensor::new(positions, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?.contiguous()?;
         let sin = self.sin.index_select(&pos, 0)?.contiguous()?;
@@ -452,8 +501,10 @@ impl CausalLm {
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let q = layer.q.forward(&hn)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = layer.k.forward(&hn)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = layer.v.forward(&hn)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let k =
+                layer.k.forward(&hn)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v =
+                layer.v.forward(&hn)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let (q, k) = match self.rope {
                 RopeStyle::Interleaved => (
                     candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
@@ -480,7 +531,8 @@ impl CausalLm {
             let q = q.reshape((b, nkv, rep * t, hd))?;
             let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
             let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, h))?;
+            let y =
+                att.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, h))?;
             x = (x + layer.o.forward(&y)?)?;
             let hn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let ff = (candle_nn::ops::silu(&layer.gate.forward(&hn)?)? * layer.up.forward(&hn)?)?;
@@ -575,7 +627,12 @@ impl PromptModel for CausalLm {
         &self.settings
     }
 
-    fn prepare(&self, task: &TaskSpec, examples: &[Example], noise: Option<TokenNoise>) -> Result<Prepared> {
+    fn prepare(
+        &self,
+        task: &TaskSpec,
+        examples: &[Example],
+        noise: Option<TokenNoise>,
+    ) -> Result<Prepared> {
         let label_ids = self.label_ids(task)?;
         let placeholders = self.placeholder_ids()?;
         let placement = self.settings.placement;
@@ -584,16 +641,22 @@ impl PromptModel for CausalLm {
         let mut shared_tail: Option<Vec<u32>> = None;
         for (i, ex) in examples.iter().enumerate() {
             if ex.label >= label_ids.len() {
-                return Err(Error::Task(format!("example {i} has label {} but the task has {} classes", ex.label, label_ids.len())));
+                return Err(Error::Task(format!(
+                    "example {i} has label {} but the task has {} classes",
+                    ex.label,
+                    label_ids.len()
+                )));
             }
             let pieces = render(&task.causal.template, ex, true)?;
             let split = match placement {
-                Placement::Suffix => pieces.iter().position(|p| *p == Piece::Prompt).ok_or_else(|| {
-                    Error::Task(format!(
+                Placement::Suffix => {
+                    pieces.iter().position(|p| *p == Piece::Prompt).ok_or_else(|| {
+                        Error::Task(format!(
                         "suffix placement needs a {{prompt}} marker in the causal template {:?}",
                         task.causal.template
                     ))
-                })?,
+                    })?
+                }
                 Placement::Prefix => pieces.len(),
             };
             let mut head = Vec::new();
@@ -615,7 +678,9 @@ impl PromptModel for CausalLm {
                         head.extend(ids);
                     }
                     Piece::Prompt => {}
-                    Piece::Mask => return Err(Error::Task("causal templates have no {mask}".into())),
+                    Piece::Mask => {
+                        return Err(Error::Task("causal templates have no {mask}".into()))
+                    }
                 }
             }
             let mut tail = Vec::new();
@@ -641,7 +706,9 @@ impl PromptModel for CausalLm {
             match (&shared_tail, placement) {
                 (None, Placement::Suffix) => shared_tail = Some(tail.clone()),
                 (Some(t), Placement::Suffix) if *t != tail => {
-                    return Err(Error::Task("template tail after {prompt} differs between examples".into()))
+                    return Err(Error::Task(
+                        "template tail after {prompt} differs between examples".into(),
+                    ))
                 }
                 _ => {}
             }
@@ -678,7 +745,15 @@ impl PromptModel for CausalLm {
             labels,
             n_classes: label_ids.len(),
             tokens_per_pass,
-            inner: Box::new(CausalBatch { label_ids, placeholders, placement, examples: encoded, order, caches, tail }),
+            inner: Box::new(CausalBatch {
+                label_ids,
+                placeholders,
+                placement,
+                examples: encoded,
+                order,
+                caches,
+                tail,
+            }),
         })
     }
 
@@ -706,14 +781,26 @@ impl PromptModel for CausalLm {
 impl CausalLm {
     /// Scores every example under each prompt; `with_placeholders = false` (and no prompts) is
     /// the manual prompt. Returns `[prompt][example][class]`.
-    fn score_candidates(&self, b: &CausalBatch, prompts: &[Tensor], with_placeholders: bool) -> Result<Vec<Vec<Vec<f32>>>> {
+    fn score_candidates(
+        &self,
+        b: &CausalBatch,
+        prompts: &[Tensor],
+        with_placeholders: bool,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
         let n_cand = prompts.len().max(1);
         let mut out = vec![vec![Vec::new(); b.examples.len()]; n_cand];
         match b.placement {
             Placement::Suffix => {
                 for (ci, chunk) in b.order.chunks(self.chunk_examples).enumerate() {
                     let cache = &b.caches[ci];
-                    let s = self.suffix_scores(cache, &b.tail, &b.placeholders, prompts, with_placeholders, &b.label_ids)?;
+                    let s = self.suffix_scores(
+                        cache,
+                        &b.tail,
+                        &b.placeholders,
+                        prompts,
+                        with_placeholders,
+                        &b.label_ids,
+                    )?;
                     for (p, rows) in s.into_iter().enumerate() {
                         for (&i, row) in chunk.iter().zip(rows) {
                             out[p][i] = row;
@@ -728,7 +815,11 @@ impl CausalLm {
                             .iter()
                             .map(|&i| {
                                 let e = &b.examples[i];
-                                let mut s = if with_placeholders { b.placeholders.clone() } else { Vec::new() };
+                                let mut s = if with_placeholders {
+                                    b.placeholders.clone()
+                                } else {
+                                    Vec::new()
+                                };
                                 s.extend_from_slice(&e.head);
                                 s.extend_from_slice(&e.tail);
                                 s
@@ -776,17 +867,23 @@ impl CausalLm {
         let n_cand = prompts.len().max(1);
         let b = cache.attended.len();
         let t_past = cache.attended[0].len();
-        let mut block: Vec<u32> = if with_placeholders { placeholders.to_vec() } else { Vec::new() };
+        let mut block: Vec<u32> =
+            if with_placeholders { placeholders.to_vec() } else { Vec::new() };
         block.extend_from_slice(tail);
         let s = block.len();
-        let base = self.embed.index_select(&Tensor::new(block.as_slice(), &self.device)?, 0)?.unsqueeze(0)?;
-        let mut blocks = Vec::with_capacity(n_cand);
-        for p in 0..n_cand {
-            blocks.push(if with_placeholders { self.inject(&base, &prompts[p], 0)? } else { base.clone() });
-        }
+        let base = self
+            .embed
+            .index_select(&Tensor::new(block.as_slice(), &self.device)?, 0)?
+            .unsqueeze(0)?;
+        let blocks = if with_placeholders {
+            prompts.iter().map(|p| self.inject(&base, p, 0)).collect::<Result<Vec<_>>>()?
+        } else {
+            vec![base]
+        };
         let x = Tensor::cat(&blocks, 1)?; // [1, P*S, H]
         let x = x.broadcast_as((b, n_cand * s, self.cfg.hidden_size))?.contiguous()?;
-        let positions: Vec<u32> = (0..n_cand).flat_map(|_| (0..s as u32).map(|j| t_past as u32 + j)).collect();
+        let positions: Vec<u32> =
+            (0..n_cand).flat_map(|_| (0..s as u32).map(|j| t_past as u32 + j)).collect();
         let mask = block_mask(&cache.attended, n_cand, s, &self.device)?;
         let (h, _) = self.forward_embeds(&x, &positions, &mask, Some(cache), false)?;
         // Last token of each candidate block.
@@ -809,8 +906,8 @@ fn causal_mask(attended: &[Vec<bool>], device: &Device) -> Result<Tensor> {
     let mut m = Vec::with_capacity(b * t * t);
     for row in attended {
         for i in 0..t {
-            for j in 0..t {
-                let ok = (j <= i && row[j]) || i == j;
+            for (j, &real) in row.iter().enumerate() {
+                let ok = (j <= i && real) || i == j;
                 m.push(if ok { 0.0 } else { MASKED });
             }
         }
@@ -823,29 +920,25 @@ fn block_mask(attended: &[Vec<bool>], n_cand: usize, s: usize, device: &Device) 
     let b = attended.len();
     let t_past = attended.first().map(|r| r.len()).unwrap_or(0);
     let q = n_cand * s;
-    let k = t_past + q;
-    let mut m = Vec::with_capacity(b * q * k);
+    let mut m = Vec::with_capacity(b * q * (t_past + q));
     for row in attended {
         for qi in 0..q {
             let (pq, sq) = (qi / s, qi % s);
-            for kj in 0..k {
-                let ok = if kj < t_past {
-                    row[kj]
-                } else {
-                    let kk = kj - t_past;
-                    kk / s == pq && kk % s <= sq
-                };
+            m.extend(row.iter().map(|&real| if real { 0.0 } else { MASKED }));
+            for kk in 0..q {
+                let ok = kk / s == pq && kk % s <= sq;
                 m.push(if ok { 0.0 } else { MASKED });
             }
         }
     }
-    Ok(Tensor::from_vec(m, (b, 1, q, k), device)?)
+    Ok(Tensor::from_vec(m, (b, 1, q, t_past + q), device)?)
 }
 
 fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
     let max = cfg.max_position_embeddings.clamp(512, 8192);
-    let inv: Vec<f32> = (0..hd).step_by(2).map(|i| 1.0 / cfg.rope_theta.powf(i as f32 / hd as f32)).collect();
+    let inv: Vec<f32> =
+        (0..hd).step_by(2).map(|i| 1.0 / cfg.rope_theta.powf(i as f32 / hd as f32)).collect();
     let inv = Tensor::new(inv.as_slice(), device)?.reshape((1, hd / 2))?;
     let pos = Tensor::arange(0u32, max as u32, device)?.to_dtype(DType::F32)?.reshape((max, 1))?;
     let freqs = pos.matmul(&inv)?;
@@ -883,7 +976,8 @@ pub fn load_tokenizer_json(path: &Path) -> Result<Tokenizer> {
     if !path.exists() {
         return Err(Error::file(path, "tokenizer file not found"));
     }
-    let mut tok = Tokenizer::from_file(path).map_err(|e| model_err(path, format!("invalid tokenizer: {e}")))?;
+    let mut tok = Tokenizer::from_file(path)
+        .map_err(|e| model_err(path, format!("invalid tokenizer: {e}")))?;
     tok.with_padding(None);
     tok.with_truncation(None).map_err(|e| model_err(path, e))?;
     Ok(tok)
@@ -897,7 +991,9 @@ fn tokenizer_from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Tokenizer
     use tokenizers::pre_tokenizers::sequence::Sequence;
     use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 
-    let get = |k: &str| ct.metadata.get(k).ok_or_else(|| model_err(path, format!("GGUF metadata lacks `{k}` (needed to build the tokenizer; or put a tokenizer.json beside the file)")));
+    let get = |k: &str| {
+        ct.metadata.get(k).ok_or_else(|| model_err(path, format!("GGUF metadata lacks `{k}` (needed to build the tokenizer; or put a tokenizer.json beside the file)")))
+    };
     let model = get("tokenizer.ggml.model")?.to_string().map_err(|e| model_err(path, e))?;
     if model != "gpt2" {
         return Err(model_err(path, format!("GGUF tokenizer model `{model}` is not supported (gpt2 byte-level BPE only); put a tokenizer.json beside the file")));
@@ -911,7 +1007,8 @@ fn tokenizer_from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Tokenizer
     if let Some(m) = ct.metadata.get("tokenizer.ggml.merges") {
         for v in m.to_vec().map_err(|e| model_err(path, e))? {
             let s = v.to_string().map_err(|e| model_err(path, e))?;
-            let (a, b) = s.split_once(' ').ok_or_else(|| model_err(path, format!("bad merge {s:?}")))?;
+            let (a, b) =
+                s.split_once(' ').ok_or_else(|| model_err(path, format!("bad merge {s:?}")))?;
             merges.push((a.to_string(), b.to_string()));
         }
     }
@@ -927,7 +1024,8 @@ fn tokenizer_from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Tokenizer
         .unwrap_or_default();
     let byte_level = ByteLevel::new(false, true, true);
     // SmolLM / StarCoder-style vocabularies split digits one by one before byte-level BPE.
-    let pre_tok: PreTokenizerWrapper = if matches!(pre.as_str(), "smollm" | "starcoder" | "refact") {
+    let pre_tok: PreTokenizerWrapper = if matches!(pre.as_str(), "smollm" | "starcoder" | "refact")
+    {
         Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
     } else {
         byte_level.into()
@@ -951,10 +1049,24 @@ mod tests {
         let att = vec![vec![false, true, true]];
         let m = causal_mask(&att, &Device::Cpu).unwrap().to_vec3::<f32>().ok();
         assert!(m.is_none()); // 4-D
-        let m = causal_mask(&att, &Device::Cpu).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let m = causal_mask(&att, &Device::Cpu)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(m[0], vec![0.0, MASKED, MASKED]); // pad row sees itself
         assert_eq!(m[2], vec![MASKED, 0.0, 0.0]);
-        let bm = block_mask(&att, 2, 2, &Device::Cpu).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let bm = block_mask(&att, 2, 2, &Device::Cpu)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         // query 3 = candidate 1, token 1: cached real tokens, then its own block only.
         assert_eq!(bm[3], vec![MASKED, 0.0, 0.0, MASKED, MASKED, 0.0, 0.0]);
         assert_eq!(bm[0], vec![MASKED, 0.0, 0.0, 0.0, MASKED, MASKED, MASKED]);

@@ -1,0 +1,134 @@
+//! A client: a local CMA-ES over z on its own shard, started each round from the server's
+//! search distribution. It never owns a model: every forward goes through the pool.
+
+use std::sync::Arc;
+
+use fedbpt::config::Config;
+use fedbpt::data::Example;
+use fedbpt::models::{Prepared, TokenNoise};
+use fedbpt::objective::{fitness_perturbed_for, loss};
+use fedbpt::projection::Projection;
+use fedbpt::seeds::{derive, tag};
+use fedbpt::strategy::{client_search, ClientUpdate, SearchDistribution};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::messages::{ClientMsg, DataMsg};
+use crate::pool::ForwardPool;
+
+pub struct Client;
+
+pub struct ClientArgs {
+    pub id: usize,
+    pub cfg: Arc<Config>,
+    pub pool: ForwardPool,
+    pub data: ActorRef<DataMsg>,
+    pub projection: Arc<Projection>,
+}
+
+pub struct ClientState {
+    args: ClientArgs,
+    examples: Arc<Vec<Example>>,
+    shard: Arc<Prepared>,
+}
+
+impl Actor for Client {
+    type Msg = ClientMsg;
+    type State = ClientState;
+    type Arguments = ClientArgs;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<ClientMsg>,
+        args: ClientArgs,
+    ) -> Result<ClientState, ActorProcessingErr> {
+        let id = args.id;
+        let examples =
+            match args.data.call(|reply| DataMsg::Shard { client: id, reply }, None).await? {
+                ractor::rpc::CallResult::Success(s) => s,
+                _ => {
+                    return Err(
+                        format!("site-{}: the data loader did not serve a shard", id + 1).into()
+                    )
+                }
+            };
+        if examples.is_empty() {
+            return Err(format!("site-{}: empty shard", id + 1).into());
+        }
+        let shard = args.pool.prepare(id, examples.clone(), None).await?;
+        Ok(ClientState { args, examples, shard })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<ClientMsg>,
+        msg: ClientMsg,
+        state: &mut ClientState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ClientMsg::Train { dist, reply } => {
+                let r = train(state, &dist).await;
+                let _ = reply.send(r);
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn train(state: &ClientState, dist: &SearchDistribution) -> Result<ClientUpdate, String> {
+    let a = &state.args;
+    let cfg = &a.cfg;
+    let round = dist.round as u64;
+    let mut es = client_search(
+        dist,
+        cfg.local_popsize,
+        derive(cfg.seed, &[tag::CLIENT_SEARCH, a.id as u64, round]),
+    )
+    .map_err(|e| e.to_string())?;
+    // FedBPT's perturbation: a noisy copy of the shard, fresh each round.
+    let perturbed = if cfg.perturb {
+        let noise = TokenNoise {
+            rate: cfg.perturb_rate,
+            seed: derive(cfg.seed, &[tag::PERTURBATION, a.id as u64, round]),
+        };
+        Some(a.pool.prepare(a.id, state.examples.clone(), Some(noise)).await?)
+    } else {
+        None
+    };
+    let labels = &state.shard.labels;
+    let mut sigmas = Vec::with_capacity(cfg.local_iter);
+    for _ in 0..cfg.local_iter {
+        let candidates = es.ask();
+        let prompts = candidates
+            .iter()
+            .map(|z| a.projection.project(&z.iter().map(|&v| v as f32).collect::<Vec<_>>()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let scores = a.pool.score(a.id, state.shard.clone(), prompts.clone()).await?;
+        let mut fitness = scores
+            .iter()
+            .map(|s| loss(s, labels, cfg.loss_type))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        if let Some(p) = &perturbed {
+            let noisy = a.pool.score(a.id, p.clone(), prompts).await?;
+            for (f, s) in fitness.iter_mut().zip(&noisy) {
+                let lp = loss(s, &p.labels, cfg.loss_type).map_err(|e| e.to_string())?;
+                *f = fitness_perturbed_for(cfg.loss_type, *f, lp);
+            }
+        }
+        es.tell(&candidates, &fitness).map_err(|e| e.to_string())?;
+        sigmas.push(es.sigma());
+    }
+    let mean: Vec<f32> = es.mean().iter().map(|&v| v as f32).collect();
+    let prompt = a.projection.project(&mean).map_err(|e| e.to_string())?;
+    let scores = a.pool.score(a.id, state.shard.clone(), vec![prompt]).await?;
+    let fitness = loss(&scores[0], labels, cfg.loss_type).map_err(|e| e.to_string())?;
+    Ok(ClientUpdate {
+        client: a.id,
+        round: dist.round,
+        mean,
+        fitness,
+        sigmas,
+        n_examples: labels.len(),
+    })
+}

@@ -1,0 +1,77 @@
+//! The evaluator scores global means on the dev set (every round, for best-on-dev selection)
+//! and on the held-out test set (every `eval_every` rounds and at the end).
+
+use std::sync::Arc;
+
+use fedbpt::models::Prepared;
+use fedbpt::objective::{accuracy, loss, LossType};
+use fedbpt::projection::Projection;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::messages::{EvalMsg, Evaluation};
+use crate::pool::ForwardPool;
+
+pub struct Evaluator;
+
+pub struct EvalArgs {
+    pub pool: ForwardPool,
+    pub dev: Arc<Prepared>,
+    pub test: Arc<Prepared>,
+    pub projection: Arc<Projection>,
+    pub loss_type: LossType,
+}
+
+impl Actor for Evaluator {
+    type Msg = EvalMsg;
+    type State = EvalArgs;
+    type Arguments = EvalArgs;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<EvalMsg>,
+        args: EvalArgs,
+    ) -> Result<EvalArgs, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<EvalMsg>,
+        msg: EvalMsg,
+        s: &mut EvalArgs,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            EvalMsg::Baselines { reply } => {
+                let _ = reply.send(baselines(s).await);
+            }
+            EvalMsg::Evaluate { z, with_test, reply } => {
+                let _ = reply.send(evaluate(s, &z, with_test).await);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The evaluator's forwards go to device 0's workers.
+const EVAL_PARTY: usize = 0;
+
+async fn baselines(s: &EvalArgs) -> Result<(f64, f64), String> {
+    let manual = s.pool.score_manual(EVAL_PARTY, s.test.clone()).await?;
+    let zero = vec![0f32; s.projection.out_dim()];
+    let zero_scores = s.pool.score(EVAL_PARTY, s.test.clone(), vec![zero]).await?;
+    Ok((accuracy(&manual, &s.test.labels), accuracy(&zero_scores[0], &s.test.labels)))
+}
+
+async fn evaluate(s: &EvalArgs, z: &[f32], with_test: bool) -> Result<Evaluation, String> {
+    let prompt = s.projection.project(z).map_err(|e| e.to_string())?;
+    let dev = s.pool.score(EVAL_PARTY, s.dev.clone(), vec![prompt.clone()]).await?;
+    let dev_acc = accuracy(&dev[0], &s.dev.labels);
+    let dev_loss = loss(&dev[0], &s.dev.labels, s.loss_type).map_err(|e| e.to_string())?;
+    let test_acc = if with_test {
+        let t = s.pool.score(EVAL_PARTY, s.test.clone(), vec![prompt]).await?;
+        Some(accuracy(&t[0], &s.test.labels))
+    } else {
+        None
+    };
+    Ok(Evaluation { dev_acc, dev_loss, test_acc })
+}

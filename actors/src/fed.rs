@@ -1,0 +1,245 @@
+//! The `run` and `compare` commands: federations on the actor runtime, with files and plots.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use fedbpt::config::{Aggregation, Config};
+use fedbpt_actors::federation::{self, Env, FedSummary};
+use fedbpt_actors::plot::{accuracy_png, Curve};
+use fedbpt_actors::server::RoundRecord;
+
+use crate::{default_out, say, write_json_atomic};
+
+fn runtime(cfg: &Config) -> Result<tokio::runtime::Runtime> {
+    if cfg.runtime.compute_threads > 0 {
+        // candle's CPU kernels use rayon's global pool; it reads this once, on first use.
+        std::env::set_var("RAYON_NUM_THREADS", cfg.runtime.compute_threads.to_string());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.runtime.tokio_threads)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+fn progress(rounds: usize, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(rounds as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] round {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(label.to_string());
+    bar
+}
+
+/// Runs one federation, writing `metrics.jsonl` as rounds land.
+fn run_one(
+    rt: &tokio::runtime::Runtime,
+    cfg: &Config,
+    env: &mut Env,
+    out: &Path,
+    label: &str,
+) -> Result<(FedSummary, Vec<RoundRecord>)> {
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics = fs::File::create(&metrics_path)
+        .with_context(|| format!("creating {}", metrics_path.display()))?;
+    let bar = progress(cfg.num_rounds, &format!("{label}: preparing"));
+    let mut write_err = None;
+    let result = rt.block_on(federation::run(cfg, env, &mut |r| {
+        bar.set_position(r.round as u64);
+        let test = r.test_acc.map(|a| format!(" test {:.2}%", 100.0 * a)).unwrap_or_default();
+        bar.set_message(format!(
+            "{label}: dev {:.2}%{test} clients {}",
+            100.0 * r.dev_acc,
+            r.clients_ok
+        ));
+        if write_err.is_none() {
+            let line = serde_json::to_string(r).unwrap_or_default();
+            if let Err(e) = writeln!(metrics, "{line}").and_then(|_| metrics.flush()) {
+                write_err = Some(e);
+            }
+        }
+    }));
+    bar.finish_and_clear();
+    if let Some(e) = write_err {
+        anyhow::bail!("writing {}: {e}", metrics_path.display());
+    }
+    let (summary, records) = result?;
+    write_json_atomic(&out.join("summary.json"), &summary)?;
+    Ok((summary, records))
+}
+
+fn curve(name: &str, records: &[RoundRecord]) -> Curve {
+    Curve {
+        name: name.into(),
+        points: records
+            .iter()
+            .filter_map(|r| r.test_acc.map(|a| (r.round as f64, 100.0 * a)))
+            .collect(),
+    }
+}
+
+pub fn run(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> {
+    let cfg = Config::load(config, overrides)?;
+    let out = out.unwrap_or_else(|| default_out(config, cfg.seed));
+    let rt = runtime(&cfg)?;
+    let mut env = Env::load(&cfg, &mut |m| say(m))?;
+    say(&format!(
+        "run: {} on {}, {} clients ({}), {} rounds, aggregation {:?}",
+        env.replicas[0].info().name,
+        env.task.name,
+        cfg.num_users,
+        if cfg.iid { "iid".to_string() } else { format!("non-iid, alpha {}", cfg.alpha_dir) },
+        cfg.num_rounds,
+        cfg.aggregation
+    ));
+    let (s, records) = run_one(&rt, &cfg, &mut env, &out, "run")?;
+    accuracy_png(
+        &out.join("accuracy.png"),
+        &format!("{} on {} ({:?})", s.model, s.task, s.aggregation),
+        &[curve("test accuracy", &records)],
+    )?;
+    println!(
+        "manual prompt {:.2}% | z=0 {:.2}% | final {:.2}% | best-on-dev {:.2}% (round {}) | up {:.0} B, down {:.0} B per client-round (FedAvg of the model: {} B) | {:.0}s -> {}",
+        100.0 * s.zero_shot_test_acc,
+        100.0 * s.zero_prompt_test_acc,
+        100.0 * s.final_test_acc,
+        100.0 * s.best_dev_test_acc,
+        s.best_dev_round,
+        s.bytes_up_per_client_round,
+        s.bytes_down_per_client_round,
+        s.fedavg_full_model_bytes_per_client_round,
+        s.wall_s,
+        out.display()
+    );
+    Ok(())
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n;
+    (m, var.sqrt())
+}
+
+pub fn compare(
+    config: &Path,
+    out: Option<PathBuf>,
+    seeds: &[u64],
+    overrides: &[String],
+) -> Result<()> {
+    let base = Config::load(config, overrides)?;
+    let out = out.unwrap_or_else(|| {
+        let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
+        PathBuf::from("runs").join(format!("{stem}-compare"))
+    });
+    let rt = runtime(&base)?;
+    let mut env = Env::load(&base, &mut |m| say(m))?;
+    let methods = [(Aggregation::Fedavg, "FedAvg-BBT"), (Aggregation::Fedbpt, "FedBPT")];
+    // [partition][method] -> per-seed (final, best-dev); and the manual / z=0 baselines.
+    let mut finals = vec![vec![Vec::new(); 2]; 2];
+    let mut best = vec![vec![Vec::new(); 2]; 2];
+    let mut manual = Vec::new();
+    let mut zero = Vec::new();
+    let mut curves = Vec::new();
+    for (pi, iid) in [true, false].into_iter().enumerate() {
+        for (mi, (agg, name)) in methods.iter().enumerate() {
+            let mut per_round: Vec<Vec<f64>> = Vec::new();
+            let mut rounds_x: Vec<f64> = Vec::new();
+            for &seed in seeds {
+                let mut cfg = base.clone();
+                cfg.seed = seed;
+                cfg.iid = iid;
+                cfg.aggregation = *agg;
+                let part = if iid { "iid" } else { "noniid" };
+                let label = format!("{name} {part} seed {seed}");
+                let dir = out.join(format!("{}-{part}-seed{seed}", name.to_lowercase()));
+                let (s, records) = run_one(&rt, &cfg, &mut env, &dir, &label)?;
+                say(&format!(
+                    "{label}: final {:.2}% best-on-dev {:.2}% ({:.0}s)",
+                    100.0 * s.final_test_acc,
+                    100.0 * s.best_dev_test_acc,
+                    s.wall_s
+                ));
+                finals[pi][mi].push(s.final_test_acc);
+                best[pi][mi].push(s.best_dev_test_acc);
+                if pi == 0 && mi == 0 {
+                    manual.push(s.zero_shot_test_acc);
+                    zero.push(s.zero_prompt_test_acc);
+                }
+                let c = curve(&label, &records);
+                rounds_x = c.points.iter().map(|p| p.0).collect();
+                per_round.push(c.points.iter().map(|p| p.1).collect());
+            }
+            let n = per_round.iter().map(|v| v.len()).min().unwrap_or(0);
+            let mean: Vec<(f64, f64)> = (0..n)
+                .map(|i| {
+                    (
+                        rounds_x[i],
+                        per_round.iter().map(|v| v[i]).sum::<f64>() / per_round.len() as f64,
+                    )
+                })
+                .collect();
+            curves.push(Curve {
+                name: format!("{name} ({})", if iid { "iid" } else { "non-iid" }),
+                points: mean,
+            });
+        }
+    }
+    let (m_manual, s_manual) = mean_std(&manual);
+    let (m_zero, s_zero) = mean_std(&zero);
+    let cell = |v: &[f64]| {
+        let (m, s) = mean_std(v);
+        format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * s)
+    };
+    let mut md = String::new();
+    md.push_str(&format!(
+        "Test accuracy (%) on {} with {}, {} clients, {} rounds, mean ± std over seeds {:?}; non-iid = Dirichlet alpha {}.\n\n",
+        env.task.name,
+        env.replicas[0].info().name,
+        base.num_users,
+        base.num_rounds,
+        seeds,
+        base.alpha_dir
+    ));
+    md.push_str("| method | iid final | iid best-on-dev | non-iid final | non-iid best-on-dev |\n|---|---|---|---|---|\n");
+    md.push_str(&format!(
+        "| manual prompt (zero-shot) | {0:.2} ± {1:.2} | | {0:.2} ± {1:.2} | |\n",
+        100.0 * m_manual,
+        100.0 * s_manual
+    ));
+    md.push_str(&format!(
+        "| z = 0 (placeholders, no search) | {0:.2} ± {1:.2} | | {0:.2} ± {1:.2} | |\n",
+        100.0 * m_zero,
+        100.0 * s_zero
+    ));
+    for (mi, (_, name)) in methods.iter().enumerate() {
+        md.push_str(&format!(
+            "| {name} | {} | {} | {} | {} |\n",
+            cell(&finals[0][mi]),
+            cell(&best[0][mi]),
+            cell(&finals[1][mi]),
+            cell(&best[1][mi])
+        ));
+    }
+    fs::create_dir_all(&out)?;
+    fs::write(out.join("compare.md"), &md)
+        .with_context(|| format!("writing {}", out.join("compare.md").display()))?;
+    accuracy_png(
+        &out.join("compare.png"),
+        &format!("{}: test accuracy per round (mean of seeds)", env.task.name),
+        &curves,
+    )?;
+    println!("{md}");
+    say(&format!(
+        "wrote {} and {}",
+        out.join("compare.md").display(),
+        out.join("compare.png").display()
+    ));
+    Ok(())
+}

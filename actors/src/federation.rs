@@ -1,0 +1,320 @@
+//! A simulated federation in one process: loads the model once per device, spawns the data
+//! loader, the forward-worker pool, the evaluator, `num_users` clients and the server, runs the
+//! rounds, and collects the per-round records and the summary.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use fedbpt::bbt::projection_for;
+use fedbpt::config::{Aggregation, Config};
+use fedbpt::data::split::{k_shot, partition_dirichlet, partition_iid, test_split};
+use fedbpt::data::{Dataset, Example};
+use fedbpt::experiment::{self, TEST_SPLIT_SEED};
+use fedbpt::models::{Prepared, PromptModel};
+use fedbpt::seeds::{derive, tag};
+use fedbpt::strategy::{Aggregator, FedAvgBbt, FedBpt};
+use fedbpt::task::TaskSpec;
+use ractor::rpc::CallResult;
+use ractor::Actor;
+use serde::Serialize;
+
+use crate::client::{Client, ClientArgs};
+use crate::data_loader::{DataLoader, DataState};
+use crate::evaluator::{EvalArgs, Evaluator};
+use crate::messages::{DataMsg, EvalMsg, ServerMsg};
+use crate::pool::ForwardPool;
+use crate::server::{RoundRecord, Server, ServerArgs, ServerEvent};
+
+/// `summary.json` of a federated run.
+#[derive(Debug, Clone, Serialize)]
+pub struct FedSummary {
+    pub model: String,
+    pub task: String,
+    pub aggregation: Aggregation,
+    pub iid: bool,
+    pub seed: u64,
+    /// The template alone: no soft prompt, no placeholders (the paper's "manual prompt").
+    pub zero_shot_test_acc: f64,
+    /// Placeholders present, z = 0.
+    pub zero_prompt_test_acc: f64,
+    pub final_test_acc: f64,
+    pub best_dev_test_acc: f64,
+    pub best_dev_acc: f64,
+    pub best_dev_round: usize,
+    pub rounds: usize,
+    pub clients: usize,
+    pub train_examples: usize,
+    pub test_examples: usize,
+    pub total_bytes_up: usize,
+    pub total_bytes_down: usize,
+    /// Mean bytes one client uploads / downloads per round.
+    pub bytes_up_per_client_round: f64,
+    pub bytes_down_per_client_round: f64,
+    /// What FedAvg of the full model would move per client and round, each way (parameters x 4).
+    pub fedavg_full_model_bytes_per_client_round: usize,
+    pub wall_s: f64,
+    pub config: Config,
+}
+
+/// The fixed test set, prepared, with its manual-prompt and z = 0 accuracies.
+type PreparedTest = (Arc<Vec<Example>>, Arc<Prepared>, (f64, f64));
+
+/// Things that outlive one run in a process (the `compare` command runs many): the model
+/// replicas, the corpus, the prepared test set and its baselines.
+pub struct Env {
+    pub replicas: Vec<Arc<dyn PromptModel>>,
+    pub task: Arc<TaskSpec>,
+    pub dataset: Dataset,
+    test: Option<PreparedTest>,
+}
+
+impl Env {
+    /// Loads the configured model on every configured device and the corpus.
+    pub fn load(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Env> {
+        let mut replicas = Vec::new();
+        for name in &cfg.runtime.devices {
+            let device = experiment::device(name)?;
+            replicas.push(experiment::load_model(cfg, &device, progress)?);
+        }
+        let dataset = experiment::load_dataset(cfg, progress)?;
+        for w in &dataset.warnings {
+            progress(&format!("data warning: {w}"));
+        }
+        let task = cfg.task_spec()?;
+        if task.n_classes() != dataset.label_names.len() {
+            bail!(
+                "task `{}` has {} classes but the data has {} ({:?})",
+                task.name,
+                task.n_classes(),
+                dataset.label_names.len(),
+                dataset.label_names
+            );
+        }
+        Ok(Env { replicas, task: Arc::new(task), dataset, test: None })
+    }
+}
+
+/// The training pool split across clients, the dev set, and the fixed test set.
+struct Data {
+    shards: Vec<Arc<Vec<Example>>>,
+    dev: Arc<Vec<Example>>,
+    test: Arc<Vec<Example>>,
+}
+
+fn partition(cfg: &Config, ds: &Dataset) -> Result<Data> {
+    let test_size = cfg.test_size.min(ds.examples.len() / 2);
+    let (rest, test) = test_split(ds, test_size, TEST_SPLIT_SEED)?;
+    let n_classes = ds.label_names.len();
+    let (train, dev) = k_shot(&rest, n_classes, cfg.k_shot, cfg.seed)?;
+    let seed = derive(cfg.seed, &[tag::PARTITION]);
+    let parts = if cfg.iid {
+        partition_iid(train.len(), cfg.num_users, seed)?
+    } else {
+        let labels: Vec<usize> = train.iter().map(|e| e.label).collect();
+        partition_dirichlet(&labels, n_classes, cfg.num_users, cfg.alpha_dir, seed)?
+    };
+    let shards = parts
+        .into_iter()
+        .map(|idx| Arc::new(idx.into_iter().map(|i| train[i].clone()).collect()))
+        .collect();
+    Ok(Data { shards, dev: Arc::new(dev), test: Arc::new(test) })
+}
+
+/// Runs one federation to the end. `on_round` sees every round's record as it lands.
+pub async fn run(
+    cfg: &Config,
+    env: &mut Env,
+    on_round: &mut dyn FnMut(&RoundRecord),
+) -> Result<(FedSummary, Vec<RoundRecord>)> {
+    let started = Instant::now();
+    let cfg = Arc::new(cfg.clone());
+    let data = partition(&cfg, &env.dataset)?;
+    let train_examples: usize = data.shards.iter().map(|s| s.len()).sum();
+    let pool =
+        ForwardPool::spawn(env.replicas.clone(), env.task.clone(), cfg.runtime.workers_per_device)
+            .await?;
+    let result = run_with_pool(&cfg, env, &data, &pool, started, on_round).await;
+    pool.stop();
+    let (mut summary, records) = result?;
+    summary.train_examples = train_examples;
+    Ok((summary, records))
+}
+
+async fn run_with_pool(
+    cfg: &Arc<Config>,
+    env: &mut Env,
+    data: &Data,
+    pool: &ForwardPool,
+    started: Instant,
+    on_round: &mut dyn FnMut(&RoundRecord),
+) -> Result<(FedSummary, Vec<RoundRecord>)> {
+    let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?.clone();
+    let projection = Arc::new(projection_for(cfg, model.as_ref())?);
+    let (data_ref, _) = Actor::spawn(
+        Some("data-loader".into()),
+        DataLoader,
+        DataState { shards: data.shards.clone(), dev: data.dev.clone(), test: data.test.clone() },
+    )
+    .await?;
+    let mut spawned = vec![data_ref.get_cell()];
+
+    // The evaluator's sets come from the data loader; the prepared test set is reused across
+    // runs of this process (the test split does not depend on the seed).
+    let (dev, test) = match data_ref.call(|reply| DataMsg::EvalSets { reply }, None).await? {
+        CallResult::Success(s) => s,
+        _ => bail!("the data loader did not serve the evaluation sets"),
+    };
+    let dev_prepared = pool.prepare(0, dev, None).await.map_err(|e| anyhow!(e))?;
+    let (test_prepared, cached_baselines) = match &env.test {
+        Some((examples, prepared, baselines)) if **examples == *test => {
+            (prepared.clone(), Some(*baselines))
+        }
+        _ => (pool.prepare(0, test.clone(), None).await.map_err(|e| anyhow!(e))?, None),
+    };
+    let (evaluator, _) = Actor::spawn(
+        Some("evaluator".into()),
+        Evaluator,
+        EvalArgs {
+            pool: pool.clone(),
+            dev: dev_prepared,
+            test: test_prepared.clone(),
+            projection: projection.clone(),
+            loss_type: cfg.loss_type,
+        },
+    )
+    .await?;
+    spawned.push(evaluator.get_cell());
+    let baselines = match cached_baselines {
+        Some(b) => b,
+        None => match evaluator.call(|reply| EvalMsg::Baselines { reply }, None).await? {
+            CallResult::Success(r) => r.map_err(|e| anyhow!(e))?,
+            _ => bail!("the evaluator did not answer"),
+        },
+    };
+    env.test = Some((test.clone(), test_prepared, baselines));
+    let z0 = vec![0f32; cfg.intrinsic_dim];
+    let initial = match evaluator
+        .call(|reply| EvalMsg::Evaluate { z: z0.clone(), with_test: false, reply }, None)
+        .await?
+    {
+        CallResult::Success(r) => r.map_err(|e| anyhow!(e))?,
+        _ => bail!("the evaluator did not answer"),
+    };
+
+    let mut clients = Vec::with_capacity(cfg.num_users);
+    for id in 0..cfg.num_users {
+        let args = ClientArgs {
+            id,
+            cfg: cfg.clone(),
+            pool: pool.clone(),
+            data: data_ref.clone(),
+            projection: projection.clone(),
+        };
+        let (client, _) = Actor::spawn(Some(format!("site-{}", id + 1)), Client, args)
+            .await
+            .with_context(|| format!("starting client site-{}", id + 1))?;
+        spawned.push(client.get_cell());
+        clients.push(client);
+    }
+
+    let aggregator: Box<dyn Aggregator> = match cfg.aggregation {
+        Aggregation::Fedbpt => Box::new(FedBpt::new(
+            cfg.intrinsic_dim,
+            cfg.sigma,
+            derive(cfg.seed, &[tag::SERVER]),
+            true,
+        )?),
+        Aggregation::Fedavg => Box::new(FedAvgBbt::new(cfg.intrinsic_dim, cfg.sigma)?),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (server, _) = Actor::spawn(
+        Some("server".into()),
+        Server,
+        ServerArgs {
+            cfg: cfg.clone(),
+            aggregator,
+            clients,
+            evaluator: evaluator.clone(),
+            events: tx,
+            started,
+            initial_dev: Some((initial.dev_acc, z0)),
+        },
+    )
+    .await?;
+    spawned.push(server.get_cell());
+    server.send_message(ServerMsg::RunRound { round: 1 })?;
+
+    let mut records = Vec::new();
+    let outcome = loop {
+        match rx.recv().await {
+            Some(ServerEvent::Round(r)) => {
+                on_round(&r);
+                records.push(r);
+            }
+            Some(ServerEvent::Finished { final_z, best_dev_z, best_dev_round, best_dev_acc }) => {
+                break Ok((final_z, best_dev_z, best_dev_round, best_dev_acc))
+            }
+            Some(ServerEvent::Failed(e)) => break Err(anyhow!("server: {e}")),
+            None => break Err(anyhow!("the server stopped without finishing")),
+        }
+    };
+    let result = match outcome {
+        Ok((final_z, best_dev_z, best_dev_round, best_dev_acc)) => {
+            let final_test_acc = match records.last().and_then(|r| r.test_acc) {
+                Some(a) => a,
+                None => test_acc(&evaluator, final_z).await?,
+            };
+            let best_dev_test_acc = if best_dev_round == cfg.num_rounds {
+                final_test_acc
+            } else {
+                test_acc(&evaluator, best_dev_z).await?
+            };
+            let total_bytes_up: usize = records.iter().map(|r| r.bytes_up).sum();
+            let total_bytes_down: usize = records.iter().map(|r| r.bytes_down).sum();
+            let client_rounds = (cfg.num_users * records.len()).max(1) as f64;
+            let replies: usize = records.iter().map(|r| r.clients_ok).sum();
+            Ok((
+                FedSummary {
+                    model: model.info().name.clone(),
+                    task: env.task.name.clone(),
+                    aggregation: cfg.aggregation,
+                    iid: cfg.iid,
+                    seed: cfg.seed,
+                    zero_shot_test_acc: baselines.0,
+                    zero_prompt_test_acc: baselines.1,
+                    final_test_acc,
+                    best_dev_test_acc,
+                    best_dev_acc,
+                    best_dev_round,
+                    rounds: records.len(),
+                    clients: cfg.num_users,
+                    train_examples: 0,
+                    test_examples: test.len(),
+                    total_bytes_up,
+                    total_bytes_down,
+                    bytes_up_per_client_round: total_bytes_up as f64 / replies.max(1) as f64,
+                    bytes_down_per_client_round: total_bytes_down as f64 / client_rounds,
+                    fedavg_full_model_bytes_per_client_round: model.info().n_params * 4,
+                    wall_s: started.elapsed().as_secs_f64(),
+                    config: (**cfg).clone(),
+                },
+                records,
+            ))
+        }
+        Err(e) => Err(e),
+    };
+    for cell in spawned {
+        cell.stop(None);
+    }
+    result
+}
+
+async fn test_acc(evaluator: &ractor::ActorRef<EvalMsg>, z: Vec<f32>) -> Result<f64> {
+    match evaluator.call(|reply| EvalMsg::Evaluate { z, with_test: true, reply }, None).await? {
+        CallResult::Success(r) => {
+            r.map_err(|e| anyhow!(e))?.test_acc.ok_or_else(|| anyhow!("no test accuracy"))
+        }
+        _ => bail!("the evaluator did not answer"),
+    }
+}

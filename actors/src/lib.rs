@@ -1,0 +1,15 @@
+//! The fedbpt runtime: server, client, evaluator and data-loader actors (ractor on tokio)
+//! exchanging typed messages, and a pool of forward-worker actors that own the model replicas and
+//! serialize forward passes so that many simulated clients share one or several devices.
+//!
+//! The method (CMA-ES, aggregation, models) lives in the `fedbpt` crate; actors move messages
+//! and own state.
+
+pub mod client;
+pub mod data_loader;
+pub mod evaluator;
+pub mod federation;
+pub mod messages;
+pub mod plot;
+pub mod pool;
+pub mod server;

@@ -1,0 +1,67 @@
+//! Every message of the runtime, one enum per actor kind. Payloads that would cross a process
+//! boundary (the server-client traffic) serialize with bincode; [`wire_size`] counts their bytes.
+
+use std::sync::Arc;
+
+use fedbpt::data::Example;
+use fedbpt::models::{Prepared, TokenNoise};
+use fedbpt::strategy::{ClientUpdate, SearchDistribution};
+use ractor::RpcReplyPort;
+use serde::Serialize;
+
+/// Replies carry the callee's error as text: it crosses actor (and, later, process) boundaries.
+pub type Reply<T> = RpcReplyPort<Result<T, String>>;
+
+/// Bytes of `value` on the wire (bincode 2, standard configuration).
+pub fn wire_size(value: &impl Serialize) -> usize {
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).map(|v| v.len()).unwrap_or(0)
+}
+
+/// To a forward worker.
+pub enum WorkerMsg {
+    /// Tokenize and template examples; with noise for FedBPT's perturbation.
+    Prepare { examples: Arc<Vec<Example>>, noise: Option<TokenNoise>, reply: Reply<Arc<Prepared>> },
+    /// Class scores of every prompt on a prepared batch: `[prompt][example][class]`.
+    Score { batch: Arc<Prepared>, prompts: Arc<Vec<Vec<f32>>>, reply: Reply<Vec<Vec<Vec<f32>>>> },
+    /// Scores of the manual prompt (template only, no placeholders): `[example][class]`.
+    Manual { batch: Arc<Prepared>, reply: Reply<Vec<Vec<f32>>> },
+}
+
+/// Dev and test examples.
+pub type EvalSets = (Arc<Vec<Example>>, Arc<Vec<Example>>);
+
+/// To the data loader.
+pub enum DataMsg {
+    /// The training shard of client `client`.
+    Shard { client: usize, reply: RpcReplyPort<Arc<Vec<Example>>> },
+    /// Dev and test sets for the evaluator.
+    EvalSets { reply: RpcReplyPort<EvalSets> },
+}
+
+/// To a client.
+pub enum ClientMsg {
+    /// Run the local search of one round from the server's distribution.
+    Train { dist: SearchDistribution, reply: Reply<ClientUpdate> },
+}
+
+/// What the evaluator reports for one global mean.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Evaluation {
+    pub dev_acc: f64,
+    pub dev_loss: f64,
+    pub test_acc: Option<f64>,
+}
+
+/// To the evaluator.
+pub enum EvalMsg {
+    /// Accuracy of the manual prompt and of z = 0 on the test set.
+    Baselines { reply: Reply<(f64, f64)> },
+    /// Dev metrics of `z`, and test accuracy when `with_test`.
+    Evaluate { z: Vec<f32>, with_test: bool, reply: Reply<Evaluation> },
+}
+
+/// To the server.
+pub enum ServerMsg {
+    /// Run round `round` (the server sends itself the next one).
+    RunRound { round: usize },
+}
