@@ -75,6 +75,152 @@ impl Default for Runtime {
     }
 }
 
+/// When an injected kill strikes a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KillWhen {
+    /// Before the round's request reaches it.
+    #[default]
+    Before,
+    /// In the middle of its local search (after half its local iterations).
+    During,
+}
+
+/// Kill one named client (`site-N`) at one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillClient {
+    pub client: String,
+    pub round: usize,
+    #[serde(default)]
+    pub when: KillWhen,
+}
+
+/// A client-side fault at one round (`panic` inside the handler, or a dropped reply).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRound {
+    pub client: String,
+    pub round: usize,
+}
+
+/// A straggler: the client's reply is held back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Straggler {
+    pub client: String,
+    /// Fixed delay, seconds.
+    #[serde(default)]
+    pub delay_s: f64,
+    /// Extra uniform random delay in [0, jitter_s) seconds (seeded).
+    #[serde(default)]
+    pub jitter_s: f64,
+    /// Rounds it straggles in (empty: every round).
+    #[serde(default)]
+    pub rounds: Vec<usize>,
+}
+
+/// What the server does with a round short of its quorum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QuorumPolicy {
+    /// Keep the global distribution and go on.
+    #[default]
+    Skip,
+    /// Run the round again (up to `max_round_retries` times), then skip.
+    Retry,
+}
+
+/// The `[faults]` section: fault-injection experiments and the supervision that answers them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Faults {
+    pub kill: Vec<KillClient>,
+    /// Fraction of clients killed each round (drawn with a seeded generator), before the round.
+    pub kill_fraction: f64,
+    pub panic: Vec<ClientRound>,
+    pub drop_reply: Vec<ClientRound>,
+    pub stragglers: Vec<Straggler>,
+    /// Kill the forward worker serving the N-th forward request of the run (1-based) while it
+    /// holds that batch; 0 = never.
+    pub kill_worker_at_request: usize,
+    /// Restarts allowed per client.
+    pub restart_limit: usize,
+    /// Wait before a restart, milliseconds (doubles with each restart of the same client).
+    pub restart_backoff_ms: u64,
+    pub quorum_policy: QuorumPolicy,
+    pub max_round_retries: usize,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self {
+            kill: Vec::new(),
+            kill_fraction: 0.0,
+            panic: Vec::new(),
+            drop_reply: Vec::new(),
+            stragglers: Vec::new(),
+            kill_worker_at_request: 0,
+            restart_limit: 10,
+            restart_backoff_ms: 50,
+            quorum_policy: QuorumPolicy::Skip,
+            max_round_retries: 1,
+        }
+    }
+}
+
+/// `site-N` (1-based) to a client index.
+pub fn client_index(name: &str, num_users: usize) -> Option<usize> {
+    let n: usize = name.strip_prefix("site-")?.parse().ok()?;
+    (1..=num_users).contains(&n).then(|| n - 1)
+}
+
+impl Faults {
+    fn validate(&self, num_users: usize) -> Result<()> {
+        let check = |key: &str, name: &str| {
+            client_index(name, num_users).map(|_| ()).ok_or_else(|| {
+                Error::config(key, format!("`{name}` is not a client (site-1 .. site-{num_users})"))
+            })
+        };
+        for k in &self.kill {
+            check("faults.kill.client", &k.client)?;
+        }
+        for p in &self.panic {
+            check("faults.panic.client", &p.client)?;
+        }
+        for d in &self.drop_reply {
+            check("faults.drop_reply.client", &d.client)?;
+        }
+        for s in &self.stragglers {
+            check("faults.stragglers.client", &s.client)?;
+            if !(s.delay_s.is_finite()
+                && s.delay_s >= 0.0
+                && s.jitter_s.is_finite()
+                && s.jitter_s >= 0.0)
+            {
+                return Err(Error::config(
+                    "faults.stragglers",
+                    "delay_s and jitter_s must be >= 0",
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.kill_fraction) {
+            return Err(Error::config("faults.kill_fraction", "must be in [0, 1]"));
+        }
+        Ok(())
+    }
+
+    /// Whether any fault is configured.
+    pub fn any(&self) -> bool {
+        !self.kill.is_empty()
+            || self.kill_fraction > 0.0
+            || !self.panic.is_empty()
+            || !self.drop_reply.is_empty()
+            || !self.stragglers.is_empty()
+            || self.kill_worker_at_request > 0
+    }
+}
+
 /// Every knob of a run. Names follow the reference job where it has one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -119,6 +265,8 @@ pub struct Config {
     pub eval_every: usize,
     pub aggregation: Aggregation,
     pub runtime: Runtime,
+    /// Fault injection (none by default).
+    pub faults: Faults,
     /// Overrides of the built-in task definition.
     pub task: Option<TaskSpec>,
     /// A user-supplied data file instead of the built-in corpus.
@@ -159,6 +307,7 @@ impl Default for Config {
             eval_every: 1,
             aggregation: Aggregation::Fedbpt,
             runtime: Runtime::default(),
+            faults: Faults::default(),
             task: None,
             data: None,
         }
@@ -261,6 +410,7 @@ impl Config {
         if self.runtime.devices.is_empty() {
             return Err(Error::config("runtime.devices", "needs at least one device"));
         }
+        self.faults.validate(self.num_users)?;
         if let Some(t) = &self.task {
             t.validate()?;
         }

@@ -24,6 +24,8 @@ pub mod tag {
     pub const PERTURBATION: u64 = 2;
     pub const PARTITION: u64 = 3;
     pub const SERVER: u64 = 4;
+    pub const FAULTS: u64 = 5;
+    pub const STRAGGLER: u64 = 6;
 }
 
 #[cfg(test)]

@@ -12,11 +12,12 @@ use fedbpt::seeds::{derive, tag};
 use fedbpt::strategy::{client_search, ClientUpdate, SearchDistribution};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::messages::{ClientMsg, DataMsg};
+use crate::messages::{ClientFault, ClientMsg, DataMsg};
 use crate::pool::ForwardPool;
 
 pub struct Client;
 
+#[derive(Clone)]
 pub struct ClientArgs {
     pub id: usize,
     pub cfg: Arc<Config>,
@@ -60,21 +61,44 @@ impl Actor for Client {
 
     async fn handle(
         &self,
-        _me: ActorRef<ClientMsg>,
+        me: ActorRef<ClientMsg>,
         msg: ClientMsg,
         state: &mut ClientState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ClientMsg::Train { dist, reply } => {
-                let r = train(state, &dist).await;
-                let _ = reply.send(r);
+            ClientMsg::Train { dist, fault, reply } => {
+                if fault == Some(ClientFault::Panic) {
+                    panic!(
+                        "injected fault: panic in site-{}, round {}",
+                        state.args.id + 1,
+                        dist.round
+                    );
+                }
+                let die_at = (fault == Some(ClientFault::DieMidSearch))
+                    .then_some(state.args.cfg.local_iter / 2);
+                let r = train(state, &dist, die_at, &me).await;
+                match fault {
+                    Some(ClientFault::DropReply) => drop(reply),
+                    Some(ClientFault::Delay(d)) => {
+                        tokio::time::sleep(d).await;
+                        let _ = reply.send(r);
+                    }
+                    _ => {
+                        let _ = reply.send(r);
+                    }
+                }
             }
         }
         Ok(())
     }
 }
 
-async fn train(state: &ClientState, dist: &SearchDistribution) -> Result<ClientUpdate, String> {
+async fn train(
+    state: &ClientState,
+    dist: &SearchDistribution,
+    die_at: Option<usize>,
+    me: &ActorRef<ClientMsg>,
+) -> Result<ClientUpdate, String> {
     let a = &state.args;
     let cfg = &a.cfg;
     let round = dist.round as u64;
@@ -96,7 +120,12 @@ async fn train(state: &ClientState, dist: &SearchDistribution) -> Result<ClientU
     };
     let labels = &state.shard.labels;
     let mut sigmas = Vec::with_capacity(cfg.local_iter);
-    for _ in 0..cfg.local_iter {
+    for it in 0..cfg.local_iter {
+        if die_at == Some(it) {
+            // Killed mid-search: the runtime drops this handler at its next await point.
+            me.kill();
+            std::future::pending::<()>().await;
+        }
         let candidates = es.ask();
         let prompts = candidates
             .iter()

@@ -8,9 +8,9 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use fedbpt::config::{Aggregation, Config};
-use fedbpt_actors::federation::{self, Env, FedSummary};
+use fedbpt_actors::federation::{self, Env, FedSummary, RunOptions};
 use fedbpt_actors::plot::{accuracy_png, Curve};
-use fedbpt_actors::server::RoundRecord;
+use fedbpt_actors::server::{Checkpoint, RoundRecord};
 
 use crate::{default_out, say, write_json_atomic};
 
@@ -43,6 +43,7 @@ fn run_one(
     env: &mut Env,
     out: &Path,
     label: &str,
+    resume: Option<Checkpoint>,
 ) -> Result<(FedSummary, Vec<RoundRecord>)> {
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let metrics_path = out.join("metrics.jsonl");
@@ -50,7 +51,8 @@ fn run_one(
         .with_context(|| format!("creating {}", metrics_path.display()))?;
     let bar = progress(cfg.num_rounds, &format!("{label}: preparing"));
     let mut write_err = None;
-    let result = rt.block_on(federation::run(cfg, env, &mut |r| {
+    let opts = RunOptions { checkpoint_dir: Some(out.to_path_buf()), resume };
+    let result = rt.block_on(federation::run(cfg, env, opts, &mut |r| {
         bar.set_position(r.round as u64);
         let test = r.test_acc.map(|a| format!(" test {:.2}%", 100.0 * a)).unwrap_or_default();
         bar.set_message(format!(
@@ -84,9 +86,29 @@ fn curve(name: &str, records: &[RoundRecord]) -> Curve {
     }
 }
 
-pub fn run(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> {
-    let cfg = Config::load(config, overrides)?;
-    let out = out.unwrap_or_else(|| default_out(config, cfg.seed));
+pub fn run(
+    config: Option<&Path>,
+    resume: Option<&Path>,
+    out: Option<PathBuf>,
+    overrides: &[String],
+) -> Result<()> {
+    let (cfg, out, checkpoint) = match (config, resume) {
+        (_, Some(dir)) => {
+            let path = dir.join("checkpoint.json");
+            let text =
+                fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let cp: Checkpoint = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a fedbpt checkpoint", path.display()))?;
+            say(&format!("resuming {} after round {}", dir.display(), cp.round));
+            (cp.config.clone(), dir.to_path_buf(), Some(cp))
+        }
+        (Some(config), None) => {
+            let cfg = Config::load(config, overrides)?;
+            let out = out.unwrap_or_else(|| default_out(config, cfg.seed));
+            (cfg, out, None)
+        }
+        (None, None) => anyhow::bail!("give a config file, or --resume DIR"),
+    };
     let rt = runtime(&cfg)?;
     let mut env = Env::load(&cfg, &mut |m| say(m))?;
     say(&format!(
@@ -98,7 +120,7 @@ pub fn run(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<
         cfg.num_rounds,
         cfg.aggregation
     ));
-    let (s, records) = run_one(&rt, &cfg, &mut env, &out, "run")?;
+    let (s, records) = run_one(&rt, &cfg, &mut env, &out, "run", checkpoint)?;
     accuracy_png(
         &out.join("accuracy.png"),
         &format!("{} on {} ({:?})", s.model, s.task, s.aggregation),
@@ -159,7 +181,7 @@ pub fn compare(
                 let part = if iid { "iid" } else { "noniid" };
                 let label = format!("{name} {part} seed {seed}");
                 let dir = out.join(format!("{}-{part}-seed{seed}", name.to_lowercase()));
-                let (s, records) = run_one(&rt, &cfg, &mut env, &dir, &label)?;
+                let (s, records) = run_one(&rt, &cfg, &mut env, &dir, &label, None)?;
                 say(&format!(
                     "{label}: final {:.2}% best-on-dev {:.2}% ({:.0}s)",
                     100.0 * s.final_test_acc,

@@ -2,8 +2,9 @@
 //! loader, the forward-worker pool, the evaluator, `num_users` clients and the server, runs the
 //! rounds, and collects the per-round records and the summary.
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use fedbpt::bbt::projection_for;
@@ -19,12 +20,13 @@ use ractor::rpc::CallResult;
 use ractor::Actor;
 use serde::Serialize;
 
-use crate::client::{Client, ClientArgs};
+use crate::client::ClientArgs;
 use crate::data_loader::{DataLoader, DataState};
 use crate::evaluator::{EvalArgs, Evaluator};
 use crate::messages::{DataMsg, EvalMsg, ServerMsg};
 use crate::pool::ForwardPool;
-use crate::server::{RoundRecord, Server, ServerArgs, ServerEvent};
+use crate::server::{Checkpoint, RoundRecord, Server, ServerArgs, ServerEvent};
+use crate::supervisor::{ClientSupervisor, Registry, RestartLog, SupervisorArgs};
 
 /// `summary.json` of a federated run.
 #[derive(Debug, Clone, Serialize)]
@@ -121,20 +123,33 @@ fn partition(cfg: &Config, ds: &Dataset) -> Result<Data> {
     Ok(Data { shards, dev: Arc::new(dev), test: Arc::new(test) })
 }
 
-/// Runs one federation to the end. `on_round` sees every round's record as it lands.
+/// Durability of a run: where the server checkpoints, and a checkpoint to continue from.
+#[derive(Default)]
+pub struct RunOptions {
+    pub checkpoint_dir: Option<PathBuf>,
+    pub resume: Option<Checkpoint>,
+}
+
+/// Runs one federation to the end. `on_round` sees every round's record as it lands (with a
+/// resumed run, the checkpoint's records first).
 pub async fn run(
     cfg: &Config,
     env: &mut Env,
+    opts: RunOptions,
     on_round: &mut dyn FnMut(&RoundRecord),
 ) -> Result<(FedSummary, Vec<RoundRecord>)> {
     let started = Instant::now();
     let cfg = Arc::new(cfg.clone());
     let data = partition(&cfg, &env.dataset)?;
     let train_examples: usize = data.shards.iter().map(|s| s.len()).sum();
-    let pool =
-        ForwardPool::spawn(env.replicas.clone(), env.task.clone(), cfg.runtime.workers_per_device)
-            .await?;
-    let result = run_with_pool(&cfg, env, &data, &pool, started, on_round).await;
+    let pool = ForwardPool::spawn(
+        env.replicas.clone(),
+        env.task.clone(),
+        cfg.runtime.workers_per_device,
+        cfg.faults.kill_worker_at_request,
+    )
+    .await?;
+    let result = run_with_pool(&cfg, env, &data, &pool, started, opts, on_round).await;
     pool.stop();
     let (mut summary, records) = result?;
     summary.train_examples = train_examples;
@@ -147,6 +162,7 @@ async fn run_with_pool(
     data: &Data,
     pool: &ForwardPool,
     started: Instant,
+    opts: RunOptions,
     on_round: &mut dyn FnMut(&RoundRecord),
 ) -> Result<(FedSummary, Vec<RoundRecord>)> {
     let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?.clone();
@@ -202,21 +218,31 @@ async fn run_with_pool(
         _ => bail!("the evaluator did not answer"),
     };
 
-    let mut clients = Vec::with_capacity(cfg.num_users);
-    for id in 0..cfg.num_users {
-        let args = ClientArgs {
+    let clients: Vec<ClientArgs> = (0..cfg.num_users)
+        .map(|id| ClientArgs {
             id,
             cfg: cfg.clone(),
             pool: pool.clone(),
             data: data_ref.clone(),
             projection: projection.clone(),
-        };
-        let (client, _) = Actor::spawn(Some(format!("site-{}", id + 1)), Client, args)
-            .await
-            .with_context(|| format!("starting client site-{}", id + 1))?;
-        spawned.push(client.get_cell());
-        clients.push(client);
-    }
+        })
+        .collect();
+    let registry: Registry = Default::default();
+    let restarted: RestartLog = Default::default();
+    let (supervisor, _) = Actor::spawn(
+        Some("client-supervisor".into()),
+        ClientSupervisor,
+        SupervisorArgs {
+            clients,
+            registry: registry.clone(),
+            restarted: restarted.clone(),
+            restart_limit: cfg.faults.restart_limit,
+            backoff: Duration::from_millis(cfg.faults.restart_backoff_ms),
+        },
+    )
+    .await
+    .context("starting the clients")?;
+    spawned.push(supervisor.get_cell());
 
     let aggregator: Box<dyn Aggregator> = match cfg.aggregation {
         Aggregation::Fedbpt => Box::new(FedBpt::new(
@@ -234,18 +260,38 @@ async fn run_with_pool(
         ServerArgs {
             cfg: cfg.clone(),
             aggregator,
-            clients,
+            registry,
+            restarted,
+            supervisor,
             evaluator: evaluator.clone(),
             events: tx,
             started,
             initial_dev: Some((initial.dev_acc, z0)),
+            checkpoint_dir: opts.checkpoint_dir,
+            resume: opts.resume.clone(),
         },
     )
     .await?;
     spawned.push(server.get_cell());
-    server.send_message(ServerMsg::RunRound { round: 1 })?;
-
     let mut records = Vec::new();
+    let first = match &opts.resume {
+        Some(cp) => {
+            for r in &cp.records {
+                on_round(r);
+                records.push(r.clone());
+            }
+            cp.round + 1
+        }
+        None => 1,
+    };
+    if first > cfg.num_rounds {
+        for cell in spawned {
+            cell.stop(None);
+        }
+        bail!("the checkpoint is of a finished run ({} of {} rounds)", first - 1, cfg.num_rounds);
+    }
+    server.send_message(ServerMsg::RunRound { round: first })?;
+
     let outcome = loop {
         match rx.recv().await {
             Some(ServerEvent::Round(r)) => {

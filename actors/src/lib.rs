@@ -13,3 +13,4 @@ pub mod messages;
 pub mod plot;
 pub mod pool;
 pub mod server;
+pub mod supervisor;

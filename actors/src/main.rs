@@ -45,7 +45,12 @@ enum Command {
     },
     /// A simulated federation (FedBPT or FedAvg-BBT) on the actor runtime.
     Run {
-        config: PathBuf,
+        /// The run's configuration (not needed with --resume).
+        #[arg(required_unless_present = "resume")]
+        config: Option<PathBuf>,
+        /// Continue the run in DIR from its last checkpoint (after a crash or kill -9).
+        #[arg(long, value_name = "DIR", conflicts_with = "config")]
+        resume: Option<PathBuf>,
         #[arg(long)]
         out: Option<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -95,7 +100,9 @@ fn real_main() -> Result<()> {
     match cli.command {
         Command::Fetch { names } => fetch(&names),
         Command::Bbt { config, out, overrides } => bbt(&config, out, &overrides),
-        Command::Run { config, out, overrides } => fed::run(&config, out, &overrides),
+        Command::Run { config, resume, out, overrides } => {
+            fed::run(config.as_deref(), resume.as_deref(), out, &overrides)
+        }
         Command::Compare { config, out, seeds, overrides } => {
             fed::compare(&config, out, &seeds, &overrides)
         }

@@ -38,10 +38,29 @@ pub enum DataMsg {
     EvalSets { reply: RpcReplyPort<EvalSets> },
 }
 
+/// A fault the server injects into one client's round (fault-injection experiments).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ClientFault {
+    /// The client kills itself halfway through its local search.
+    DieMidSearch,
+    /// A panic inside the handler.
+    Panic,
+    /// The work is done but the reply is dropped.
+    DropReply,
+    /// The reply is held back this long (a straggler).
+    Delay(std::time::Duration),
+}
+
 /// To a client.
 pub enum ClientMsg {
     /// Run the local search of one round from the server's distribution.
-    Train { dist: SearchDistribution, reply: Reply<ClientUpdate> },
+    Train { dist: SearchDistribution, fault: Option<ClientFault>, reply: Reply<ClientUpdate> },
+}
+
+/// To the client supervisor.
+pub enum SupervisorMsg {
+    /// Answers once no restart is pending: every client is running or given up.
+    Settled { reply: RpcReplyPort<()> },
 }
 
 /// What the evaluator reports for one global mean.

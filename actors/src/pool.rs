@@ -1,16 +1,18 @@
 //! Forward workers own the model replicas (one copy of the weights per device, shared by the
 //! workers of that device) and serialize forward passes; [`ForwardPool`] routes each request to
-//! the least-loaded worker of the caller's device.
+//! the least-loaded worker of the caller's device. A worker that dies holding a request is
+//! replaced and the request retried, so no client waits forever.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use fedbpt::data::Example;
 use fedbpt::models::{Prepared, PromptModel, TokenNoise};
 use fedbpt::task::TaskSpec;
+use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::messages::WorkerMsg;
+use crate::messages::{Reply, WorkerMsg};
 
 /// A forward worker: runs one forward at a time on a blocking thread, so the async runtime
 /// keeps moving messages meanwhile.
@@ -75,16 +77,26 @@ fn flatten<T>(r: Result<fedbpt::Result<T>, tokio::task::JoinError>) -> Result<T,
 }
 
 struct Slot {
-    worker: ActorRef<WorkerMsg>,
+    worker: RwLock<ActorRef<WorkerMsg>>,
     device: usize,
+    index: usize,
     in_flight: AtomicUsize,
+}
+
+struct Inner {
+    slots: Vec<Slot>,
+    replicas: Vec<Arc<dyn PromptModel>>,
+    task: Arc<TaskSpec>,
+    n_devices: usize,
+    requests: AtomicUsize,
+    kill_at_request: usize,
+    replaced: AtomicUsize,
 }
 
 /// Handle to the workers; cheap to clone.
 #[derive(Clone)]
 pub struct ForwardPool {
-    slots: Arc<Vec<Slot>>,
-    n_devices: usize,
+    inner: Arc<Inner>,
 }
 
 /// Decrements a worker's in-flight count when the request ends, however it ends.
@@ -95,39 +107,128 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Attempts per request: the first, then retries on a replaced worker.
+const ATTEMPTS: usize = 3;
+
+async fn spawn_worker(
+    device: usize,
+    index: usize,
+    model: Arc<dyn PromptModel>,
+    task: Arc<TaskSpec>,
+) -> anyhow::Result<ActorRef<WorkerMsg>> {
+    // Unnamed: a replacement must not collide with the name of the worker it replaces.
+    let _ = (device, index);
+    let (worker, _) = Actor::spawn(None, ForwardWorker, WorkerState { model, task }).await?;
+    Ok(worker)
+}
+
 impl ForwardPool {
     /// Spawns `per_device` workers for each model replica (one replica per device).
+    /// `kill_at_request` (fault injection) kills the worker serving that request, 1-based.
     pub async fn spawn(
         replicas: Vec<Arc<dyn PromptModel>>,
         task: Arc<TaskSpec>,
         per_device: usize,
+        kill_at_request: usize,
     ) -> anyhow::Result<Self> {
         let mut slots = Vec::new();
         for (device, model) in replicas.iter().enumerate() {
-            for w in 0..per_device {
-                let (worker, _) = Actor::spawn(
-                    Some(format!("forward-worker-{device}-{w}")),
-                    ForwardWorker,
-                    WorkerState { model: model.clone(), task: task.clone() },
-                )
-                .await?;
-                slots.push(Slot { worker, device, in_flight: AtomicUsize::new(0) });
+            for index in 0..per_device {
+                let worker = spawn_worker(device, index, model.clone(), task.clone()).await?;
+                slots.push(Slot {
+                    worker: RwLock::new(worker),
+                    device,
+                    index,
+                    in_flight: AtomicUsize::new(0),
+                });
             }
         }
-        Ok(Self { slots: Arc::new(slots), n_devices: replicas.len() })
+        let n_devices = replicas.len();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                slots,
+                replicas,
+                task,
+                n_devices,
+                requests: AtomicUsize::new(0),
+                kill_at_request,
+                replaced: AtomicUsize::new(0),
+            }),
+        })
     }
 
     /// The device a party's batches live on (prepared tensors stay on their device).
     pub fn device_of(&self, party: usize) -> usize {
-        party % self.n_devices.max(1)
+        party % self.inner.n_devices.max(1)
+    }
+
+    /// Workers replaced after dying so far.
+    pub fn workers_replaced(&self) -> usize {
+        self.inner.replaced.load(Ordering::SeqCst)
     }
 
     fn pick(&self, device: usize) -> Result<&Slot, String> {
-        self.slots
+        self.inner
+            .slots
             .iter()
             .filter(|s| s.device == device)
             .min_by_key(|s| s.in_flight.load(Ordering::SeqCst))
             .ok_or_else(|| format!("no forward worker on device {device}"))
+    }
+
+    /// Sends one request (built by `build` with a fresh reply port) to a worker of `party`'s
+    /// device; a worker that dies is replaced and the request sent again.
+    async fn request<T: Send + 'static>(
+        &self,
+        party: usize,
+        build: impl Fn(Reply<T>) -> WorkerMsg,
+    ) -> Result<T, String> {
+        let mut last_err = String::new();
+        for _ in 0..ATTEMPTS {
+            let slot = self.pick(self.device_of(party))?;
+            slot.in_flight.fetch_add(1, Ordering::SeqCst);
+            let _guard = InFlight(&slot.in_flight);
+            let worker = slot.worker.read().map_err(|_| "worker slot poisoned")?.clone();
+            let n = self.inner.requests.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == self.inner.kill_at_request {
+                // Fault injection: the worker dies while it holds this request.
+                let victim = worker.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    victim.kill();
+                });
+            }
+            match worker.call(&build, None).await {
+                Ok(CallResult::Success(r)) => return r,
+                Ok(_) | Err(_) => {
+                    last_err = format!("forward worker {}-{} died", slot.device, slot.index);
+                    self.replace(slot, &worker).await?;
+                }
+            }
+        }
+        Err(format!("{last_err}; gave up after {ATTEMPTS} attempts"))
+    }
+
+    /// Replaces `dead` in `slot` (once, even if several requests saw it die).
+    async fn replace(&self, slot: &Slot, dead: &ActorRef<WorkerMsg>) -> Result<(), String> {
+        let current = slot.worker.read().map_err(|_| "worker slot poisoned")?.get_id();
+        if current != dead.get_id() {
+            return Ok(());
+        }
+        dead.kill();
+        let model = self.inner.replicas[slot.device].clone();
+        let fresh = spawn_worker(slot.device, slot.index, model, self.inner.task.clone())
+            .await
+            .map_err(|e| format!("cannot replace forward worker: {e}"))?;
+        let mut w = slot.worker.write().map_err(|_| "worker slot poisoned")?;
+        if w.get_id() == dead.get_id() {
+            *w = fresh;
+            self.inner.replaced.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!("forward worker {}-{} died and was replaced", slot.device, slot.index);
+        } else {
+            fresh.stop(None);
+        }
+        Ok(())
     }
 
     pub async fn prepare(
@@ -136,14 +237,8 @@ impl ForwardPool {
         examples: Arc<Vec<Example>>,
         noise: Option<TokenNoise>,
     ) -> Result<Arc<Prepared>, String> {
-        let slot = self.pick(self.device_of(party))?;
-        slot.in_flight.fetch_add(1, Ordering::SeqCst);
-        let _guard = InFlight(&slot.in_flight);
-        match slot.worker.call(|reply| WorkerMsg::Prepare { examples, noise, reply }, None).await {
-            Ok(ractor::rpc::CallResult::Success(r)) => r,
-            Ok(_) => Err("forward worker dropped the request".into()),
-            Err(e) => Err(format!("forward worker unreachable: {e}")),
-        }
+        self.request(party, |reply| WorkerMsg::Prepare { examples: examples.clone(), noise, reply })
+            .await
     }
 
     pub async fn score(
@@ -152,15 +247,13 @@ impl ForwardPool {
         batch: Arc<Prepared>,
         prompts: Vec<Vec<f32>>,
     ) -> Result<Vec<Vec<Vec<f32>>>, String> {
-        let slot = self.pick(self.device_of(party))?;
-        slot.in_flight.fetch_add(1, Ordering::SeqCst);
-        let _guard = InFlight(&slot.in_flight);
         let prompts = Arc::new(prompts);
-        match slot.worker.call(|reply| WorkerMsg::Score { batch, prompts, reply }, None).await {
-            Ok(ractor::rpc::CallResult::Success(r)) => r,
-            Ok(_) => Err("forward worker dropped the request".into()),
-            Err(e) => Err(format!("forward worker unreachable: {e}")),
-        }
+        self.request(party, |reply| WorkerMsg::Score {
+            batch: batch.clone(),
+            prompts: prompts.clone(),
+            reply,
+        })
+        .await
     }
 
     pub async fn score_manual(
@@ -168,20 +261,15 @@ impl ForwardPool {
         party: usize,
         batch: Arc<Prepared>,
     ) -> Result<Vec<Vec<f32>>, String> {
-        let slot = self.pick(self.device_of(party))?;
-        slot.in_flight.fetch_add(1, Ordering::SeqCst);
-        let _guard = InFlight(&slot.in_flight);
-        match slot.worker.call(|reply| WorkerMsg::Manual { batch, reply }, None).await {
-            Ok(ractor::rpc::CallResult::Success(r)) => r,
-            Ok(_) => Err("forward worker dropped the request".into()),
-            Err(e) => Err(format!("forward worker unreachable: {e}")),
-        }
+        self.request(party, |reply| WorkerMsg::Manual { batch: batch.clone(), reply }).await
     }
 
     /// Stops every worker.
     pub fn stop(&self) {
-        for s in self.slots.iter() {
-            s.worker.stop(None);
+        for s in &self.inner.slots {
+            if let Ok(w) = s.worker.read() {
+                w.stop(None);
+            }
         }
     }
 }
