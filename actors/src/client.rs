@@ -12,8 +12,9 @@ use fedbpt::seeds::{derive, tag};
 use fedbpt::strategy::{client_search, ClientUpdate, SearchDistribution};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::messages::{ClientFault, ClientMsg, DataMsg};
+use crate::messages::{wire_size, ClientFault, ClientMsg, DataMsg};
 use crate::pool::ForwardPool;
+use crate::profile::{self, MessageInfo};
 
 pub struct Client;
 
@@ -43,19 +44,21 @@ impl Actor for Client {
         args: ClientArgs,
     ) -> Result<ClientState, ActorProcessingErr> {
         let id = args.id;
-        let examples =
-            match args.data.call(|reply| DataMsg::Shard { client: id, reply }, None).await? {
-                ractor::rpc::CallResult::Success(s) => s,
-                _ => {
-                    return Err(
-                        format!("site-{}: the data loader did not serve a shard", id + 1).into()
-                    )
-                }
-            };
+        let examples = match args
+            .data
+            .call(|reply| DataMsg::Shard { client: id, stamp: profile::stamp(), reply }, None)
+            .await?
+        {
+            ractor::rpc::CallResult::Success(s) => s,
+            _ => {
+                return Err(format!("site-{}: the data loader did not serve a shard", id + 1).into())
+            }
+        };
         if examples.is_empty() {
             return Err(format!("site-{}: empty shard", id + 1).into());
         }
-        let shard = args.pool.prepare(id, examples.clone(), None).await?;
+        let shard =
+            args.pool.prepare(id, &format!("site-{}", id + 1), examples.clone(), None).await?;
         Ok(ClientState { args, examples, shard })
     }
 
@@ -66,7 +69,15 @@ impl Actor for Client {
         state: &mut ClientState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ClientMsg::Train { dist, fault, reply } => {
+            ClientMsg::Train { dist, fault, stamp, reply } => {
+                let site = format!("site-{}", state.args.id + 1);
+                let _span = profile::handling(stamp, || MessageInfo {
+                    sender: "server".into(),
+                    receiver: site.clone(),
+                    message: "Train",
+                    round: Some(dist.round),
+                    bytes: wire_size(&dist),
+                });
                 if fault == Some(ClientFault::Panic) {
                     panic!(
                         "injected fault: panic in site-{}, round {}",
@@ -76,7 +87,7 @@ impl Actor for Client {
                 }
                 let die_at = (fault == Some(ClientFault::DieMidSearch))
                     .then_some(state.args.cfg.local_iter / 2);
-                let r = train(state, &dist, die_at, &me).await;
+                let r = train(state, &dist, die_at, &me).await.map(|u| (u, profile::stamp()));
                 match fault {
                     Some(ClientFault::DropReply) => drop(reply),
                     Some(ClientFault::Delay(d)) => {
@@ -101,6 +112,7 @@ async fn train(
 ) -> Result<ClientUpdate, String> {
     let a = &state.args;
     let cfg = &a.cfg;
+    let site = format!("site-{}", a.id + 1);
     let round = dist.round as u64;
     let mut es = client_search(
         dist,
@@ -114,7 +126,7 @@ async fn train(
             rate: cfg.perturb_rate,
             seed: derive(cfg.seed, &[tag::PERTURBATION, a.id as u64, round]),
         };
-        Some(a.pool.prepare(a.id, state.examples.clone(), Some(noise)).await?)
+        Some(a.pool.prepare(a.id, &site, state.examples.clone(), Some(noise)).await?)
     } else {
         None
     };
@@ -132,14 +144,14 @@ async fn train(
             .map(|z| a.projection.project(&z.iter().map(|&v| v as f32).collect::<Vec<_>>()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
-        let scores = a.pool.score(a.id, state.shard.clone(), prompts.clone()).await?;
+        let scores = a.pool.score(a.id, &site, state.shard.clone(), prompts.clone()).await?;
         let mut fitness = scores
             .iter()
             .map(|s| loss(s, labels, cfg.loss_type))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
         if let Some(p) = &perturbed {
-            let noisy = a.pool.score(a.id, p.clone(), prompts).await?;
+            let noisy = a.pool.score(a.id, &site, p.clone(), prompts).await?;
             for (f, s) in fitness.iter_mut().zip(&noisy) {
                 let lp = loss(s, &p.labels, cfg.loss_type).map_err(|e| e.to_string())?;
                 *f = fitness_perturbed_for(cfg.loss_type, *f, lp);
@@ -150,7 +162,7 @@ async fn train(
     }
     let mean: Vec<f32> = es.mean().iter().map(|&v| v as f32).collect();
     let prompt = a.projection.project(&mean).map_err(|e| e.to_string())?;
-    let scores = a.pool.score(a.id, state.shard.clone(), vec![prompt]).await?;
+    let scores = a.pool.score(a.id, &site, state.shard.clone(), vec![prompt]).await?;
     let fitness = loss(&scores[0], labels, cfg.loss_type).map_err(|e| e.to_string())?;
     Ok(ClientUpdate {
         client: a.id,

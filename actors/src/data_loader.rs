@@ -7,6 +7,7 @@ use fedbpt::data::Example;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::messages::DataMsg;
+use crate::profile::{self, MessageInfo};
 
 pub struct DataLoader;
 
@@ -36,11 +37,25 @@ impl Actor for DataLoader {
         state: &mut DataState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            DataMsg::Shard { client, reply } => {
+            DataMsg::Shard { client, stamp, reply } => {
+                let _span = profile::handling(stamp, || MessageInfo {
+                    sender: format!("site-{}", client + 1),
+                    receiver: "data-loader".into(),
+                    message: "Shard",
+                    round: None,
+                    bytes: 0,
+                });
                 let shard = state.shards.get(client).cloned().unwrap_or_default();
                 let _ = reply.send(shard);
             }
-            DataMsg::EvalSets { reply } => {
+            DataMsg::EvalSets { stamp, reply } => {
+                let _span = profile::handling(stamp, || MessageInfo {
+                    sender: "main".into(),
+                    receiver: "data-loader".into(),
+                    message: "EvalSets",
+                    round: None,
+                    bytes: 0,
+                });
                 let _ = reply.send((state.dev.clone(), state.test.clone()));
             }
         }

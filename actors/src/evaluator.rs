@@ -10,6 +10,17 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::messages::{EvalMsg, Evaluation};
 use crate::pool::ForwardPool;
+use crate::profile::{self, MessageInfo};
+
+fn info(message: &'static str) -> MessageInfo {
+    MessageInfo {
+        sender: "server".into(),
+        receiver: "evaluator".into(),
+        message,
+        round: None,
+        bytes: 0,
+    }
+}
 
 pub struct Evaluator;
 
@@ -41,10 +52,12 @@ impl Actor for Evaluator {
         s: &mut EvalArgs,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            EvalMsg::Baselines { reply } => {
+            EvalMsg::Baselines { stamp, reply } => {
+                let _span = profile::handling(stamp, || info("Baselines"));
                 let _ = reply.send(baselines(s).await);
             }
-            EvalMsg::Evaluate { z, with_test, reply } => {
+            EvalMsg::Evaluate { z, with_test, stamp, reply } => {
+                let _span = profile::handling(stamp, || info("Evaluate"));
                 let _ = reply.send(evaluate(s, &z, with_test).await);
             }
         }
@@ -56,19 +69,19 @@ impl Actor for Evaluator {
 const EVAL_PARTY: usize = 0;
 
 async fn baselines(s: &EvalArgs) -> Result<(f64, f64), String> {
-    let manual = s.pool.score_manual(EVAL_PARTY, s.test.clone()).await?;
+    let manual = s.pool.score_manual(EVAL_PARTY, "evaluator", s.test.clone()).await?;
     let zero = vec![0f32; s.projection.out_dim()];
-    let zero_scores = s.pool.score(EVAL_PARTY, s.test.clone(), vec![zero]).await?;
+    let zero_scores = s.pool.score(EVAL_PARTY, "evaluator", s.test.clone(), vec![zero]).await?;
     Ok((accuracy(&manual, &s.test.labels), accuracy(&zero_scores[0], &s.test.labels)))
 }
 
 async fn evaluate(s: &EvalArgs, z: &[f32], with_test: bool) -> Result<Evaluation, String> {
     let prompt = s.projection.project(z).map_err(|e| e.to_string())?;
-    let dev = s.pool.score(EVAL_PARTY, s.dev.clone(), vec![prompt.clone()]).await?;
+    let dev = s.pool.score(EVAL_PARTY, "evaluator", s.dev.clone(), vec![prompt.clone()]).await?;
     let dev_acc = accuracy(&dev[0], &s.dev.labels);
     let dev_loss = loss(&dev[0], &s.dev.labels, s.loss_type).map_err(|e| e.to_string())?;
     let test_acc = if with_test {
-        let t = s.pool.score(EVAL_PARTY, s.test.clone(), vec![prompt]).await?;
+        let t = s.pool.score(EVAL_PARTY, "evaluator", s.test.clone(), vec![prompt]).await?;
         Some(accuracy(&t[0], &s.test.labels))
     } else {
         None

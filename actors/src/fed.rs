@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use fedbpt::config::{Aggregation, Config};
 use fedbpt_actors::federation::{self, Env, FedSummary, RunOptions};
 use fedbpt_actors::plot::{accuracy_png, Curve};
+use fedbpt_actors::profile::Profiler;
 use fedbpt_actors::server::{Checkpoint, RoundRecord};
 
 use crate::{default_out, say, write_json_atomic};
@@ -90,6 +91,7 @@ pub fn run(
     config: Option<&Path>,
     resume: Option<&Path>,
     out: Option<PathBuf>,
+    trace: Option<&Path>,
     overrides: &[String],
 ) -> Result<()> {
     let (cfg, out, checkpoint) = match (config, resume) {
@@ -120,7 +122,19 @@ pub fn run(
         cfg.num_rounds,
         cfg.aggregation
     ));
-    let (s, records) = run_one(&rt, &cfg, &mut env, &out, "run", checkpoint)?;
+    let profiler = trace.map(|_| Profiler::start());
+    let result = run_one(&rt, &cfg, &mut env, &out, "run", checkpoint);
+    Profiler::stop();
+    let (s, records) = result?;
+    if let (Some(p), Some(trace)) = (profiler, trace) {
+        if let Some(parent) = trace.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        p.write_chrome_trace(trace, (0, p.elapsed_us()))?;
+        p.write_csv(&out.join("messages.csv"))?;
+        eprintln!("{}", p.table());
+        say(&format!("wrote {} and {}", trace.display(), out.join("messages.csv").display()));
+    }
     accuracy_png(
         &out.join("accuracy.png"),
         &format!("{} on {} ({:?})", s.model, s.task, s.aggregation),

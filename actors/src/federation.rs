@@ -25,6 +25,7 @@ use crate::data_loader::{DataLoader, DataState};
 use crate::evaluator::{EvalArgs, Evaluator};
 use crate::messages::{DataMsg, EvalMsg, ServerMsg};
 use crate::pool::ForwardPool;
+use crate::profile;
 use crate::server::{Checkpoint, RoundRecord, Server, ServerArgs, ServerEvent};
 use crate::supervisor::{ClientSupervisor, Registry, RestartLog, SupervisorArgs};
 
@@ -177,16 +178,19 @@ async fn run_with_pool(
 
     // The evaluator's sets come from the data loader; the prepared test set is reused across
     // runs of this process (the test split does not depend on the seed).
-    let (dev, test) = match data_ref.call(|reply| DataMsg::EvalSets { reply }, None).await? {
+    let (dev, test) = match data_ref
+        .call(|reply| DataMsg::EvalSets { stamp: profile::stamp(), reply }, None)
+        .await?
+    {
         CallResult::Success(s) => s,
         _ => bail!("the data loader did not serve the evaluation sets"),
     };
-    let dev_prepared = pool.prepare(0, dev, None).await.map_err(|e| anyhow!(e))?;
+    let dev_prepared = pool.prepare(0, "main", dev, None).await.map_err(|e| anyhow!(e))?;
     let (test_prepared, cached_baselines) = match &env.test {
         Some((examples, prepared, baselines)) if **examples == *test => {
             (prepared.clone(), Some(*baselines))
         }
-        _ => (pool.prepare(0, test.clone(), None).await.map_err(|e| anyhow!(e))?, None),
+        _ => (pool.prepare(0, "main", test.clone(), None).await.map_err(|e| anyhow!(e))?, None),
     };
     let (evaluator, _) = Actor::spawn(
         Some("evaluator".into()),
@@ -203,7 +207,10 @@ async fn run_with_pool(
     spawned.push(evaluator.get_cell());
     let baselines = match cached_baselines {
         Some(b) => b,
-        None => match evaluator.call(|reply| EvalMsg::Baselines { reply }, None).await? {
+        None => match evaluator
+            .call(|reply| EvalMsg::Baselines { stamp: profile::stamp(), reply }, None)
+            .await?
+        {
             CallResult::Success(r) => r.map_err(|e| anyhow!(e))?,
             _ => bail!("the evaluator did not answer"),
         },
@@ -211,7 +218,15 @@ async fn run_with_pool(
     env.test = Some((test.clone(), test_prepared, baselines));
     let z0 = vec![0f32; cfg.intrinsic_dim];
     let initial = match evaluator
-        .call(|reply| EvalMsg::Evaluate { z: z0.clone(), with_test: false, reply }, None)
+        .call(
+            |reply| EvalMsg::Evaluate {
+                z: z0.clone(),
+                with_test: false,
+                stamp: profile::stamp(),
+                reply,
+            },
+            None,
+        )
         .await?
     {
         CallResult::Success(r) => r.map_err(|e| anyhow!(e))?,
@@ -290,7 +305,7 @@ async fn run_with_pool(
         }
         bail!("the checkpoint is of a finished run ({} of {} rounds)", first - 1, cfg.num_rounds);
     }
-    server.send_message(ServerMsg::RunRound { round: first })?;
+    server.send_message(ServerMsg::RunRound { round: first, stamp: profile::stamp() })?;
 
     let outcome = loop {
         match rx.recv().await {
@@ -357,7 +372,13 @@ async fn run_with_pool(
 }
 
 async fn test_acc(evaluator: &ractor::ActorRef<EvalMsg>, z: Vec<f32>) -> Result<f64> {
-    match evaluator.call(|reply| EvalMsg::Evaluate { z, with_test: true, reply }, None).await? {
+    match evaluator
+        .call(
+            |reply| EvalMsg::Evaluate { z, with_test: true, stamp: profile::stamp(), reply },
+            None,
+        )
+        .await?
+    {
         CallResult::Success(r) => {
             r.map_err(|e| anyhow!(e))?.test_acc.ok_or_else(|| anyhow!("no test accuracy"))
         }

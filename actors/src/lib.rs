@@ -12,5 +12,6 @@ pub mod federation;
 pub mod messages;
 pub mod plot;
 pub mod pool;
+pub mod profile;
 pub mod server;
 pub mod supervisor;

@@ -53,6 +53,9 @@ enum Command {
         resume: Option<PathBuf>,
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Profile message flows: a Chrome trace here, and messages.csv in the output directory.
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
@@ -100,8 +103,8 @@ fn real_main() -> Result<()> {
     match cli.command {
         Command::Fetch { names } => fetch(&names),
         Command::Bbt { config, out, overrides } => bbt(&config, out, &overrides),
-        Command::Run { config, resume, out, overrides } => {
-            fed::run(config.as_deref(), resume.as_deref(), out, &overrides)
+        Command::Run { config, resume, out, trace, overrides } => {
+            fed::run(config.as_deref(), resume.as_deref(), out, trace.as_deref(), &overrides)
         }
         Command::Compare { config, out, seeds, overrides } => {
             fed::compare(&config, out, &seeds, &overrides)

@@ -7,6 +7,8 @@ use fedbpt::data::Example;
 use fedbpt::models::{Prepared, TokenNoise};
 use fedbpt::strategy::{ClientUpdate, SearchDistribution};
 use ractor::RpcReplyPort;
+
+use crate::profile::Stamp;
 use serde::Serialize;
 
 /// Replies carry the callee's error as text: it crosses actor (and, later, process) boundaries.
@@ -20,11 +22,23 @@ pub fn wire_size(value: &impl Serialize) -> usize {
 /// To a forward worker.
 pub enum WorkerMsg {
     /// Tokenize and template examples; with noise for FedBPT's perturbation.
-    Prepare { examples: Arc<Vec<Example>>, noise: Option<TokenNoise>, reply: Reply<Arc<Prepared>> },
+    Prepare {
+        examples: Arc<Vec<Example>>,
+        noise: Option<TokenNoise>,
+        from: String,
+        stamp: Stamp,
+        reply: Reply<Arc<Prepared>>,
+    },
     /// Class scores of every prompt on a prepared batch: `[prompt][example][class]`.
-    Score { batch: Arc<Prepared>, prompts: Arc<Vec<Vec<f32>>>, reply: Reply<Vec<Vec<Vec<f32>>>> },
+    Score {
+        batch: Arc<Prepared>,
+        prompts: Arc<Vec<Vec<f32>>>,
+        from: String,
+        stamp: Stamp,
+        reply: Reply<Vec<Vec<Vec<f32>>>>,
+    },
     /// Scores of the manual prompt (template only, no placeholders): `[example][class]`.
-    Manual { batch: Arc<Prepared>, reply: Reply<Vec<Vec<f32>>> },
+    Manual { batch: Arc<Prepared>, from: String, stamp: Stamp, reply: Reply<Vec<Vec<f32>>> },
 }
 
 /// Dev and test examples.
@@ -33,9 +47,9 @@ pub type EvalSets = (Arc<Vec<Example>>, Arc<Vec<Example>>);
 /// To the data loader.
 pub enum DataMsg {
     /// The training shard of client `client`.
-    Shard { client: usize, reply: RpcReplyPort<Arc<Vec<Example>>> },
+    Shard { client: usize, stamp: Stamp, reply: RpcReplyPort<Arc<Vec<Example>>> },
     /// Dev and test sets for the evaluator.
-    EvalSets { reply: RpcReplyPort<EvalSets> },
+    EvalSets { stamp: Stamp, reply: RpcReplyPort<EvalSets> },
 }
 
 /// A fault the server injects into one client's round (fault-injection experiments).
@@ -54,13 +68,18 @@ pub enum ClientFault {
 /// To a client.
 pub enum ClientMsg {
     /// Run the local search of one round from the server's distribution.
-    Train { dist: SearchDistribution, fault: Option<ClientFault>, reply: Reply<ClientUpdate> },
+    Train {
+        dist: SearchDistribution,
+        fault: Option<ClientFault>,
+        stamp: Stamp,
+        reply: Reply<(ClientUpdate, Stamp)>,
+    },
 }
 
 /// To the client supervisor.
 pub enum SupervisorMsg {
     /// Answers once no restart is pending: every client is running or given up.
-    Settled { reply: RpcReplyPort<()> },
+    Settled { stamp: Stamp, reply: RpcReplyPort<()> },
 }
 
 /// What the evaluator reports for one global mean.
@@ -74,13 +93,13 @@ pub struct Evaluation {
 /// To the evaluator.
 pub enum EvalMsg {
     /// Accuracy of the manual prompt and of z = 0 on the test set.
-    Baselines { reply: Reply<(f64, f64)> },
+    Baselines { stamp: Stamp, reply: Reply<(f64, f64)> },
     /// Dev metrics of `z`, and test accuracy when `with_test`.
-    Evaluate { z: Vec<f32>, with_test: bool, reply: Reply<Evaluation> },
+    Evaluate { z: Vec<f32>, with_test: bool, stamp: Stamp, reply: Reply<Evaluation> },
 }
 
 /// To the server.
 pub enum ServerMsg {
     /// Run round `round` (the server sends itself the next one).
-    RunRound { round: usize },
+    RunRound { round: usize, stamp: Stamp },
 }

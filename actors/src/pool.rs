@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use fedbpt::data::Example;
 use fedbpt::models::{Prepared, PromptModel, TokenNoise};
@@ -13,6 +14,7 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::messages::{Reply, WorkerMsg};
+use crate::profile::{self, MessageInfo, Stamp};
 
 /// A forward worker: runs one forward at a time on a blocking thread, so the async runtime
 /// keeps moving messages meanwhile.
@@ -21,6 +23,8 @@ pub struct ForwardWorker;
 pub struct WorkerState {
     pub model: Arc<dyn PromptModel>,
     pub task: Arc<TaskSpec>,
+    /// `forward-worker-<device>-<index>` (for profiles and logs).
+    pub name: String,
 }
 
 impl Actor for ForwardWorker {
@@ -42,25 +46,49 @@ impl Actor for ForwardWorker {
         msg: WorkerMsg,
         state: &mut WorkerState,
     ) -> Result<(), ActorProcessingErr> {
+        let name = state.name.clone();
+        let info = |from: &str, message: &'static str| MessageInfo {
+            sender: from.to_string(),
+            receiver: name.clone(),
+            message,
+            round: None,
+            bytes: 0,
+        };
         match msg {
-            WorkerMsg::Prepare { examples, noise, reply } => {
+            WorkerMsg::Prepare { examples, noise, from, stamp, reply } => {
+                let _span = profile::handling(stamp, || info(&from, "Prepare"));
                 let (model, task) = (state.model.clone(), state.task.clone());
+                let started = Instant::now();
+                let n = examples.len();
                 let r = tokio::task::spawn_blocking(move || model.prepare(&task, &examples, noise))
                     .await;
-                let _ = reply.send(flatten(r).map(Arc::new));
+                let r = flatten(r);
+                if let Ok(b) = &r {
+                    profile::forward(&state.name, started, n, b.tokens_per_pass, 0, &from);
+                }
+                let _ = reply.send(r.map(Arc::new));
             }
-            WorkerMsg::Score { batch, prompts, reply } => {
+            WorkerMsg::Score { batch, prompts, from, stamp, reply } => {
+                let _span = profile::handling(stamp, || info(&from, "Score"));
                 let model = state.model.clone();
+                let started = Instant::now();
+                let (n, tokens, k) =
+                    (batch.len(), batch.tokens_per_pass * prompts.len(), prompts.len());
                 let r = tokio::task::spawn_blocking(move || {
                     let refs: Vec<&[f32]> = prompts.iter().map(|p| p.as_slice()).collect();
                     model.scores_many(&batch, &refs)
                 })
                 .await;
+                profile::forward(&state.name, started, n, tokens, k, &from);
                 let _ = reply.send(flatten(r));
             }
-            WorkerMsg::Manual { batch, reply } => {
+            WorkerMsg::Manual { batch, from, stamp, reply } => {
+                let _span = profile::handling(stamp, || info(&from, "Manual"));
                 let model = state.model.clone();
+                let started = Instant::now();
+                let (n, tokens) = (batch.len(), batch.tokens_per_pass);
                 let r = tokio::task::spawn_blocking(move || model.scores(&batch, None)).await;
+                profile::forward(&state.name, started, n, tokens, 1, &from);
                 let _ = reply.send(flatten(r));
             }
         }
@@ -116,9 +144,9 @@ async fn spawn_worker(
     model: Arc<dyn PromptModel>,
     task: Arc<TaskSpec>,
 ) -> anyhow::Result<ActorRef<WorkerMsg>> {
-    // Unnamed: a replacement must not collide with the name of the worker it replaces.
-    let _ = (device, index);
-    let (worker, _) = Actor::spawn(None, ForwardWorker, WorkerState { model, task }).await?;
+    // Unregistered: a replacement must not collide with the name of the worker it replaces.
+    let name = format!("forward-worker-{device}-{index}");
+    let (worker, _) = Actor::spawn(None, ForwardWorker, WorkerState { model, task, name }).await?;
     Ok(worker)
 }
 
@@ -181,7 +209,7 @@ impl ForwardPool {
     async fn request<T: Send + 'static>(
         &self,
         party: usize,
-        build: impl Fn(Reply<T>) -> WorkerMsg,
+        build: impl Fn(Reply<T>, Stamp) -> WorkerMsg,
     ) -> Result<T, String> {
         let mut last_err = String::new();
         for _ in 0..ATTEMPTS {
@@ -198,7 +226,7 @@ impl ForwardPool {
                     victim.kill();
                 });
             }
-            match worker.call(&build, None).await {
+            match worker.call(|reply| build(reply, profile::stamp()), None).await {
                 Ok(CallResult::Success(r)) => return r,
                 Ok(_) | Err(_) => {
                     last_err = format!("forward worker {}-{} died", slot.device, slot.index);
@@ -231,26 +259,37 @@ impl ForwardPool {
         Ok(())
     }
 
+    /// `from` names the caller (for profiles).
     pub async fn prepare(
         &self,
         party: usize,
+        from: &str,
         examples: Arc<Vec<Example>>,
         noise: Option<TokenNoise>,
     ) -> Result<Arc<Prepared>, String> {
-        self.request(party, |reply| WorkerMsg::Prepare { examples: examples.clone(), noise, reply })
-            .await
+        self.request(party, |reply, stamp| WorkerMsg::Prepare {
+            examples: examples.clone(),
+            noise,
+            from: from.to_string(),
+            stamp,
+            reply,
+        })
+        .await
     }
 
     pub async fn score(
         &self,
         party: usize,
+        from: &str,
         batch: Arc<Prepared>,
         prompts: Vec<Vec<f32>>,
     ) -> Result<Vec<Vec<Vec<f32>>>, String> {
         let prompts = Arc::new(prompts);
-        self.request(party, |reply| WorkerMsg::Score {
+        self.request(party, |reply, stamp| WorkerMsg::Score {
             batch: batch.clone(),
             prompts: prompts.clone(),
+            from: from.to_string(),
+            stamp,
             reply,
         })
         .await
@@ -259,9 +298,16 @@ impl ForwardPool {
     pub async fn score_manual(
         &self,
         party: usize,
+        from: &str,
         batch: Arc<Prepared>,
     ) -> Result<Vec<Vec<f32>>, String> {
-        self.request(party, |reply| WorkerMsg::Manual { batch: batch.clone(), reply }).await
+        self.request(party, |reply, stamp| WorkerMsg::Manual {
+            batch: batch.clone(),
+            from: from.to_string(),
+            stamp,
+            reply,
+        })
+        .await
     }
 
     /// Stops every worker.

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::messages::{wire_size, ClientFault, ClientMsg, EvalMsg, ServerMsg, SupervisorMsg};
+use crate::profile::{self, MessageInfo, Stamp};
 use crate::supervisor::{take_restarted, Registry, RestartLog};
 
 /// One line of `metrics.jsonl`.
@@ -126,7 +127,7 @@ impl Actor for Server {
         state: &mut ServerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ServerMsg::RunRound { round } => match run_round(state, round).await {
+            ServerMsg::RunRound { round, stamp } => match run_round(state, round, stamp).await {
                 Ok(record) => {
                     state.records.push(record.clone());
                     if let Err(e) = write_checkpoint(state, round) {
@@ -138,7 +139,10 @@ impl Actor for Server {
                     }
                     let _ = state.args.events.send(ServerEvent::Round(record));
                     if round < state.args.cfg.num_rounds {
-                        me.send_message(ServerMsg::RunRound { round: round + 1 })?;
+                        me.send_message(ServerMsg::RunRound {
+                            round: round + 1,
+                            stamp: profile::stamp(),
+                        })?;
                     } else {
                         let final_z = state.args.aggregator.global_mean();
                         let (best_dev_acc, best_dev_round, best_dev_z) =
@@ -189,7 +193,10 @@ async fn settle(
 ) -> Result<(), String> {
     let give_up_at = Instant::now() + timeout;
     loop {
-        match supervisor.call(|reply| SupervisorMsg::Settled { reply }, None).await {
+        match supervisor
+            .call(|reply| SupervisorMsg::Settled { stamp: profile::stamp(), reply }, None)
+            .await
+        {
             Ok(CallResult::Success(())) => {}
             _ => return Err("the client supervisor is gone".into()),
         }
@@ -256,12 +263,24 @@ fn plan_faults(cfg: &Config, round: usize) -> RoundFaults {
 }
 
 enum Outcome {
-    Ok(Box<ClientUpdate>),
+    Ok(Box<ClientUpdate>, Stamp),
     Late,
     Failed(String),
 }
 
-async fn run_round(state: &mut ServerState, round: usize) -> Result<RoundRecord, String> {
+async fn run_round(
+    state: &mut ServerState,
+    round: usize,
+    stamp: Stamp,
+) -> Result<RoundRecord, String> {
+    let sender = if round == 1 || state.records.is_empty() { "main" } else { "server" };
+    let _span = profile::handling(stamp, || MessageInfo {
+        sender: sender.into(),
+        receiver: "server".into(),
+        message: "RunRound",
+        round: Some(round),
+        bytes: 0,
+    });
     let cfg = state.args.cfg.clone();
     let (supervisor, registry) = (state.args.supervisor.clone(), state.args.registry.clone());
     let settle_timeout = Duration::from_secs_f64(cfg.runtime.round_timeout_s);
@@ -311,10 +330,13 @@ async fn run_round(state: &mut ServerState, round: usize) -> Result<RoundRecord,
             let fault = if retries == 0 { fault } else { None };
             tasks.spawn(async move {
                 let r = match client
-                    .call(|reply| ClientMsg::Train { dist, fault, reply }, Some(deadline))
+                    .call(
+                        |reply| ClientMsg::Train { dist, fault, stamp: profile::stamp(), reply },
+                        Some(deadline),
+                    )
                     .await
                 {
-                    Ok(CallResult::Success(Ok(u))) => Outcome::Ok(Box::new(u)),
+                    Ok(CallResult::Success(Ok((u, stamp)))) => Outcome::Ok(Box::new(u), stamp),
                     Ok(CallResult::Success(Err(e))) => Outcome::Failed(e),
                     Ok(CallResult::Timeout) => Outcome::Late,
                     Ok(CallResult::SenderError) => {
@@ -330,8 +352,20 @@ async fn run_round(state: &mut ServerState, round: usize) -> Result<RoundRecord,
         let mut failed = Vec::new();
         while let Some(joined) = tasks.join_next().await {
             match joined {
-                Ok((_, Outcome::Ok(u))) if u.round == round => updates.push(*u),
-                Ok((i, Outcome::Ok(u))) => {
+                Ok((i, Outcome::Ok(u, stamp))) if u.round == round => {
+                    profile::received(
+                        stamp,
+                        MessageInfo {
+                            sender: site(i),
+                            receiver: "server".into(),
+                            message: "ClientUpdate",
+                            round: Some(round),
+                            bytes: wire_size(&*u),
+                        },
+                    );
+                    updates.push(*u)
+                }
+                Ok((i, Outcome::Ok(u, _))) => {
                     failed.push(format!("{}: reply for round {} discarded", site(i), u.round))
                 }
                 Ok((i, Outcome::Late)) => late.push(i),
@@ -374,7 +408,10 @@ async fn run_round(state: &mut ServerState, round: usize) -> Result<RoundRecord,
     let with_test = round.is_multiple_of(cfg.eval_every) || round == cfg.num_rounds;
     let eval = match args
         .evaluator
-        .call(|reply| EvalMsg::Evaluate { z: z.clone(), with_test, reply }, None)
+        .call(
+            |reply| EvalMsg::Evaluate { z: z.clone(), with_test, stamp: profile::stamp(), reply },
+            None,
+        )
         .await
     {
         Ok(CallResult::Success(r)) => r?,

@@ -10,6 +10,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::client::{Client, ClientArgs};
 use crate::messages::{ClientMsg, SupervisorMsg};
+use crate::profile::{self, MessageInfo};
 
 /// One client's place in the federation.
 #[derive(Clone)]
@@ -74,7 +75,14 @@ impl Actor for ClientSupervisor {
         match msg {
             // Supervision events outrank messages, so by the time this runs every death already
             // reported has been handled (and its restart awaited).
-            SupervisorMsg::Settled { reply } => {
+            SupervisorMsg::Settled { stamp, reply } => {
+                let _span = profile::handling(stamp, || MessageInfo {
+                    sender: "server".into(),
+                    receiver: "client-supervisor".into(),
+                    message: "Settled",
+                    round: None,
+                    bytes: 0,
+                });
                 let _ = reply.send(());
             }
         }

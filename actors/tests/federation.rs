@@ -105,3 +105,92 @@ fn bad_configs_fail_before_any_work() {
     let e = Config::from_toml_str("aggregation = \"fedprox\"", &[]).unwrap_err().to_string();
     assert!(e.contains("fedprox") || e.contains("aggregation"), "{e}");
 }
+
+#[test]
+fn trace_and_message_table_account_for_every_server_client_byte() {
+    let bin = env!("CARGO_BIN_EXE_fedbpt");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let trace = tmp.path().join("trace.json");
+    let sets = [
+        "num_users=3",
+        "k_shot=6",
+        "test_size=40",
+        "intrinsic_dim=20",
+        "local_iter=2",
+        "local_popsize=4",
+        "num_rounds=2",
+        "eval_every=1",
+    ];
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(["run", "../configs/quickstart.toml", "--out"]).arg(&out).arg("--trace").arg(&trace);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    assert!(cmd.status().unwrap().success());
+
+    // Chrome trace: complete spans with durations; every flow has one start and one end, the
+    // end at the start of a span on the receiver's track, the start inside a span of its track.
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let events = doc["traceEvents"].as_array().unwrap();
+    let spans: Vec<(u64, u64, u64)> = events
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .map(|e| {
+            let (ts, dur) =
+                (e["ts"].as_u64().unwrap(), e["dur"].as_u64().expect("every span has its end"));
+            (e["tid"].as_u64().unwrap(), ts, ts + dur)
+        })
+        .collect();
+    assert!(spans.len() > 20);
+    type At = Option<(u64, u64)>;
+    let mut flows: std::collections::HashMap<u64, (At, At)> = Default::default();
+    for e in events.iter().filter(|e| e["ph"] == "s" || e["ph"] == "f") {
+        let entry = flows.entry(e["id"].as_u64().unwrap()).or_default();
+        let at = (e["tid"].as_u64().unwrap(), e["ts"].as_u64().unwrap());
+        let slot = if e["ph"] == "s" { &mut entry.0 } else { &mut entry.1 };
+        assert!(slot.replace(at).is_none(), "one start and one end per flow");
+    }
+    assert!(!flows.is_empty());
+    for (id, (s, f)) in &flows {
+        let (s, f) = (s.expect("flow start"), f.expect("flow end"));
+        assert!(s.1 <= f.1, "flow {id} ends before it starts");
+        assert!(spans.iter().any(|&(t, a, _)| t == f.0 && a == f.1), "flow {id} ends at no span");
+        assert!(
+            spans.iter().any(|&(t, a, b)| t == s.0 && a <= s.1 && s.1 <= b),
+            "flow {id} starts in no span"
+        );
+    }
+    let names: Vec<&str> =
+        events.iter().filter(|e| e["ph"] == "X").filter_map(|e| e["name"].as_str()).collect();
+    for want in ["Train", "ClientUpdate", "Score", "forward", "RunRound", "Evaluate"] {
+        assert!(names.contains(&want), "no {want} span");
+    }
+
+    // messages.csv: the server-client bytes equal the metrics' bytes_up + bytes_down.
+    let csv = std::fs::read_to_string(out.join("messages.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (snd, rcv, msg, bytes) = (col("sender"), col("receiver"), col("message"), col("bytes"));
+    let mut csv_bytes = 0u64;
+    for l in lines {
+        let f: Vec<&str> = l.split(',').collect();
+        let pair = (f[snd], f[rcv]);
+        if pair == ("server", "client") || pair == ("client", "server") {
+            assert!(f[msg] == "Train" || f[msg] == "ClientUpdate", "{l}");
+            csv_bytes += f[bytes].parse::<u64>().unwrap();
+        }
+    }
+    let metrics_bytes: u64 = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["bytes_up"].as_u64().unwrap() + v["bytes_down"].as_u64().unwrap()
+        })
+        .sum();
+    assert!(metrics_bytes > 0);
+    assert_eq!(csv_bytes, metrics_bytes);
+}
