@@ -259,6 +259,7 @@ pub struct Config {
     pub local_popsize: usize,
     pub perturb: bool,
     pub perturb_rate: f32,
+    /// The client (`site-N`) whose device evaluates the global model (the reference's site-1).
     pub eval_clients: String,
     pub min_clients: usize,
     pub num_rounds: usize,
@@ -328,6 +329,21 @@ impl Config {
     /// Parses TOML text with overrides (each `dotted.key=value`, the value in TOML syntax or a
     /// bare string).
     pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Config> {
+        // Deserializing the text itself first gives errors with their line.
+        if let Err(e) = toml::from_str::<Config>(text) {
+            let line = e
+                .span()
+                .and_then(|s| text.get(..s.start))
+                .map(|before| before.matches('\n').count() + 1);
+            let msg = e.message().trim().to_string();
+            return Err(Error::config(
+                "",
+                match line {
+                    Some(l) => format!("line {l}: {msg}"),
+                    None => msg,
+                },
+            ));
+        }
         let mut doc: toml::Table =
             text.parse().map_err(|e: toml::de::Error| Error::config("", e.to_string()))?;
         for ov in overrides {
@@ -411,6 +427,15 @@ impl Config {
             return Err(Error::config("runtime.devices", "needs at least one device"));
         }
         self.faults.validate(self.num_users)?;
+        if client_index(&self.eval_clients, self.num_users).is_none() {
+            return Err(Error::config(
+                "eval_clients",
+                format!(
+                    "`{}` is not a client (site-1 .. site-{})",
+                    self.eval_clients, self.num_users
+                ),
+            ));
+        }
         if let Some(t) = &self.task {
             t.validate()?;
         }
@@ -432,8 +457,8 @@ mod tests {
 
     #[test]
     fn unknown_and_out_of_range_keys_are_named() {
-        let e = Config::from_toml_str("intrinsic_dimm = 3", &[]).unwrap_err().to_string();
-        assert!(e.contains("intrinsic_dimm"), "{e}");
+        let e = Config::from_toml_str("seed = 3\nintrinsic_dimm = 3", &[]).unwrap_err().to_string();
+        assert!(e.contains("intrinsic_dimm") && e.contains("line 2"), "{e}");
         let e = Config::from_toml_str("perturb_rate = 1.5", &[]).unwrap_err().to_string();
         assert!(e.contains("perturb_rate"), "{e}");
         let e = Config::from_toml_str("[runtime]\nworkers = 2", &[]).unwrap_err().to_string();

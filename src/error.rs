@@ -6,12 +6,10 @@ use std::path::PathBuf;
 /// at fault so the CLI can print it as is.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// An I/O failure on `path` (the reason is in the message, not a separate source, so
+    /// error chains print it once).
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: std::io::Error },
     #[error("{path}:{line}: {msg}")]
     DataRow { path: PathBuf, line: usize, msg: String },
     #[error("{path}: {msg}")]
@@ -36,7 +34,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), reason: source }
     }
     pub fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::File { path: path.into(), msg: msg.into() }

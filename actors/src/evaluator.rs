@@ -30,6 +30,8 @@ pub struct EvalArgs {
     pub test: Arc<Prepared>,
     pub projection: Arc<Projection>,
     pub loss_type: LossType,
+    /// The party whose device runs the evaluation (`eval_clients`, as the reference's site-1).
+    pub party: usize,
 }
 
 impl Actor for Evaluator {
@@ -65,23 +67,20 @@ impl Actor for Evaluator {
     }
 }
 
-/// The evaluator's forwards go to device 0's workers.
-const EVAL_PARTY: usize = 0;
-
 async fn baselines(s: &EvalArgs) -> Result<(f64, f64), String> {
-    let manual = s.pool.score_manual(EVAL_PARTY, "evaluator", s.test.clone()).await?;
+    let manual = s.pool.score_manual(s.party, "evaluator", s.test.clone()).await?;
     let zero = vec![0f32; s.projection.out_dim()];
-    let zero_scores = s.pool.score(EVAL_PARTY, "evaluator", s.test.clone(), vec![zero]).await?;
+    let zero_scores = s.pool.score(s.party, "evaluator", s.test.clone(), vec![zero]).await?;
     Ok((accuracy(&manual, &s.test.labels), accuracy(&zero_scores[0], &s.test.labels)))
 }
 
 async fn evaluate(s: &EvalArgs, z: &[f32], with_test: bool) -> Result<Evaluation, String> {
     let prompt = s.projection.project(z).map_err(|e| e.to_string())?;
-    let dev = s.pool.score(EVAL_PARTY, "evaluator", s.dev.clone(), vec![prompt.clone()]).await?;
+    let dev = s.pool.score(s.party, "evaluator", s.dev.clone(), vec![prompt.clone()]).await?;
     let dev_acc = accuracy(&dev[0], &s.dev.labels);
     let dev_loss = loss(&dev[0], &s.dev.labels, s.loss_type).map_err(|e| e.to_string())?;
     let test_acc = if with_test {
-        let t = s.pool.score(EVAL_PARTY, "evaluator", s.test.clone(), vec![prompt]).await?;
+        let t = s.pool.score(s.party, "evaluator", s.test.clone(), vec![prompt]).await?;
         Some(accuracy(&t[0], &s.test.labels))
     } else {
         None

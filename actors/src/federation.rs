@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use fedbpt::bbt::projection_for;
-use fedbpt::config::{Aggregation, Config};
+use fedbpt::config::{client_index, Aggregation, Config};
 use fedbpt::data::split::{k_shot, partition_dirichlet, partition_iid, test_split};
 use fedbpt::data::{Dataset, Example};
 use fedbpt::experiment::{self, TEST_SPLIT_SEED};
@@ -166,6 +166,8 @@ async fn run_with_pool(
     opts: RunOptions,
     on_round: &mut dyn FnMut(&RoundRecord),
 ) -> Result<(FedSummary, Vec<RoundRecord>)> {
+    // Evaluation runs on the device of `eval_clients` (validated by the config).
+    let eval_party = client_index(&cfg.eval_clients, cfg.num_users).unwrap_or(0);
     let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?.clone();
     let projection = Arc::new(projection_for(cfg, model.as_ref())?);
     let (data_ref, _) = Actor::spawn(
@@ -185,12 +187,15 @@ async fn run_with_pool(
         CallResult::Success(s) => s,
         _ => bail!("the data loader did not serve the evaluation sets"),
     };
-    let dev_prepared = pool.prepare(0, "main", dev, None).await.map_err(|e| anyhow!(e))?;
+    let dev_prepared = pool.prepare(eval_party, "main", dev, None).await.map_err(|e| anyhow!(e))?;
     let (test_prepared, cached_baselines) = match &env.test {
         Some((examples, prepared, baselines)) if **examples == *test => {
             (prepared.clone(), Some(*baselines))
         }
-        _ => (pool.prepare(0, "main", test.clone(), None).await.map_err(|e| anyhow!(e))?, None),
+        _ => (
+            pool.prepare(eval_party, "main", test.clone(), None).await.map_err(|e| anyhow!(e))?,
+            None,
+        ),
     };
     let (evaluator, _) = Actor::spawn(
         Some("evaluator".into()),
@@ -201,6 +206,7 @@ async fn run_with_pool(
             test: test_prepared.clone(),
             projection: projection.clone(),
             loss_type: cfg.loss_type,
+            party: eval_party,
         },
     )
     .await?;
