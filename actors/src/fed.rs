@@ -77,6 +77,19 @@ fn run_one(
     Ok((summary, records))
 }
 
+/// The run's curve starting at z = 0 (round 0), and the manual prompt as a flat line.
+fn with_baselines(mut c: Curve, s: &FedSummary, rounds: usize) -> Vec<Curve> {
+    c.points.insert(0, (0.0, 100.0 * s.zero_prompt_test_acc));
+    let manual = Curve {
+        name: "manual prompt".into(),
+        points: vec![
+            (0.0, 100.0 * s.zero_shot_test_acc),
+            (rounds as f64, 100.0 * s.zero_shot_test_acc),
+        ],
+    };
+    vec![c, manual]
+}
+
 fn curve(name: &str, records: &[RoundRecord]) -> Curve {
     Curve {
         name: name.into(),
@@ -138,7 +151,7 @@ pub fn run(
     accuracy_png(
         &out.join("accuracy.png"),
         &format!("{} on {} ({:?})", s.model, s.task, s.aggregation),
-        &[curve("test accuracy", &records)],
+        &with_baselines(curve("test accuracy (round 0: z = 0)", &records), &s, records.len()),
     )?;
     println!(
         "manual prompt {:.2}% | z=0 {:.2}% | final {:.2}% | best-on-dev {:.2}% (round {}) | up {:.0} B, down {:.0} B per client-round (FedAvg of the model: {} B) | {:.0}s -> {}",
