@@ -82,6 +82,19 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Wall-time overhead of message-flow tracing: runs a federation config without and with
+    /// --trace, each in its own process, alternating, and prints one JSON object.
+    BenchTrace {
+        config: PathBuf,
+        /// Pairs of runs (untraced, traced).
+        #[arg(long, default_value_t = 1)]
+        pairs: usize,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Where the runs write (default runs/bench-trace).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -110,6 +123,12 @@ fn real_main() -> Result<()> {
             fed::compare(&config, out, &seeds, &overrides)
         }
         Command::Bench { models, iters, json } => bench::run(&models, iters, json.as_deref()),
+        Command::BenchTrace { config, pairs, overrides, out } => bench::trace_overhead(
+            &config,
+            pairs,
+            &overrides,
+            out.unwrap_or_else(|| PathBuf::from("runs/bench-trace")),
+        ),
     }
 }
 
