@@ -56,34 +56,20 @@ fn write_gguf(dir: &Path) -> PathBuf {
         let p = format!("blk.{i}");
         tensors.push((format!("{p}.attn_norm.weight"), ones(HIDDEN)));
         tensors.push((format!("{p}.ffn_norm.weight"), ones(HIDDEN)));
-        tensors.push((
-            format!("{p}.attn_q.weight"),
-            q(randn(&mut rng, (HIDDEN, HIDDEN), 0.2), GgmlDType::Q4_1),
-        ));
-        tensors.push((
-            format!("{p}.attn_k.weight"),
-            q(randn(&mut rng, (kv, HIDDEN), 0.2), GgmlDType::Q4_1),
-        ));
-        tensors.push((
-            format!("{p}.attn_v.weight"),
-            q(randn(&mut rng, (kv, HIDDEN), 0.2), GgmlDType::Q4_1),
-        ));
-        tensors.push((
-            format!("{p}.attn_output.weight"),
-            q(randn(&mut rng, (HIDDEN, HIDDEN), 0.2), GgmlDType::Q4_1),
-        ));
-        tensors.push((
-            format!("{p}.ffn_gate.weight"),
-            q(randn(&mut rng, (FFN, HIDDEN), 0.2), GgmlDType::Q4_1),
-        ));
-        tensors.push((
-            format!("{p}.ffn_up.weight"),
-            q(randn(&mut rng, (FFN, HIDDEN), 0.2), GgmlDType::Q4_1),
-        ));
-        tensors.push((
-            format!("{p}.ffn_down.weight"),
-            q(randn(&mut rng, (HIDDEN, FFN), 0.2), GgmlDType::Q4_1),
-        ));
+        for (name, shape) in [
+            ("attn_q", (HIDDEN, HIDDEN)),
+            ("attn_k", (kv, HIDDEN)),
+            ("attn_v", (kv, HIDDEN)),
+            ("attn_output", (HIDDEN, HIDDEN)),
+            ("ffn_gate", (FFN, HIDDEN)),
+            ("ffn_up", (FFN, HIDDEN)),
+            ("ffn_down", (HIDDEN, FFN)),
+        ] {
+            tensors.push((
+                format!("{p}.{name}.weight"),
+                q(randn(&mut rng, shape, 0.2), GgmlDType::Q4_1),
+            ));
+        }
     }
     use gguf_file::Value;
     let s = |x: &str| Value::String(x.to_string());

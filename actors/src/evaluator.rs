@@ -12,9 +12,9 @@ use crate::messages::{EvalMsg, Evaluation};
 use crate::pool::ForwardPool;
 use crate::profile::{self, MessageInfo};
 
-fn info(message: &'static str) -> MessageInfo {
+fn info(sender: &str, message: &'static str) -> MessageInfo {
     MessageInfo {
-        sender: "server".into(),
+        sender: sender.into(),
         receiver: "evaluator".into(),
         message,
         round: None,
@@ -55,11 +55,11 @@ impl Actor for Evaluator {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             EvalMsg::Baselines { stamp, reply } => {
-                let _span = profile::handling(stamp, || info("Baselines"));
+                let _span = profile::handling(stamp, || info("main", "Baselines"));
                 let _ = reply.send(baselines(s).await);
             }
-            EvalMsg::Evaluate { z, with_test, stamp, reply } => {
-                let _span = profile::handling(stamp, || info("Evaluate"));
+            EvalMsg::Evaluate { z, with_test, from, stamp, reply } => {
+                let _span = profile::handling(stamp, || info(from, "Evaluate"));
                 let _ = reply.send(evaluate(s, &z, with_test).await);
             }
         }

@@ -292,3 +292,77 @@ pub fn compare(
     ));
     Ok(())
 }
+
+/// `bench-faults`: final accuracy and wall time versus the fraction of clients killed per round,
+/// over seeds; a markdown table and a plot.
+pub fn bench_faults(
+    config: &Path,
+    out: PathBuf,
+    rates: &[f64],
+    seeds: &[u64],
+    overrides: &[String],
+) -> Result<()> {
+    let base = Config::load(config, overrides)?;
+    let rt = runtime(&base)?;
+    let mut env = Env::load(&base, &mut |m| say(m))?;
+    let mut md = format!(
+        "Kill rate vs accuracy on {} with {}, {} clients, {} rounds, seeds {:?} (mean ± std).\n\n\
+         | killed per round | final test acc (%) | best-on-dev test acc (%) | wall (s) | replies per round |\n\
+         |---|---|---|---|---|\n",
+        env.task.name,
+        env.replicas[0].info().name,
+        base.num_users,
+        base.num_rounds,
+        seeds
+    );
+    let mut acc_curve = Vec::new();
+    let mut rows = Vec::new();
+    for &rate in rates {
+        let (mut finals, mut bests, mut walls, mut replies) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &seed in seeds {
+            let mut cfg = base.clone();
+            cfg.seed = seed;
+            cfg.faults.kill_fraction = rate;
+            cfg.validate()?;
+            let label = format!("kill {:.0}% seed {seed}", 100.0 * rate);
+            let dir = out.join(format!("kill{:.0}-seed{seed}", 100.0 * rate));
+            let (s, records) = run_one(&rt, &cfg, &mut env, &dir, &label, None)?;
+            finals.push(s.final_test_acc);
+            bests.push(s.best_dev_test_acc);
+            walls.push(s.wall_s);
+            replies.push(
+                records.iter().map(|r| r.clients_ok as f64).sum::<f64>()
+                    / records.len().max(1) as f64,
+            );
+        }
+        let (f, fs) = mean_std(&finals);
+        let (b, bs) = mean_std(&bests);
+        let (w, ws) = mean_std(&walls);
+        let (r, _) = mean_std(&replies);
+        md.push_str(&format!(
+            "| {:.0}% | {:.2} ± {:.2} | {:.2} ± {:.2} | {:.0} ± {:.0} | {:.1} |\n",
+            100.0 * rate,
+            100.0 * f,
+            100.0 * fs,
+            100.0 * b,
+            100.0 * bs,
+            w,
+            ws,
+            r
+        ));
+        acc_curve.push((100.0 * rate, 100.0 * f));
+        rows.push(serde_json::json!({"kill_fraction": rate, "final_test_acc": finals, "best_dev_test_acc": bests, "wall_s": walls}));
+    }
+    fs::create_dir_all(&out)?;
+    fs::write(out.join("faults.md"), &md)
+        .with_context(|| format!("writing {}", out.join("faults.md").display()))?;
+    fs::write(out.join("faults.json"), serde_json::to_vec_pretty(&rows)?)?;
+    accuracy_png(
+        &out.join("faults.png"),
+        "final test accuracy (%) vs clients killed per round (%)",
+        &[Curve { name: "final test accuracy".into(), points: acc_curve }],
+    )?;
+    println!("{md}");
+    Ok(())
+}

@@ -228,6 +228,7 @@ async fn run_with_pool(
             |reply| EvalMsg::Evaluate {
                 z: z0.clone(),
                 with_test: false,
+                from: "main",
                 stamp: profile::stamp(),
                 reply,
             },
@@ -380,7 +381,13 @@ async fn run_with_pool(
 async fn test_acc(evaluator: &ractor::ActorRef<EvalMsg>, z: Vec<f32>) -> Result<f64> {
     match evaluator
         .call(
-            |reply| EvalMsg::Evaluate { z, with_test: true, stamp: profile::stamp(), reply },
+            |reply| EvalMsg::Evaluate {
+                z,
+                with_test: true,
+                from: "main",
+                stamp: profile::stamp(),
+                reply,
+            },
             None,
         )
         .await?

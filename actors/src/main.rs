@@ -82,6 +82,19 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Final accuracy and wall time versus the fraction of clients killed per round.
+    BenchFaults {
+        config: PathBuf,
+        #[arg(long, value_delimiter = ',', default_values_t = vec![0.0, 0.1, 0.3, 0.5])]
+        rates: Vec<f64>,
+        #[arg(long, value_delimiter = ',', default_values_t = vec![42u64, 43, 44])]
+        seeds: Vec<u64>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Where the runs, faults.md and faults.png go (default runs/bench-faults).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Wall-time overhead of message-flow tracing: runs a federation config without and with
     /// --trace, each in its own process, alternating, and prints one JSON object.
     BenchTrace {
@@ -123,6 +136,13 @@ fn real_main() -> Result<()> {
             fed::compare(&config, out, &seeds, &overrides)
         }
         Command::Bench { models, iters, json } => bench::run(&models, iters, json.as_deref()),
+        Command::BenchFaults { config, rates, seeds, overrides, out } => fed::bench_faults(
+            &config,
+            out.unwrap_or_else(|| PathBuf::from("runs/bench-faults")),
+            &rates,
+            &seeds,
+            &overrides,
+        ),
         Command::BenchTrace { config, pairs, overrides, out } => bench::trace_overhead(
             &config,
             pairs,

@@ -95,7 +95,13 @@ pub enum EvalMsg {
     /// Accuracy of the manual prompt and of z = 0 on the test set.
     Baselines { stamp: Stamp, reply: Reply<(f64, f64)> },
     /// Dev metrics of `z`, and test accuracy when `with_test`.
-    Evaluate { z: Vec<f32>, with_test: bool, stamp: Stamp, reply: Reply<Evaluation> },
+    Evaluate {
+        z: Vec<f32>,
+        with_test: bool,
+        from: &'static str,
+        stamp: Stamp,
+        reply: Reply<Evaluation>,
+    },
 }
 
 /// To the server.

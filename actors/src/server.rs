@@ -409,7 +409,13 @@ async fn run_round(
     let eval = match args
         .evaluator
         .call(
-            |reply| EvalMsg::Evaluate { z: z.clone(), with_test, stamp: profile::stamp(), reply },
+            |reply| EvalMsg::Evaluate {
+                z: z.clone(),
+                with_test,
+                from: "server",
+                stamp: profile::stamp(),
+                reply,
+            },
             None,
         )
         .await

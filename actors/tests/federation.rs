@@ -5,22 +5,21 @@ use fedbpt::config::Config;
 use fedbpt_actors::federation::{self, Env};
 use fedbpt_actors::server::RoundRecord;
 
+/// A federation small enough for CI on the real model.
+const TINY: &[&str] = &[
+    "num_users=3",
+    "k_shot=6",
+    "test_size=40",
+    "intrinsic_dim=20",
+    "local_iter=2",
+    "local_popsize=4",
+    "num_rounds=2",
+    "eval_every=1",
+    "seed=5",
+];
+
 fn tiny(extra: &[&str]) -> Config {
-    let mut overrides: Vec<String> = [
-        "num_users=3",
-        "k_shot=6",
-        "test_size=40",
-        "intrinsic_dim=20",
-        "local_iter=2",
-        "local_popsize=4",
-        "num_rounds=2",
-        "eval_every=1",
-        "seed=5",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    overrides.extend(extra.iter().map(|s| s.to_string()));
+    let overrides: Vec<String> = TINY.iter().chain(extra).map(|s| s.to_string()).collect();
     Config::from_toml_str(
         &std::fs::read_to_string("../configs/quickstart.toml").expect("quickstart config"),
         &overrides,
@@ -112,19 +111,9 @@ fn trace_and_message_table_account_for_every_server_client_byte() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let trace = tmp.path().join("trace.json");
-    let sets = [
-        "num_users=3",
-        "k_shot=6",
-        "test_size=40",
-        "intrinsic_dim=20",
-        "local_iter=2",
-        "local_popsize=4",
-        "num_rounds=2",
-        "eval_every=1",
-    ];
     let mut cmd = std::process::Command::new(bin);
     cmd.args(["run", "../configs/quickstart.toml", "--out"]).arg(&out).arg("--trace").arg(&trace);
-    for s in sets {
+    for s in TINY {
         cmd.args(["--set", s]);
     }
     assert!(cmd.status().unwrap().success());

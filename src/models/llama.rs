@@ -1044,29 +1044,18 @@ pub fn quantize_for_gguf(t: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
 mod tests {
     use super::*;
 
+    /// The `[1, 1, q, k]` mask as rows.
+    fn plane(mask: Tensor) -> Vec<Vec<f32>> {
+        mask.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+    }
+
     #[test]
     fn masks_are_finite_for_padding_rows_and_block_diagonal() {
         let att = vec![vec![false, true, true]];
-        let m = causal_mask(&att, &Device::Cpu).unwrap().to_vec3::<f32>().ok();
-        assert!(m.is_none()); // 4-D
-        let m = causal_mask(&att, &Device::Cpu)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let m = plane(causal_mask(&att, &Device::Cpu).unwrap());
         assert_eq!(m[0], vec![0.0, MASKED, MASKED]); // pad row sees itself
         assert_eq!(m[2], vec![MASKED, 0.0, 0.0]);
-        let bm = block_mask(&att, 2, 2, &Device::Cpu)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let bm = plane(block_mask(&att, 2, 2, &Device::Cpu).unwrap());
         // query 3 = candidate 1, token 1: cached real tokens, then its own block only.
         assert_eq!(bm[3], vec![MASKED, 0.0, 0.0, MASKED, MASKED, 0.0, 0.0]);
         assert_eq!(bm[0], vec![MASKED, 0.0, 0.0, 0.0, MASKED, MASKED, MASKED]);
