@@ -310,28 +310,23 @@ fn bad_inputs_are_errors_naming_the_culprit() {
 
     let bad = dir.path().join("bad.gguf");
     std::fs::write(&bad, b"GGUF but not really").unwrap();
-    let e = CausalLm::from_gguf(
-        &bad,
-        settings(Placement::Suffix, PromptMode::Add),
-        WeightFormat::F32,
-        &Device::Cpu,
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let load_err = |p: &std::path::Path| {
+        CausalLm::from_gguf(
+            p,
+            settings(Placement::Suffix, PromptMode::Add),
+            WeightFormat::F32,
+            &Device::Cpu,
+        )
+        .err()
+        .expect("a broken file must not load")
+        .to_string()
+    };
+    let e = load_err(&bad);
     assert!(e.contains("bad.gguf"), "{e}");
     let bytes = std::fs::read(&path).unwrap();
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let e = CausalLm::from_gguf(
-        &cut,
-        settings(Placement::Suffix, PromptMode::Add),
-        WeightFormat::F32,
-        &Device::Cpu,
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let e = load_err(&cut);
     assert!(e.contains("cut.gguf"), "{e}");
     let e = CausalLm::from_safetensors_dir(
         dir.path(),
