@@ -52,7 +52,8 @@ pub struct Runtime {
     /// Devices for forward workers: "cpu", "cuda:0", ...
     pub devices: Vec<String>,
     pub workers_per_device: usize,
-    /// Most examples one batched forward serves.
+    /// Most example x prompt pairs one forward serves when a worker merges the queued scoring
+    /// requests of several clients (1 = no merging; a larger single request runs alone).
     pub max_batch_examples: usize,
     /// tokio worker threads.
     pub tokio_threads: usize,

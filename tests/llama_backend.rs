@@ -8,7 +8,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use fedbpt::data::Example;
 use fedbpt::models::llama::{CausalLm, WeightFormat};
-use fedbpt::models::{Placement, PromptMode, PromptModel, PromptSettings, TokenNoise};
+use fedbpt::models::{Placement, PromptMode, PromptModel, PromptSettings, ScoreJob, TokenNoise};
 use fedbpt::task::TaskSpec;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -221,6 +221,56 @@ fn cached_batched_suffix_scores_equal_single_sequence_forwards() {
             assert!(max_abs_diff(&manual[ei], &want) < 1e-4);
         }
         assert!(max_abs_diff(&many[0][0], &many[1][0]) > 1e-6, "a prompt must change the scores");
+    }
+}
+
+#[test]
+fn jobs_merged_into_one_pass_score_as_they_would_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path());
+    let n = 3 * HIDDEN;
+    for (placement, format) in [
+        (Placement::Suffix, WeightFormat::F32),
+        (Placement::Suffix, WeightFormat::Quantized),
+        (Placement::Prefix, WeightFormat::F32),
+    ] {
+        let mut m =
+            CausalLm::from_gguf(&path, settings(placement, PromptMode::Add), format, &Device::Cpu)
+                .unwrap();
+        m.chunk_examples = 2; // several chunks (segments) per job, of different lengths
+        let t = task();
+        let exs = examples();
+        let a = m.prepare(&t, &exs, None).unwrap();
+        let b = m.prepare(&t, &exs[1..4], None).unwrap();
+        let (pa, pb) = ([prompt(7, n), prompt(8, n), vec![0.0; n]], [prompt(9, n), prompt(10, n)]);
+        let ra: Vec<&[f32]> = pa.iter().map(|p| p.as_slice()).collect();
+        let rb: Vec<&[f32]> = pb.iter().map(|p| p.as_slice()).collect();
+        let jobs = [
+            ScoreJob { batch: &a, prompts: &ra },
+            ScoreJob { batch: &b, prompts: &rb },
+            ScoreJob { batch: &a, prompts: &ra[1..2] },
+        ];
+        let merged = m.scores_jobs(&jobs).unwrap();
+        assert_eq!(merged.len(), 3);
+        for (j, job) in jobs.iter().enumerate() {
+            let alone = m.scores_many(job.batch, job.prompts).unwrap();
+            assert_eq!(merged[j].len(), alone.len());
+            for (p, (x, y)) in merged[j].iter().zip(&alone).enumerate() {
+                assert_eq!(x.len(), job.batch.len());
+                for (e, (u, v)) in x.iter().zip(y).enumerate() {
+                    let scale = v.iter().fold(1.0f32, |acc, s| acc.max(s.abs()));
+                    assert!(
+                        max_abs_diff(u, v) <= 0.0 * scale,
+                        "{placement:?} {format:?} job {j} prompt {p} example {e}: {u:?} vs {v:?}"
+                    );
+                }
+            }
+        }
+        // The third job repeats the first job's second prompt on the same batch: where a job
+        // stands in the merged pass does not matter.
+        for (u, v) in merged[2][0].iter().zip(&merged[0][1]) {
+            assert!(max_abs_diff(u, v) <= 1e-5 * v[0].abs().max(1.0), "{u:?} vs {v:?}");
+        }
     }
 }
 

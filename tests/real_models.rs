@@ -61,3 +61,39 @@ fn offline_hub_id_fails_with_a_clear_message() {
     };
     assert!(err.contains("hub") && err.contains("local directory"), "{err}");
 }
+
+/// Workers merge several clients' scoring requests into one forward. On the default model the
+/// merged scores must be the ones each request gets alone, bit for bit: batching must not change
+/// a federation's metrics.
+#[test]
+fn merged_scoring_jobs_on_smollm2_equal_their_lone_scores_bit_for_bit() {
+    let cfg = Config::from_toml_str(
+        &std::fs::read_to_string("configs/quickstart.toml").expect("quickstart config"),
+        &["k_shot=6".into(), "test_size=24".into()],
+    )
+    .expect("valid config");
+    let device = experiment::device("cpu").unwrap();
+    let m = experiment::load_model(&cfg, &device, &mut |l| eprintln!("{l}")).expect("model loads");
+    let (_, split) = experiment::load_split(&cfg, &mut |l| eprintln!("{l}")).expect("data loads");
+    let task = cfg.task_spec().unwrap();
+    let a = m.prepare(&task, &split.train[..5], None).unwrap();
+    let b = m.prepare(&task, &split.test, None).unwrap();
+    let n = cfg.n_prompt_tokens * m.info().hidden_size;
+    let prompt = |seed: u64| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+            .collect()
+    };
+    let (pa, pb) = ([prompt(1), prompt(2), prompt(3)], [prompt(4), vec![0.0; n]]);
+    let ra: Vec<&[f32]> = pa.iter().map(|p| p.as_slice()).collect();
+    let rb: Vec<&[f32]> = pb.iter().map(|p| p.as_slice()).collect();
+    let jobs = [
+        fedbpt::models::ScoreJob { batch: &a, prompts: &ra },
+        fedbpt::models::ScoreJob { batch: &b, prompts: &rb },
+    ];
+    let merged = m.scores_jobs(&jobs).unwrap();
+    for (j, job) in jobs.iter().enumerate() {
+        let alone = m.scores_many(job.batch, job.prompts).unwrap();
+        assert_eq!(merged[j], alone, "job {j}");
+    }
+}

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use fedbpt::config::Config;
 use fedbpt::experiment;
-use fedbpt::models::{Placement, PromptModel};
+use fedbpt::models::{Placement, PromptModel, ScoreJob};
 
 /// Non-embedding parameters: 2 FLOPs each per token is the forward's matmul work.
 fn non_embedding_params(model: &dyn PromptModel) -> usize {
@@ -31,6 +31,61 @@ fn time_scores(
         model.scores_many(batch, &refs)?;
     }
     Ok(t.elapsed().as_secs_f64() / iters as f64)
+}
+
+/// Quickstart's shapes: 10 clients, each scoring a population of 5 on its 8 examples. Times the
+/// ten requests served one forward each against one merged forward (what a worker does with
+/// the requests queued while it was busy).
+fn merge_gain(
+    model: &dyn PromptModel,
+    task: &fedbpt::task::TaskSpec,
+    exs: &[fedbpt::data::Example],
+    out_dim: usize,
+    iters: usize,
+) -> Result<serde_json::Value> {
+    let (clients, per_client, pop) = (10, 8, 5);
+    let batches = (0..clients)
+        .map(|c| {
+            let shard: Vec<_> =
+                exs.iter().cycle().skip(c * per_client).take(per_client).cloned().collect();
+            model.prepare(task, &shard, None)
+        })
+        .collect::<fedbpt::Result<Vec<_>>>()?;
+    let prompts: Vec<Vec<Vec<f32>>> = (0..clients)
+        .map(|c| (0..pop).map(|i| vec![1e-3 * (c * pop + i) as f32; out_dim]).collect())
+        .collect();
+    let refs: Vec<Vec<&[f32]>> =
+        prompts.iter().map(|ps| ps.iter().map(|p| p.as_slice()).collect()).collect();
+    let jobs: Vec<ScoreJob<'_>> =
+        batches.iter().zip(&refs).map(|(b, p)| ScoreJob { batch: b, prompts: p }).collect();
+    let alone = || -> fedbpt::Result<()> {
+        for j in &jobs {
+            model.scores_many(j.batch, j.prompts)?;
+        }
+        Ok(())
+    };
+    alone()?; // warm-up
+    model.scores_jobs(&jobs)?;
+    let (mut t_alone, mut t_merged) = (0.0, 0.0);
+    for _ in 0..iters {
+        let t = Instant::now();
+        alone()?;
+        t_alone += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        model.scores_jobs(&jobs)?;
+        t_merged += t.elapsed().as_secs_f64();
+    }
+    let (t_alone, t_merged) = (t_alone / iters as f64, t_merged / iters as f64);
+    Ok(json!({
+        "model": model.info().name,
+        "bench": "merge",
+        "requests": clients,
+        "examples_per_request": per_client,
+        "candidates_per_request": pop,
+        "s_one_forward_each": t_alone,
+        "s_merged": t_merged,
+        "speedup": t_alone / t_merged,
+    }))
 }
 
 pub fn run(models: &[String], iters: usize, json_out: Option<&Path>) -> Result<()> {
@@ -84,6 +139,11 @@ pub fn run(models: &[String], iters: usize, json_out: Option<&Path>) -> Result<(
                     "gflops": tokens * flops_per_token / dt / 1e9,
                     "threads": threads,
                 });
+                println!("{line}");
+                lines.push(line);
+            }
+            if placement == Placement::Suffix {
+                let line = merge_gain(model.as_ref(), &task, exs, out_dim, iters)?;
                 println!("{line}");
                 lines.push(line);
             }

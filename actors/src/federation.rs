@@ -56,6 +56,10 @@ pub struct FedSummary {
     pub bytes_down_per_client_round: f64,
     /// What FedAvg of the full model would move per client and round, each way (parameters x 4).
     pub fedavg_full_model_bytes_per_client_round: usize,
+    /// Scoring requests the forward workers served, and the forwards that served them (fewer
+    /// when workers merged several clients' requests).
+    pub score_requests: usize,
+    pub score_forwards: usize,
     pub wall_s: f64,
     pub config: Config,
 }
@@ -147,6 +151,7 @@ pub async fn run(
         env.replicas.clone(),
         env.task.clone(),
         cfg.runtime.workers_per_device,
+        cfg.runtime.max_batch_examples,
         cfg.faults.kill_worker_at_request,
     )
     .await?;
@@ -364,6 +369,8 @@ async fn run_with_pool(
                     bytes_up_per_client_round: total_bytes_up as f64 / replies.max(1) as f64,
                     bytes_down_per_client_round: total_bytes_down as f64 / client_rounds,
                     fedavg_full_model_bytes_per_client_round: model.info().n_params * 4,
+                    score_requests: pool.score_counts().0,
+                    score_forwards: pool.score_counts().1,
                     wall_s: started.elapsed().as_secs_f64(),
                     config: (**cfg).clone(),
                 },

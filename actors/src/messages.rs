@@ -39,6 +39,9 @@ pub enum WorkerMsg {
     },
     /// Scores of the manual prompt (template only, no placeholders): `[example][class]`.
     Manual { batch: Arc<Prepared>, from: String, stamp: Stamp, reply: Reply<Vec<Vec<f32>>> },
+    /// To itself, one per queued `Score`: serve the queued requests (several clients' at once
+    /// where the batch limit allows).
+    Flush,
 }
 
 /// Dev and test examples.

@@ -3,12 +3,13 @@
 //! the least-loaded worker of the caller's device. A worker that dies holding a request is
 //! replaced and the request retried, so no client waits forever.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use fedbpt::data::Example;
-use fedbpt::models::{Prepared, PromptModel, TokenNoise};
+use fedbpt::models::{Prepared, PromptModel, ScoreJob, TokenNoise};
 use fedbpt::task::TaskSpec;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -17,7 +18,8 @@ use crate::messages::{Reply, WorkerMsg};
 use crate::profile::{self, MessageInfo, Stamp};
 
 /// A forward worker: runs one forward at a time on a blocking thread, so the async runtime
-/// keeps moving messages meanwhile.
+/// keeps moving messages meanwhile. `Score` requests are queued and served by `Flush`: the
+/// requests that arrived while a forward ran are merged into the next one.
 pub struct ForwardWorker;
 
 pub struct WorkerState {
@@ -25,6 +27,41 @@ pub struct WorkerState {
     pub task: Arc<TaskSpec>,
     /// `forward-worker-<device>-<index>` (for profiles and logs).
     pub name: String,
+    /// Most example x prompt pairs merged into one forward (a larger single request runs alone).
+    pub max_batch_examples: usize,
+    queue: VecDeque<QueuedScore>,
+    counters: Arc<Counters>,
+}
+
+struct QueuedScore {
+    batch: Arc<Prepared>,
+    prompts: Arc<Vec<Vec<f32>>>,
+    from: String,
+    reply: Reply<Vec<Vec<Vec<f32>>>>,
+}
+
+/// What the pool's workers served: requests and the forwards that served them.
+#[derive(Debug, Default)]
+struct Counters {
+    score_requests: AtomicUsize,
+    score_forwards: AtomicUsize,
+}
+
+impl WorkerState {
+    /// The longest run of queued requests that fits `max_batch_examples` (at least one).
+    fn take_batch(&mut self) -> Vec<QueuedScore> {
+        let mut taken: Vec<QueuedScore> = Vec::new();
+        let mut pairs = 0;
+        while let Some(next) = self.queue.front() {
+            let size = next.batch.len() * next.prompts.len();
+            if !taken.is_empty() && pairs + size > self.max_batch_examples {
+                break;
+            }
+            pairs += size;
+            taken.extend(self.queue.pop_front());
+        }
+        taken
+    }
 }
 
 impl Actor for ForwardWorker {
@@ -42,7 +79,7 @@ impl Actor for ForwardWorker {
 
     async fn handle(
         &self,
-        _me: ActorRef<Self::Msg>,
+        me: ActorRef<Self::Msg>,
         msg: WorkerMsg,
         state: &mut WorkerState,
     ) -> Result<(), ActorProcessingErr> {
@@ -70,17 +107,50 @@ impl Actor for ForwardWorker {
             }
             WorkerMsg::Score { batch, prompts, from, stamp, reply } => {
                 let _span = profile::handling(stamp, || info(&from, "Score"));
+                state.counters.score_requests.fetch_add(1, Ordering::SeqCst);
+                state.queue.push_back(QueuedScore { batch, prompts, from, reply });
+                me.send_message(WorkerMsg::Flush)?;
+            }
+            WorkerMsg::Flush => {
+                let jobs = state.take_batch();
+                if jobs.is_empty() {
+                    return Ok(());
+                }
+                state.counters.score_forwards.fetch_add(1, Ordering::SeqCst);
                 let model = state.model.clone();
                 let started = Instant::now();
-                let (n, tokens, k) =
-                    (batch.len(), batch.tokens_per_pass * prompts.len(), prompts.len());
+                let examples = jobs.iter().map(|j| j.batch.len()).sum();
+                let tokens = jobs.iter().map(|j| j.batch.tokens_per_pass * j.prompts.len()).sum();
+                let candidates = jobs.iter().map(|j| j.prompts.len()).sum();
+                let served = jobs.iter().map(|j| j.from.as_str()).collect::<Vec<_>>().join("+");
+                let inputs: Vec<_> =
+                    jobs.iter().map(|j| (j.batch.clone(), j.prompts.clone())).collect();
                 let r = tokio::task::spawn_blocking(move || {
-                    let refs: Vec<&[f32]> = prompts.iter().map(|p| p.as_slice()).collect();
-                    model.scores_many(&batch, &refs)
+                    let refs: Vec<Vec<&[f32]>> = inputs
+                        .iter()
+                        .map(|(_, p)| p.iter().map(|v| v.as_slice()).collect())
+                        .collect();
+                    let batch: Vec<ScoreJob<'_>> = inputs
+                        .iter()
+                        .zip(&refs)
+                        .map(|((b, _), p)| ScoreJob { batch: b.as_ref(), prompts: p.as_slice() })
+                        .collect();
+                    model.scores_jobs(&batch)
                 })
                 .await;
-                profile::forward(&state.name, started, n, tokens, k, &from);
-                let _ = reply.send(flatten(r));
+                profile::forward(&state.name, started, examples, tokens, candidates, &served);
+                match flatten(r) {
+                    Ok(all) => {
+                        for (job, scores) in jobs.into_iter().zip(all) {
+                            let _ = job.reply.send(Ok(scores));
+                        }
+                    }
+                    Err(e) => {
+                        for job in jobs {
+                            let _ = job.reply.send(Err(e.clone()));
+                        }
+                    }
+                }
             }
             WorkerMsg::Manual { batch, from, stamp, reply } => {
                 let _span = profile::handling(stamp, || info(&from, "Manual"));
@@ -116,6 +186,8 @@ struct Inner {
     replicas: Vec<Arc<dyn PromptModel>>,
     task: Arc<TaskSpec>,
     n_devices: usize,
+    max_batch_examples: usize,
+    counters: Arc<Counters>,
     requests: AtomicUsize,
     kill_at_request: usize,
     replaced: AtomicUsize,
@@ -142,28 +214,48 @@ async fn spawn_worker(
     device: usize,
     index: usize,
     model: Arc<dyn PromptModel>,
-    task: Arc<TaskSpec>,
+    inner: &Inner,
 ) -> anyhow::Result<ActorRef<WorkerMsg>> {
     // Unregistered: a replacement must not collide with the name of the worker it replaces.
-    let name = format!("forward-worker-{device}-{index}");
-    let (worker, _) = Actor::spawn(None, ForwardWorker, WorkerState { model, task, name }).await?;
+    let state = WorkerState {
+        model,
+        task: inner.task.clone(),
+        name: format!("forward-worker-{device}-{index}"),
+        max_batch_examples: inner.max_batch_examples,
+        queue: VecDeque::new(),
+        counters: inner.counters.clone(),
+    };
+    let (worker, _) = Actor::spawn(None, ForwardWorker, state).await?;
     Ok(worker)
 }
 
 impl ForwardPool {
-    /// Spawns `per_device` workers for each model replica (one replica per device).
+    /// Spawns `per_device` workers for each model replica (one replica per device); each merges
+    /// queued requests up to `max_batch_examples` example x prompt pairs per forward.
     /// `kill_at_request` (fault injection) kills the worker serving that request, 1-based.
     pub async fn spawn(
         replicas: Vec<Arc<dyn PromptModel>>,
         task: Arc<TaskSpec>,
         per_device: usize,
+        max_batch_examples: usize,
         kill_at_request: usize,
     ) -> anyhow::Result<Self> {
-        let mut slots = Vec::new();
-        for (device, model) in replicas.iter().enumerate() {
+        let mut inner = Inner {
+            slots: Vec::new(),
+            n_devices: replicas.len(),
+            replicas,
+            task,
+            max_batch_examples,
+            counters: Arc::default(),
+            requests: AtomicUsize::new(0),
+            kill_at_request,
+            replaced: AtomicUsize::new(0),
+        };
+        for device in 0..inner.replicas.len() {
             for index in 0..per_device {
-                let worker = spawn_worker(device, index, model.clone(), task.clone()).await?;
-                slots.push(Slot {
+                let model = inner.replicas[device].clone();
+                let worker = spawn_worker(device, index, model, &inner).await?;
+                inner.slots.push(Slot {
                     worker: RwLock::new(worker),
                     device,
                     index,
@@ -171,18 +263,14 @@ impl ForwardPool {
                 });
             }
         }
-        let n_devices = replicas.len();
-        Ok(Self {
-            inner: Arc::new(Inner {
-                slots,
-                replicas,
-                task,
-                n_devices,
-                requests: AtomicUsize::new(0),
-                kill_at_request,
-                replaced: AtomicUsize::new(0),
-            }),
-        })
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Scoring requests served so far, and the forwards that served them (fewer when workers
+    /// merged requests of several clients).
+    pub fn score_counts(&self) -> (usize, usize) {
+        let c = &self.inner.counters;
+        (c.score_requests.load(Ordering::SeqCst), c.score_forwards.load(Ordering::SeqCst))
     }
 
     /// The device a party's batches live on (prepared tensors stay on their device).
@@ -245,7 +333,7 @@ impl ForwardPool {
         }
         dead.kill();
         let model = self.inner.replicas[slot.device].clone();
-        let fresh = spawn_worker(slot.device, slot.index, model, self.inner.task.clone())
+        let fresh = spawn_worker(slot.device, slot.index, model, &self.inner)
             .await
             .map_err(|e| format!("cannot replace forward worker: {e}"))?;
         let mut w = slot.worker.write().map_err(|_| "worker slot poisoned")?;

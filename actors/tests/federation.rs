@@ -77,6 +77,15 @@ fn federation_runs_reproducibly_and_moves_only_a_few_kilobytes() {
     assert_eq!(comparable(&records), comparable(&records2));
     assert_eq!(s.final_test_acc.to_bits(), s2.final_test_acc.to_bits());
 
+    // Workers merged the clients' concurrent requests; without merging (one request per
+    // forward) the metrics are the same, bit for bit.
+    assert!(s.score_forwards < s.score_requests, "{} of {}", s.score_forwards, s.score_requests);
+    let single = tiny(&["runtime.max_batch_examples=1"]);
+    let (s1, records1) = run(&single, &mut env);
+    assert_eq!(s1.score_forwards, s1.score_requests);
+    assert_eq!(comparable(&records), comparable(&records1));
+    assert_eq!(s.final_test_acc.to_bits(), s1.final_test_acc.to_bits());
+
     // Two workers instead of one: the same accuracies, losses within 1e-5 relative.
     let two = tiny(&["runtime.workers_per_device=2"]);
     let (s3, records3) = run(&two, &mut env);

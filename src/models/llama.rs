@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::{
-    downcast, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings, TokenNoise,
+    downcast, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings, ScoreJob,
+    TokenNoise,
 };
 use crate::data::Example;
 use crate::task::{render, Piece, TaskSpec};
@@ -117,9 +118,33 @@ struct Layer {
 
 /// Key/value cache of one batch of left-padded prefixes: per layer `[B, n_kv, T, head_dim]`.
 struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
+    layers: LayerKv,
     /// `[B, T]`: 1 where a real token stands.
     attended: Vec<Vec<bool>>,
+}
+
+/// Keys and values of every layer, `[B, n_kv, T, head_dim]` each.
+type LayerKv = Vec<(Tensor, Tensor)>;
+
+/// One independent stack of sequences in a decoder pass (see `CausalLm::decode`).
+struct Segment<'a> {
+    /// Input embeddings `[B, T, H]`.
+    x: Tensor,
+    /// Position of each of the T columns.
+    positions: Vec<u32>,
+    /// Additive mask `[B, 1, T, T_past + T]`.
+    mask: Tensor,
+    past: Option<&'a KvCache>,
+}
+
+/// Rows of several `[rows, H]` tensors as one; a single tensor passes through untouched.
+fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    if parts.len() == 1 {
+        if let Some(only) = parts.pop() {
+            return Ok(only);
+        }
+    }
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// A Llama-family causal LM with soft-prompt injection.
@@ -484,61 +509,103 @@ impl CausalLm {
         mask: &Tensor,
         past: Option<&KvCache>,
         keep_kv: bool,
-    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
-        let (b, t, h) = x.dims3()?;
+    ) -> Result<(Tensor, LayerKv)> {
+        let seg = Segment { x: x.clone(), positions: positions.to_vec(), mask: mask.clone(), past };
+        let (mut hidden, mut kv) = self.decode(std::slice::from_ref(&seg), keep_kv)?;
+        match (hidden.pop(), kv.pop()) {
+            (Some(h), Some(kv)) => Ok((h, kv)),
+            _ => Err(Error::Model("decoder returned no output".into())),
+        }
+    }
+
+    /// One decoder pass over several independent segments: the row-wise work (norms,
+    /// projections, MLP) runs on all segments' rows at once, attention per segment. Returns each
+    /// segment's last hidden states `[B, T, H]` and, when `keep_kv`, its keys/values per layer.
+    fn decode(&self, segs: &[Segment<'_>], keep_kv: bool) -> Result<(Vec<Tensor>, Vec<LayerKv>)> {
         let (nh, nkv, hd) =
             (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim());
-        let pos = Tensor::new(positions, &self.device)?;
-        let cos = self.cos.index_select(&pos, 0)?.contiguous()?;
-        let sin = self.sin.index_select(&pos, 0)?.contiguous()?;
+        let h = self.cfg.hidden_size;
         let eps = self.cfg.rms_norm_eps as f32;
         let scale = 1.0 / (hd as f64).sqrt();
         let rep = nh / nkv;
-        // The mask repeated for the query heads stacked per kv head.
-        let mask = if rep > 1 { Tensor::cat(&vec![mask; rep], 2)? } else { mask.clone() };
-        let mut x = x.reshape((b * t, h))?;
-        let mut kept = Vec::new();
+        struct Geometry {
+            b: usize,
+            t: usize,
+            first_row: usize,
+            cos: Tensor,
+            sin: Tensor,
+            mask: Tensor,
+        }
+        let mut geometry = Vec::with_capacity(segs.len());
+        let mut rows = Vec::with_capacity(segs.len());
+        let mut first_row = 0;
+        for seg in segs {
+            let (b, t, _) = seg.x.dims3()?;
+            let pos = Tensor::new(seg.positions.as_slice(), &self.device)?;
+            let cos = self.cos.index_select(&pos, 0)?.contiguous()?;
+            let sin = self.sin.index_select(&pos, 0)?.contiguous()?;
+            // The mask repeated for the query heads stacked per kv head.
+            let mask =
+                if rep > 1 { Tensor::cat(&vec![&seg.mask; rep], 2)? } else { seg.mask.clone() };
+            geometry.push(Geometry { b, t, first_row, cos, sin, mask });
+            first_row += b * t;
+            rows.push(seg.x.reshape((b * t, h))?);
+        }
+        let mut x = cat_rows(rows)?;
+        let mut kept = vec![Vec::new(); segs.len()];
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.q.forward(&hn)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k =
-                layer.k.forward(&hn)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v =
-                layer.v.forward(&hn)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let (q, k) = match self.rope {
-                RopeStyle::Interleaved => (
-                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
-                ),
-                RopeStyle::HalfSplit => (
-                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
-                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
-                ),
-            };
-            let (k, v) = match past {
-                Some(c) => {
-                    let (pk, pv) = &c.layers[li];
-                    (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?)
+            let (q_all, k_all, v_all) =
+                (layer.q.forward(&hn)?, layer.k.forward(&hn)?, layer.v.forward(&hn)?);
+            let mut ys = Vec::with_capacity(segs.len());
+            for (si, (seg, g)) in segs.iter().zip(&geometry).enumerate() {
+                let (b, t, n) = (g.b, g.t, g.b * g.t);
+                let heads = |all: &Tensor, n_heads: usize| -> Result<Tensor> {
+                    Ok(all
+                        .narrow(0, g.first_row, n)?
+                        .reshape((b, t, n_heads, hd))?
+                        .transpose(1, 2)?
+                        .contiguous()?)
+                };
+                let (q, k, v) = (heads(&q_all, nh)?, heads(&k_all, nkv)?, heads(&v_all, nkv)?);
+                let (q, k) = match self.rope {
+                    RopeStyle::Interleaved => (
+                        candle_nn::rotary_emb::rope_i(&q, &g.cos, &g.sin)?,
+                        candle_nn::rotary_emb::rope_i(&k, &g.cos, &g.sin)?,
+                    ),
+                    RopeStyle::HalfSplit => (
+                        candle_nn::rotary_emb::rope(&q, &g.cos, &g.sin)?,
+                        candle_nn::rotary_emb::rope(&k, &g.cos, &g.sin)?,
+                    ),
+                };
+                let (k, v) = match seg.past {
+                    Some(c) => {
+                        let (pk, pv) = &c.layers[li];
+                        (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?)
+                    }
+                    None => (k, v),
+                };
+                if keep_kv {
+                    kept[si].push((k.clone(), v.clone()));
                 }
-                None => (k, v),
-            };
-            if keep_kv {
-                kept.push((k.clone(), v.clone()));
+                // Grouped-query attention without copying keys: the query heads that share a kv
+                // head are stacked along the query axis, so one matmul per (example, kv head)
+                // instead of one per query head.
+                let q = q.reshape((b, nkv, rep * t, hd))?;
+                let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&g.mask)?;
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                ys.push(att.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((n, h))?);
             }
-            // Grouped-query attention without copying keys: the query heads that share a kv
-            // head are stacked along the query axis, so one matmul per (example, kv head)
-            // instead of one per query head.
-            let q = q.reshape((b, nkv, rep * t, hd))?;
-            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y =
-                att.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, h))?;
-            x = (x + layer.o.forward(&y)?)?;
+            x = (x + layer.o.forward(&cat_rows(ys)?)?)?;
             let hn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let ff = (candle_nn::ops::silu(&layer.gate.forward(&hn)?)? * layer.up.forward(&hn)?)?;
             x = (x + layer.down.forward(&ff)?)?;
         }
-        Ok((x.reshape((b, t, h))?, kept))
+        let hidden = geometry
+            .iter()
+            .map(|g| Ok(x.narrow(0, g.first_row, g.b * g.t)?.reshape((g.b, g.t, h))?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((hidden, kept))
     }
 
     /// Logits of `label_ids` from final hidden states `[N, H]`.
@@ -776,6 +843,22 @@ impl PromptModel for CausalLm {
         }
         self.score_candidates(b, &tensors, true)
     }
+
+    fn scores_jobs(&self, jobs: &[ScoreJob<'_>]) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
+        let batches = jobs
+            .iter()
+            .map(|j| downcast::<CausalBatch>(j.batch, "llama"))
+            .collect::<Result<Vec<_>>>()?;
+        // Suffix chunks are independent segments over their own caches: any number of them
+        // share one pass. Prefix batches would need re-padding; they run one by one.
+        let mergeable = jobs.len() > 1
+            && batches.iter().all(|b| b.placement == Placement::Suffix)
+            && jobs.iter().all(|j| !j.prompts.is_empty());
+        if !mergeable {
+            return jobs.iter().map(|j| self.scores_many(j.batch, j.prompts)).collect();
+        }
+        self.suffix_jobs(jobs, &batches)
+    }
 }
 
 impl CausalLm {
@@ -801,11 +884,7 @@ impl CausalLm {
                         with_placeholders,
                         &b.label_ids,
                     )?;
-                    for (p, rows) in s.into_iter().enumerate() {
-                        for (&i, row) in chunk.iter().zip(rows) {
-                            out[p][i] = row;
-                        }
-                    }
+                    scatter(&mut out, chunk, s);
                 }
             }
             Placement::Prefix => {
@@ -864,6 +943,21 @@ impl CausalLm {
         with_placeholders: bool,
         label_ids: &[u32],
     ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let (seg, s) =
+            self.suffix_segment(cache, tail, placeholders, prompts, with_placeholders)?;
+        let (h, _) = self.forward_embeds(&seg.x, &seg.positions, &seg.mask, seg.past, false)?;
+        self.suffix_logits(&h, prompts.len().max(1), s, label_ids)
+    }
+
+    /// The decoder input of one chunk's candidate blocks, and the block length `S`.
+    fn suffix_segment<'a>(
+        &self,
+        cache: &'a KvCache,
+        tail: &[u32],
+        placeholders: &[u32],
+        prompts: &[Tensor],
+        with_placeholders: bool,
+    ) -> Result<(Segment<'a>, usize)> {
         let n_cand = prompts.len().max(1);
         let b = cache.attended.len();
         let t_past = cache.attended[0].len();
@@ -885,14 +979,65 @@ impl CausalLm {
         let positions: Vec<u32> =
             (0..n_cand).flat_map(|_| (0..s as u32).map(|j| t_past as u32 + j)).collect();
         let mask = block_mask(&cache.attended, n_cand, s, &self.device)?;
-        let (h, _) = self.forward_embeds(&x, &positions, &mask, Some(cache), false)?;
-        // Last token of each candidate block.
+        Ok((Segment { x, positions, mask, past: Some(cache) }, s))
+    }
+
+    /// Label logits `[prompt][example][class]` from the hidden states `[B, P*S, H]` of a chunk's
+    /// candidate blocks: the last token of each block.
+    fn suffix_logits(
+        &self,
+        h: &Tensor,
+        n_cand: usize,
+        s: usize,
+        label_ids: &[u32],
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let b = h.dim(0)?;
         let idx: Vec<u32> = (0..n_cand).map(|p| (p * s + s - 1) as u32).collect();
         let last = h.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 1)?; // [B, P, H]
         let last = last.reshape((b * n_cand, self.cfg.hidden_size))?;
         let logits = self.label_logits(&last, label_ids)?.reshape((b, n_cand, label_ids.len()))?;
-        let logits = logits.transpose(0, 1)?.contiguous()?.to_vec3::<f32>()?;
-        Ok(logits)
+        Ok(logits.transpose(0, 1)?.contiguous()?.to_vec3::<f32>()?)
+    }
+
+    /// Several jobs' suffix chunks through one decoder pass.
+    fn suffix_jobs(
+        &self,
+        jobs: &[ScoreJob<'_>],
+        batches: &[&CausalBatch],
+    ) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
+        let mut segs = Vec::new();
+        let mut origin = Vec::new(); // (job, the chunk's example indices, block length)
+        for (ji, (job, b)) in jobs.iter().zip(batches).enumerate() {
+            let prompts =
+                job.prompts.iter().map(|p| self.prompt_tensor(p)).collect::<Result<Vec<_>>>()?;
+            for (cache, chunk) in b.caches.iter().zip(b.order.chunks(self.chunk_examples)) {
+                let (seg, s) =
+                    self.suffix_segment(cache, &b.tail, &b.placeholders, &prompts, true)?;
+                segs.push(seg);
+                origin.push((ji, chunk, s));
+            }
+        }
+        let (hidden, _) = self.decode(&segs, false)?;
+        let mut out: Vec<Vec<Vec<Vec<f32>>>> = jobs
+            .iter()
+            .zip(batches)
+            .map(|(j, b)| vec![vec![Vec::new(); b.examples.len()]; j.prompts.len()])
+            .collect();
+        for (h, &(ji, chunk, s)) in hidden.iter().zip(&origin) {
+            let logits =
+                self.suffix_logits(h, jobs[ji].prompts.len(), s, &batches[ji].label_ids)?;
+            scatter(&mut out[ji], chunk, logits);
+        }
+        Ok(out)
+    }
+}
+
+/// Writes a chunk's `[prompt][row][class]` scores to the rows' example indices.
+fn scatter(out: &mut [Vec<Vec<f32>>], chunk: &[usize], scores: Vec<Vec<Vec<f32>>>) {
+    for (p, rows) in scores.into_iter().enumerate() {
+        for (&i, row) in chunk.iter().zip(rows) {
+            out[p][i] = row;
+        }
     }
 }
 

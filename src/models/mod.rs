@@ -113,6 +113,20 @@ pub trait PromptModel: Send + Sync {
     fn scores_many(&self, batch: &Prepared, prompts: &[&[f32]]) -> Result<Vec<Vec<Vec<f32>>>> {
         prompts.iter().map(|p| self.scores(batch, Some(p))).collect()
     }
+
+    /// Scores of several independent jobs (different clients' batches and populations),
+    /// `[job][prompt][example][class]`. Backends whose shapes allow it run them as one forward;
+    /// each job's scores equal its own [`PromptModel::scores_many`] up to float rounding.
+    fn scores_jobs(&self, jobs: &[ScoreJob<'_>]) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
+        jobs.iter().map(|j| self.scores_many(j.batch, j.prompts)).collect()
+    }
+}
+
+/// One scoring request: a prepared batch and the prompts to score on it.
+#[derive(Clone, Copy)]
+pub struct ScoreJob<'a> {
+    pub batch: &'a Prepared,
+    pub prompts: &'a [&'a [f32]],
 }
 
 pub(crate) fn downcast<'a, T: 'static>(batch: &'a Prepared, backend: &str) -> Result<&'a T> {
