@@ -39,6 +39,10 @@ pub struct BbtSummary {
     pub zero_shot_test_acc: f64,
     /// Placeholders present, z = 0.
     pub zero_prompt_test_acc: f64,
+    /// The same two baselines on the dev set: for choosing templates and placeholders without
+    /// looking at the test set.
+    pub zero_shot_dev_acc: f64,
+    pub zero_prompt_dev_acc: f64,
     pub final_test_acc: f64,
     pub best_dev_test_acc: f64,
     pub best_dev_acc: f64,
@@ -112,6 +116,8 @@ pub fn run(
     let (zero_shot_test_acc, _) = evaluate(model, &sets.test, None, cfg.loss_type)?;
     let zero = vec![0f32; projection.out_dim()];
     let (zero_prompt_test_acc, _) = evaluate(model, &sets.test, Some(&zero), cfg.loss_type)?;
+    let (zero_shot_dev_acc, _) = evaluate(model, &sets.dev, None, cfg.loss_type)?;
+    let (zero_prompt_dev_acc, _) = evaluate(model, &sets.dev, Some(&zero), cfg.loss_type)?;
 
     let mut es = Cmaes::new(
         vec![0.0; cfg.intrinsic_dim],
@@ -173,6 +179,8 @@ pub fn run(
         seed: cfg.seed,
         zero_shot_test_acc,
         zero_prompt_test_acc,
+        zero_shot_dev_acc,
+        zero_prompt_dev_acc,
         final_test_acc,
         best_dev_test_acc,
         best_dev_acc: best_dev.0,

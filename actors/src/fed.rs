@@ -151,6 +151,7 @@ pub fn run(
     accuracy_png(
         &out.join("accuracy.png"),
         &format!("{} on {} ({:?})", s.model, s.task, s.aggregation),
+        "round",
         &with_baselines(curve("test accuracy (round 0: z = 0)", &records), &s, records.len()),
     )?;
     println!(
@@ -208,7 +209,13 @@ pub fn compare(
                 let part = if iid { "iid" } else { "noniid" };
                 let label = format!("{name} {part} seed {seed}");
                 let dir = out.join(format!("{}-{part}-seed{seed}", name.to_lowercase()));
-                let (s, records) = run_one(&rt, &cfg, &mut env, &dir, &label, None)?;
+                let (s, records) = match finished_run(&dir, &cfg) {
+                    Some(done) => {
+                        say(&format!("{label}: reusing the finished run in {}", dir.display()));
+                        done
+                    }
+                    None => run_one(&rt, &cfg, &mut env, &dir, &label, None)?,
+                };
                 say(&format!(
                     "{label}: final {:.2}% best-on-dev {:.2}% ({:.0}s)",
                     100.0 * s.final_test_acc,
@@ -282,6 +289,7 @@ pub fn compare(
     accuracy_png(
         &out.join("compare.png"),
         &format!("{}: test accuracy per round (mean of seeds)", env.task.name),
+        "round",
         &curves,
     )?;
     println!("{md}");
@@ -295,6 +303,20 @@ pub fn compare(
 
 /// `bench-faults`: final accuracy and wall time versus the fraction of clients killed per round,
 /// over seeds; a markdown table and a plot.
+/// A run of exactly `cfg` that finished in `dir` earlier (an interrupted benchmark goes on
+/// where it stopped instead of redoing its runs).
+fn finished_run(dir: &Path, cfg: &Config) -> Option<(FedSummary, Vec<RoundRecord>)> {
+    let summary: FedSummary =
+        serde_json::from_slice(&fs::read(dir.join("summary.json")).ok()?).ok()?;
+    let records: Vec<RoundRecord> = fs::read_to_string(dir.join("metrics.jsonl"))
+        .ok()?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    (summary.config == *cfg && records.len() == summary.rounds).then_some((summary, records))
+}
+
 pub fn bench_faults(
     config: &Path,
     out: PathBuf,
@@ -307,6 +329,7 @@ pub fn bench_faults(
     let mut env = Env::load(&base, &mut |m| say(m))?;
     let mut md = format!(
         "Kill rate vs accuracy on {} with {}, {} clients, {} rounds, seeds {:?} (mean ± std).\n\n\
+         Wall: each run's, less the one-off preparation of the shared test set.\n\n\
          | killed per round | final test acc (%) | best-on-dev test acc (%) | wall (s) | replies per round |\n\
          |---|---|---|---|---|\n",
         env.task.name,
@@ -315,7 +338,7 @@ pub fn bench_faults(
         base.num_rounds,
         seeds
     );
-    let mut acc_curve = Vec::new();
+    let (mut acc_curve, mut best_curve) = (Vec::new(), Vec::new());
     let mut rows = Vec::new();
     for &rate in rates {
         let (mut finals, mut bests, mut walls, mut replies) =
@@ -327,10 +350,16 @@ pub fn bench_faults(
             cfg.validate()?;
             let label = format!("kill {:.0}% seed {seed}", 100.0 * rate);
             let dir = out.join(format!("kill{:.0}-seed{seed}", 100.0 * rate));
-            let (s, records) = run_one(&rt, &cfg, &mut env, &dir, &label, None)?;
+            let (s, records) = match finished_run(&dir, &cfg) {
+                Some(done) => {
+                    say(&format!("{label}: reusing the finished run in {}", dir.display()));
+                    done
+                }
+                None => run_one(&rt, &cfg, &mut env, &dir, &label, None)?,
+            };
             finals.push(s.final_test_acc);
             bests.push(s.best_dev_test_acc);
-            walls.push(s.wall_s);
+            walls.push(s.wall_s - s.test_setup_s);
             replies.push(
                 records.iter().map(|r| r.clients_ok as f64).sum::<f64>()
                     / records.len().max(1) as f64,
@@ -352,6 +381,7 @@ pub fn bench_faults(
             r
         ));
         acc_curve.push((100.0 * rate, 100.0 * f));
+        best_curve.push((100.0 * rate, 100.0 * b));
         rows.push(serde_json::json!({"kill_fraction": rate, "final_test_acc": finals, "best_dev_test_acc": bests, "wall_s": walls}));
     }
     fs::create_dir_all(&out)?;
@@ -360,8 +390,12 @@ pub fn bench_faults(
     fs::write(out.join("faults.json"), serde_json::to_vec_pretty(&rows)?)?;
     accuracy_png(
         &out.join("faults.png"),
-        "final test accuracy (%) vs clients killed per round (%)",
-        &[Curve { name: "final test accuracy".into(), points: acc_curve }],
+        "test accuracy (%) vs clients killed per round (mean of seeds)",
+        "clients killed per round (%)",
+        &[
+            Curve { name: "final".into(), points: acc_curve },
+            Curve { name: "best-on-dev".into(), points: best_curve },
+        ],
     )?;
     println!("{md}");
     Ok(())

@@ -17,8 +17,8 @@ use fedbpt::seeds::{derive, tag};
 use fedbpt::strategy::{Aggregator, FedAvgBbt, FedBpt};
 use fedbpt::task::TaskSpec;
 use ractor::rpc::CallResult;
-use ractor::Actor;
-use serde::Serialize;
+use ractor::{Actor, ActorCell};
+use serde::{Deserialize, Serialize};
 
 use crate::client::ClientArgs;
 use crate::data_loader::{DataLoader, DataState};
@@ -30,7 +30,7 @@ use crate::server::{Checkpoint, RoundRecord, Server, ServerArgs, ServerEvent};
 use crate::supervisor::{ClientSupervisor, Registry, RestartLog, SupervisorArgs};
 
 /// `summary.json` of a federated run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FedSummary {
     pub model: String,
     pub task: String,
@@ -61,6 +61,10 @@ pub struct FedSummary {
     pub score_requests: usize,
     pub score_forwards: usize,
     pub wall_s: f64,
+    /// Part of `wall_s` spent preparing the test set and scoring its baselines; 0 when an earlier
+    /// run in this process did it (`compare` and `bench-faults` run many).
+    #[serde(default)]
+    pub test_setup_s: f64,
     pub config: Config,
 }
 
@@ -155,22 +159,35 @@ pub async fn run(
         cfg.faults.kill_worker_at_request,
     )
     .await?;
-    let result = run_with_pool(&cfg, env, &data, &pool, started, opts, on_round).await;
+    let mut ctx = RunContext { data: &data, pool: &pool, started, spawned: Vec::new() };
+    let result = run_with_pool(&cfg, env, &mut ctx, opts, on_round).await;
+    // Named actors must be gone before this process starts another run with the same names.
+    for cell in ctx.spawned.into_iter().rev() {
+        stop_and_wait(cell).await;
+    }
     pool.stop();
     let (mut summary, records) = result?;
     summary.train_examples = train_examples;
     Ok((summary, records))
 }
 
+/// What one run's actors share, and the actors it spawned (stopped when the run ends).
+struct RunContext<'a> {
+    data: &'a Data,
+    pool: &'a ForwardPool,
+    started: Instant,
+    spawned: Vec<ActorCell>,
+}
+
 async fn run_with_pool(
     cfg: &Arc<Config>,
     env: &mut Env,
-    data: &Data,
-    pool: &ForwardPool,
-    started: Instant,
+    ctx: &mut RunContext<'_>,
     opts: RunOptions,
     on_round: &mut dyn FnMut(&RoundRecord),
 ) -> Result<(FedSummary, Vec<RoundRecord>)> {
+    let (data, pool, started) = (ctx.data, ctx.pool, ctx.started);
+    let spawned = &mut ctx.spawned;
     // Evaluation runs on the device of `eval_clients` (validated by the config).
     let eval_party = client_index(&cfg.eval_clients, cfg.num_users).unwrap_or(0);
     let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?.clone();
@@ -181,7 +198,7 @@ async fn run_with_pool(
         DataState { shards: data.shards.clone(), dev: data.dev.clone(), test: data.test.clone() },
     )
     .await?;
-    let mut spawned = vec![data_ref.get_cell()];
+    spawned.push(data_ref.get_cell());
 
     // The evaluator's sets come from the data loader; the prepared test set is reused across
     // runs of this process (the test split does not depend on the seed).
@@ -193,6 +210,7 @@ async fn run_with_pool(
         _ => bail!("the data loader did not serve the evaluation sets"),
     };
     let dev_prepared = pool.prepare(eval_party, "main", dev, None).await.map_err(|e| anyhow!(e))?;
+    let test_setup = Instant::now();
     let (test_prepared, cached_baselines) = match &env.test {
         Some((examples, prepared, baselines)) if **examples == *test => {
             (prepared.clone(), Some(*baselines))
@@ -226,6 +244,8 @@ async fn run_with_pool(
             _ => bail!("the evaluator did not answer"),
         },
     };
+    let test_setup_s =
+        if cached_baselines.is_some() { 0.0 } else { test_setup.elapsed().as_secs_f64() };
     env.test = Some((test.clone(), test_prepared, baselines));
     let z0 = vec![0f32; cfg.intrinsic_dim];
     let initial = match evaluator
@@ -312,9 +332,6 @@ async fn run_with_pool(
         None => 1,
     };
     if first > cfg.num_rounds {
-        for cell in spawned {
-            cell.stop(None);
-        }
         bail!("the checkpoint is of a finished run ({} of {} rounds)", first - 1, cfg.num_rounds);
     }
     server.send_message(ServerMsg::RunRound { round: first, stamp: profile::stamp() })?;
@@ -372,6 +389,7 @@ async fn run_with_pool(
                     score_requests: pool.score_counts().0,
                     score_forwards: pool.score_counts().1,
                     wall_s: started.elapsed().as_secs_f64(),
+                    test_setup_s,
                     config: (**cfg).clone(),
                 },
                 records,
@@ -379,10 +397,15 @@ async fn run_with_pool(
         }
         Err(e) => Err(e),
     };
-    for cell in spawned {
-        cell.stop(None);
-    }
     result
+}
+
+/// Stops an actor and waits until it is gone (and its name free); kills it if it does not stop.
+pub(crate) async fn stop_and_wait(cell: ActorCell) {
+    let grace = Some(std::time::Duration::from_secs(10));
+    if cell.stop_and_wait(None, grace).await.is_err() {
+        let _ = cell.kill_and_wait(grace).await;
+    }
 }
 
 async fn test_acc(evaluator: &ractor::ActorRef<EvalMsg>, z: Vec<f32>) -> Result<f64> {

@@ -35,7 +35,7 @@ fn font_registered() -> bool {
 }
 
 /// Draws `curves` into a PNG at `path`.
-pub fn accuracy_png(path: &Path, title: &str, curves: &[Curve]) -> Result<()> {
+pub fn accuracy_png(path: &Path, title: &str, x_label: &str, curves: &[Curve]) -> Result<()> {
     let with_text = font_registered();
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
@@ -56,7 +56,7 @@ pub fn accuracy_png(path: &Path, title: &str, curves: &[Curve]) -> Result<()> {
     let mut chart = builder.build_cartesian_2d(0f64..x_max, y_min..y_max).map_err(|e| err(&e))?;
     let mut mesh = chart.configure_mesh();
     if with_text {
-        mesh.x_desc("round").y_desc("test accuracy (%)");
+        mesh.x_desc(x_label).y_desc("test accuracy (%)");
     } else {
         mesh.disable_x_axis().disable_y_axis();
     }

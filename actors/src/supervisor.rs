@@ -153,12 +153,15 @@ impl Actor for ClientSupervisor {
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         state.stopping = true;
-        if let Ok(slots) = state.args.registry.read() {
-            for s in slots.iter() {
-                if let Some(a) = &s.actor {
-                    a.stop(None);
-                }
+        let clients: Vec<ActorCell> = match state.args.registry.read() {
+            Ok(slots) => {
+                slots.iter().filter_map(|s| s.actor.as_ref().map(|a| a.get_cell())).collect()
             }
+            Err(_) => Vec::new(),
+        };
+        // Waited for, so that their names (`site-N`) are free when this returns.
+        for c in clients {
+            crate::federation::stop_and_wait(c).await;
         }
         Ok(())
     }
