@@ -18,8 +18,9 @@ use crate::messages::{Reply, WorkerMsg};
 use crate::profile::{self, MessageInfo, Stamp};
 
 /// A forward worker: runs one forward at a time on a blocking thread, so the async runtime
-/// keeps moving messages meanwhile. `Score` requests are queued and served by `Flush`: the
-/// requests that arrived while a forward ran are merged into the next one.
+/// keeps moving messages meanwhile. With merging on (`max_batch_examples > 1`), `Score`
+/// requests are queued and served by `Flush`: the requests that arrived while a forward ran are
+/// merged into the next one. Without, each `Score` is served in its own handler.
 pub struct ForwardWorker;
 
 pub struct WorkerState {
@@ -48,6 +49,45 @@ struct Counters {
 }
 
 impl WorkerState {
+    /// Runs `jobs` as one forward and answers each.
+    async fn serve(&self, jobs: Vec<QueuedScore>) {
+        if jobs.is_empty() {
+            return;
+        }
+        self.counters.score_forwards.fetch_add(1, Ordering::SeqCst);
+        let model = self.model.clone();
+        let started = Instant::now();
+        let examples = jobs.iter().map(|j| j.batch.len()).sum();
+        let tokens = jobs.iter().map(|j| j.batch.tokens_per_pass * j.prompts.len()).sum();
+        let candidates = jobs.iter().map(|j| j.prompts.len()).sum();
+        let served = jobs.iter().map(|j| j.from.as_str()).collect::<Vec<_>>().join("+");
+        let inputs: Vec<_> = jobs.iter().map(|j| (j.batch.clone(), j.prompts.clone())).collect();
+        let r = tokio::task::spawn_blocking(move || {
+            let refs: Vec<Vec<&[f32]>> =
+                inputs.iter().map(|(_, p)| p.iter().map(|v| v.as_slice()).collect()).collect();
+            let batch: Vec<ScoreJob<'_>> = inputs
+                .iter()
+                .zip(&refs)
+                .map(|((b, _), p)| ScoreJob { batch: b.as_ref(), prompts: p.as_slice() })
+                .collect();
+            model.scores_jobs(&batch)
+        })
+        .await;
+        profile::forward(&self.name, started, examples, tokens, candidates, &served);
+        match flatten(r) {
+            Ok(all) => {
+                for (job, scores) in jobs.into_iter().zip(all) {
+                    let _ = job.reply.send(Ok(scores));
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
     /// The longest run of queued requests that fits `max_batch_examples` (at least one).
     fn take_batch(&mut self) -> Vec<QueuedScore> {
         let mut taken: Vec<QueuedScore> = Vec::new();
@@ -109,48 +149,17 @@ impl Actor for ForwardWorker {
                 let _span = profile::handling(stamp, || info(&from, "Score"));
                 state.counters.score_requests.fetch_add(1, Ordering::SeqCst);
                 state.queue.push_back(QueuedScore { batch, prompts, from, reply });
-                me.send_message(WorkerMsg::Flush)?;
+                if state.max_batch_examples > 1 {
+                    me.send_message(WorkerMsg::Flush)?;
+                } else {
+                    // No merging: serve it now, so the message's span covers its forward.
+                    let jobs = state.take_batch();
+                    state.serve(jobs).await;
+                }
             }
             WorkerMsg::Flush => {
                 let jobs = state.take_batch();
-                if jobs.is_empty() {
-                    return Ok(());
-                }
-                state.counters.score_forwards.fetch_add(1, Ordering::SeqCst);
-                let model = state.model.clone();
-                let started = Instant::now();
-                let examples = jobs.iter().map(|j| j.batch.len()).sum();
-                let tokens = jobs.iter().map(|j| j.batch.tokens_per_pass * j.prompts.len()).sum();
-                let candidates = jobs.iter().map(|j| j.prompts.len()).sum();
-                let served = jobs.iter().map(|j| j.from.as_str()).collect::<Vec<_>>().join("+");
-                let inputs: Vec<_> =
-                    jobs.iter().map(|j| (j.batch.clone(), j.prompts.clone())).collect();
-                let r = tokio::task::spawn_blocking(move || {
-                    let refs: Vec<Vec<&[f32]>> = inputs
-                        .iter()
-                        .map(|(_, p)| p.iter().map(|v| v.as_slice()).collect())
-                        .collect();
-                    let batch: Vec<ScoreJob<'_>> = inputs
-                        .iter()
-                        .zip(&refs)
-                        .map(|((b, _), p)| ScoreJob { batch: b.as_ref(), prompts: p.as_slice() })
-                        .collect();
-                    model.scores_jobs(&batch)
-                })
-                .await;
-                profile::forward(&state.name, started, examples, tokens, candidates, &served);
-                match flatten(r) {
-                    Ok(all) => {
-                        for (job, scores) in jobs.into_iter().zip(all) {
-                            let _ = job.reply.send(Ok(scores));
-                        }
-                    }
-                    Err(e) => {
-                        for job in jobs {
-                            let _ = job.reply.send(Err(e.clone()));
-                        }
-                    }
-                }
+                state.serve(jobs).await;
             }
             WorkerMsg::Manual { batch, from, stamp, reply } => {
                 let _span = profile::handling(stamp, || info(&from, "Manual"));

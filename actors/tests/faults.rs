@@ -107,6 +107,14 @@ fn worker_killed_mid_batch_is_replaced_and_nothing_changes() {
         without_wall(&r),
         "the retried request computes the same thing"
     );
+    // With merging, the dying worker holds several clients' requests: each is retried.
+    let merged = tiny(&[
+        "num_rounds=2",
+        "faults.kill_worker_at_request=30",
+        "runtime.max_batch_examples=256",
+    ]);
+    let r = run(&merged, &mut env);
+    assert_eq!(without_wall(&clean), without_wall(&r), "every request of the lost batch retried");
 }
 
 #[test]
