@@ -197,3 +197,42 @@ fn trace_and_message_table_account_for_every_server_client_byte() {
     assert!(metrics_bytes > 0);
     assert_eq!(csv_bytes, metrics_bytes);
 }
+
+/// Compute and tokio threads are per process: two runs of the binary, one thread each vs two.
+/// The same accuracies; losses equal within 1e-5 relative (the matmuls may split differently).
+#[test]
+fn thread_counts_change_no_accuracy_and_losses_only_by_rounding() {
+    let bin = env!("CARGO_BIN_EXE_fedbpt");
+    let tmp = tempfile::tempdir().unwrap();
+    let run_with = |threads: usize| -> Vec<serde_json::Value> {
+        let out = tmp.path().join(format!("threads-{threads}"));
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(["run", "../configs/quickstart.toml", "--out"]).arg(&out);
+        for s in TINY {
+            cmd.args(["--set", s]);
+        }
+        for s in [
+            format!("runtime.compute_threads={threads}"),
+            format!("runtime.tokio_threads={threads}"),
+        ] {
+            cmd.args(["--set", &s]);
+        }
+        assert!(cmd.status().unwrap().success());
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (one, two) = (run_with(1), run_with(2));
+    assert_eq!(one.len(), 2);
+    assert_eq!(one.len(), two.len());
+    for (a, b) in one.iter().zip(&two) {
+        assert_eq!(a["test_acc"], b["test_acc"]);
+        assert_eq!(a["dev_acc"], b["dev_acc"]);
+        for key in ["train_loss", "dev_loss", "sigma"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-5 * x.abs(), "{key}: {x} vs {y}");
+        }
+    }
+}
