@@ -77,6 +77,35 @@ fn run_one(
     Ok((summary, records))
 }
 
+/// A run of exactly `cfg` that finished in `dir` earlier (an interrupted benchmark goes on
+/// where it stopped instead of redoing its runs).
+fn finished_run(dir: &Path, cfg: &Config) -> Option<(FedSummary, Vec<RoundRecord>)> {
+    let summary: FedSummary =
+        serde_json::from_slice(&fs::read(dir.join("summary.json")).ok()?).ok()?;
+    let records: Vec<RoundRecord> = fs::read_to_string(dir.join("metrics.jsonl"))
+        .ok()?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    (summary.config == *cfg && records.len() == summary.rounds).then_some((summary, records))
+}
+
+/// The finished run in `dir` if there is one for `cfg`, else a new run there.
+fn run_or_reuse(
+    rt: &tokio::runtime::Runtime,
+    cfg: &Config,
+    env: &mut Env,
+    dir: &Path,
+    label: &str,
+) -> Result<(FedSummary, Vec<RoundRecord>)> {
+    if let Some(done) = finished_run(dir, cfg) {
+        say(&format!("{label}: reusing the finished run in {}", dir.display()));
+        return Ok(done);
+    }
+    run_one(rt, cfg, env, dir, label, None)
+}
+
 /// The run's curve starting at z = 0 (round 0), and the manual prompt as a flat line.
 fn with_baselines(mut c: Curve, s: &FedSummary, rounds: usize) -> Vec<Curve> {
     c.points.insert(0, (0.0, 100.0 * s.zero_prompt_test_acc));
@@ -209,13 +238,7 @@ pub fn compare(
                 let part = if iid { "iid" } else { "noniid" };
                 let label = format!("{name} {part} seed {seed}");
                 let dir = out.join(format!("{}-{part}-seed{seed}", name.to_lowercase()));
-                let (s, records) = match finished_run(&dir, &cfg) {
-                    Some(done) => {
-                        say(&format!("{label}: reusing the finished run in {}", dir.display()));
-                        done
-                    }
-                    None => run_one(&rt, &cfg, &mut env, &dir, &label, None)?,
-                };
+                let (s, records) = run_or_reuse(&rt, &cfg, &mut env, &dir, &label)?;
                 say(&format!(
                     "{label}: final {:.2}% best-on-dev {:.2}% ({:.0}s)",
                     100.0 * s.final_test_acc,
@@ -303,20 +326,6 @@ pub fn compare(
 
 /// `bench-faults`: final accuracy and wall time versus the fraction of clients killed per round,
 /// over seeds; a markdown table and a plot.
-/// A run of exactly `cfg` that finished in `dir` earlier (an interrupted benchmark goes on
-/// where it stopped instead of redoing its runs).
-fn finished_run(dir: &Path, cfg: &Config) -> Option<(FedSummary, Vec<RoundRecord>)> {
-    let summary: FedSummary =
-        serde_json::from_slice(&fs::read(dir.join("summary.json")).ok()?).ok()?;
-    let records: Vec<RoundRecord> = fs::read_to_string(dir.join("metrics.jsonl"))
-        .ok()?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .ok()?;
-    (summary.config == *cfg && records.len() == summary.rounds).then_some((summary, records))
-}
-
 pub fn bench_faults(
     config: &Path,
     out: PathBuf,
@@ -350,13 +359,7 @@ pub fn bench_faults(
             cfg.validate()?;
             let label = format!("kill {:.0}% seed {seed}", 100.0 * rate);
             let dir = out.join(format!("kill{:.0}-seed{seed}", 100.0 * rate));
-            let (s, records) = match finished_run(&dir, &cfg) {
-                Some(done) => {
-                    say(&format!("{label}: reusing the finished run in {}", dir.display()));
-                    done
-                }
-                None => run_one(&rt, &cfg, &mut env, &dir, &label, None)?,
-            };
+            let (s, records) = run_or_reuse(&rt, &cfg, &mut env, &dir, &label)?;
             finals.push(s.final_test_acc);
             bests.push(s.best_dev_test_acc);
             walls.push(s.wall_s - s.test_setup_s);
