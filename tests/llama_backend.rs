@@ -35,6 +35,19 @@ fn randn(rng: &mut ChaCha8Rng, shape: (usize, usize), std: f32) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
+const KV: usize = HIDDEN / HEADS * KV_HEADS;
+
+/// Each layer's projections: GGUF name, Hugging Face name, shape `[out, in]`.
+const PROJECTIONS: [(&str, &str, (usize, usize)); 7] = [
+    ("attn_q", "self_attn.q_proj", (HIDDEN, HIDDEN)),
+    ("attn_k", "self_attn.k_proj", (KV, HIDDEN)),
+    ("attn_v", "self_attn.v_proj", (KV, HIDDEN)),
+    ("attn_output", "self_attn.o_proj", (HIDDEN, HIDDEN)),
+    ("ffn_gate", "mlp.gate_proj", (FFN, HIDDEN)),
+    ("ffn_up", "mlp.up_proj", (FFN, HIDDEN)),
+    ("ffn_down", "mlp.down_proj", (HIDDEN, FFN)),
+];
+
 fn write_gguf(dir: &Path) -> PathBuf {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let (tokens, merges) = vocab();
@@ -44,7 +57,6 @@ fn write_gguf(dir: &Path) -> PathBuf {
         let v: Vec<f32> = (0..n).map(|i| 1.0 + 0.01 * (i % 7) as f32).collect();
         QTensor::quantize(&Tensor::from_vec(v, n, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
     };
-    let kv = HIDDEN / HEADS * KV_HEADS;
     let mut tensors: Vec<(String, QTensor)> = vec![
         (
             "token_embd.weight".into(),
@@ -56,15 +68,7 @@ fn write_gguf(dir: &Path) -> PathBuf {
         let p = format!("blk.{i}");
         tensors.push((format!("{p}.attn_norm.weight"), ones(HIDDEN)));
         tensors.push((format!("{p}.ffn_norm.weight"), ones(HIDDEN)));
-        for (name, shape) in [
-            ("attn_q", (HIDDEN, HIDDEN)),
-            ("attn_k", (kv, HIDDEN)),
-            ("attn_v", (kv, HIDDEN)),
-            ("attn_output", (HIDDEN, HIDDEN)),
-            ("ffn_gate", (FFN, HIDDEN)),
-            ("ffn_up", (FFN, HIDDEN)),
-            ("ffn_down", (HIDDEN, FFN)),
-        ] {
+        for (name, _, shape) in PROJECTIONS {
             tensors.push((
                 format!("{p}.{name}.weight"),
                 q(randn(&mut rng, shape, 0.2), GgmlDType::Q4_1),
@@ -398,7 +402,6 @@ fn safetensors_llama_matches_candle_llama() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let (tokens, merges) = vocab();
     let vocab_size = tokens.len();
-    let kv = HIDDEN / HEADS * KV_HEADS;
     let mut ts = std::collections::HashMap::new();
     ts.insert("model.embed_tokens.weight".to_string(), randn(&mut rng, (vocab_size, HIDDEN), 0.5));
     ts.insert("lm_head.weight".to_string(), randn(&mut rng, (vocab_size, HIDDEN), 0.5));
@@ -408,15 +411,7 @@ fn safetensors_llama_matches_candle_llama() {
     );
     for i in 0..LAYERS {
         let p = format!("model.layers.{i}");
-        for (n, shape) in [
-            ("self_attn.q_proj", (HIDDEN, HIDDEN)),
-            ("self_attn.k_proj", (kv, HIDDEN)),
-            ("self_attn.v_proj", (kv, HIDDEN)),
-            ("self_attn.o_proj", (HIDDEN, HIDDEN)),
-            ("mlp.gate_proj", (FFN, HIDDEN)),
-            ("mlp.up_proj", (FFN, HIDDEN)),
-            ("mlp.down_proj", (HIDDEN, FFN)),
-        ] {
+        for (_, n, shape) in PROJECTIONS {
             ts.insert(format!("{p}.{n}.weight"), randn(&mut rng, shape, 0.2));
         }
         for n in ["input_layernorm", "post_attention_layernorm"] {

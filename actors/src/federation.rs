@@ -364,6 +364,7 @@ async fn run_with_pool(
             let total_bytes_down: usize = records.iter().map(|r| r.bytes_down).sum();
             let client_rounds = (cfg.num_users * records.len()).max(1) as f64;
             let replies: usize = records.iter().map(|r| r.clients_ok).sum();
+            let (score_requests, score_forwards) = pool.score_counts();
             Ok((
                 FedSummary {
                     model: model.info().name.clone(),
@@ -386,8 +387,8 @@ async fn run_with_pool(
                     bytes_up_per_client_round: total_bytes_up as f64 / replies.max(1) as f64,
                     bytes_down_per_client_round: total_bytes_down as f64 / client_rounds,
                     fedavg_full_model_bytes_per_client_round: model.info().n_params * 4,
-                    score_requests: pool.score_counts().0,
-                    score_forwards: pool.score_counts().1,
+                    score_requests,
+                    score_forwards,
                     wall_s: started.elapsed().as_secs_f64(),
                     test_setup_s,
                     config: (**cfg).clone(),
