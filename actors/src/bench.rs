@@ -149,7 +149,10 @@ pub fn run(models: &[String], iters: usize, json_out: Option<&Path>) -> Result<(
             }
             if name == "minilm" {
                 let dir = assets::model_dir(name)?;
-                let line = peer(&dir);
+                // Same batch and token count as ours: the peer's rows are uniform, so none of
+                // its work is padding either.
+                let seq = (batch.tokens_per_pass as f64 / batch.len().max(1) as f64).round();
+                let line = peer(&dir, batch.len(), seq as usize);
                 println!("{line}");
                 lines.push(line);
             }
@@ -172,8 +175,9 @@ mod assets {
     }
 }
 
-/// Runs the PyTorch peer on the same model and shapes, if PyTorch is importable.
-fn peer(model_dir: &Path) -> serde_json::Value {
+/// Runs the PyTorch peer on the same model and shapes (`batch` rows of `seq` tokens), if PyTorch
+/// is importable by `$FEDBPT_PEER_PYTHON` (default `python3`).
+fn peer(model_dir: &Path, batch: usize, seq: usize) -> serde_json::Value {
     let script = ["../shared/bench/peer_forward.py", "shared/bench/peer_forward.py"]
         .iter()
         .map(Path::new)
@@ -185,7 +189,7 @@ fn peer(model_dir: &Path) -> serde_json::Value {
     match Command::new(&python)
         .arg(script)
         .arg(model_dir)
-        .args(["--batch", "32", "--seq", "32"])
+        .args(["--batch", &batch.to_string(), "--seq", &seq.to_string()])
         .output()
     {
         Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).unwrap_or_else(

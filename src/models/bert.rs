@@ -3,8 +3,8 @@
 //!
 //! Both share one embedding stage written here (word + position + token-type embeddings, then
 //! LayerNorm), because the soft prompt must enter after that LayerNorm, which candle's
-//! `BertModel` does not expose. The transformer layers are candle-transformers' [`BertEncoder`];
-//! RoBERTa's encoder weights have the same layout and load into it unchanged.
+//! `BertModel` does not expose. The transformer layers are [`super::bert_encoder`]'s (candle's
+//! `BertEncoder` arranged for throughput); RoBERTa's encoder weights have the same layout.
 //!
 //! Input layout of one example (prefix placement, the reference's):
 //! `[CLS] p_1 .. p_n <template with the example's text> [SEP]`, where `p_i` are placeholder tokens
@@ -16,13 +16,15 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
-use candle_transformers::models::bert::{BertEncoder, Config, HiddenAct};
+use candle_transformers::models::bert::{Config, HiddenAct};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
+use super::bert_encoder::Encoder;
 use super::{
-    downcast, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings, TokenNoise,
+    downcast, ops, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings,
+    TokenNoise,
 };
 use crate::data::Example;
 use crate::task::{render, Piece, TaskSpec};
@@ -169,11 +171,7 @@ impl MlmHead {
     /// the full head's output at those ids, without the `[b, vocab]` product.
     fn logits(&self, xs: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
         let xs = self.dense.forward(xs)?;
-        let xs = match self.act {
-            HiddenAct::Gelu => xs.gelu_erf()?,
-            HiddenAct::GeluApproximate => xs.gelu()?,
-            HiddenAct::Relu => xs.relu()?,
-        };
+        let xs = ops::activation(&xs, self.act)?;
         let xs = self.layer_norm.forward(&xs)?;
         let w = self.decoder.index_select(ids, 0)?;
         let b = self.bias.index_select(ids, 0)?;
@@ -527,7 +525,7 @@ fn tensor_std(w: &Tensor) -> candle_core::Result<f32> {
 /// Embedding stage, encoder layers, tokenizer and prompt settings: what both backends share.
 struct Backbone {
     embeddings: Embeddings,
-    encoder: BertEncoder,
+    encoder: Encoder,
     text: TextSide,
     settings: PromptSettings,
     info: ModelInfo,
@@ -554,7 +552,7 @@ impl Backbone {
         };
         let embeddings =
             Embeddings::load(vb.pp("embeddings"), config, position_offset).map_err(wrap)?;
-        let encoder = BertEncoder::load(vb.pp("encoder"), config).map_err(wrap)?;
+        let encoder = Encoder::load(vb.pp("encoder"), config).map_err(wrap)?;
         let positions = config.max_position_embeddings.saturating_sub(position_offset);
         let max_len = positions.min(MAX_LEN_CAP);
         if max_len < 2 {
@@ -584,10 +582,8 @@ impl Backbone {
         let b = rows.len();
         let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
         let mut ids = vec![self.text.pad_id; b * t];
-        let mut mask = vec![f32::MIN; b * t];
         for (i, r) in rows.iter().enumerate() {
             ids[i * t..i * t + r.ids.len()].copy_from_slice(&r.ids);
-            mask[i * t..i * t + r.ids.len()].fill(0.0);
         }
         let ids = Tensor::from_vec(ids, (b, t), dev)?;
         let mut xs = self.embeddings.forward(&ids)?;
@@ -620,9 +616,8 @@ impl Backbone {
             };
             xs = flat.reshape((b, t, h))?;
         }
-        // Additive mask as candle's BertModel builds it: 0 attended, f32::MIN padding.
-        let mask = Tensor::from_vec(mask, (b, 1, 1, t), dev)?;
-        Ok(self.encoder.forward(&xs, &mask)?)
+        let lengths: Vec<usize> = rows.iter().map(|r| r.ids.len()).collect();
+        Ok(self.encoder.forward(&xs, &lengths)?)
     }
 
     /// Prompts as one `[m, n, h]` tensor after checking their lengths.

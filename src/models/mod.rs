@@ -13,7 +13,9 @@ use crate::task::TaskSpec;
 use crate::Result;
 
 pub mod bert;
+pub mod bert_encoder;
 pub mod llama;
+pub mod ops;
 
 /// How the soft prompt enters the input embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -1,0 +1,56 @@
+"""Peer anchor for the causal backend: PyTorch + HF transformers on the same GGUF, dequantized to f32.
+
+Usage: python peer_causal.py GGUF_FILE [--batch 64] [--seq 36] [--new 8] [--iters 3] [--threads 2]
+
+Measures, at the shapes `fedbpt bench` passes (uniform rows, so none of the peer's work is padding):
+- prefix placement: a full forward of batch x seq tokens, logits at the last position only;
+- suffix placement: the key/value cache of batch x (seq - new) tokens computed once, then per
+  candidate a forward of batch x new tokens over that cache (cropped back after each).
+Prints one JSON line per placement: tokens/s and GFLOP/s (2 x non-embedding params per token).
+Needs torch, transformers, accelerate and gguf (pip install into a venv).
+"""
+import argparse, json, os, time
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+ap = argparse.ArgumentParser()
+ap.add_argument("gguf"); ap.add_argument("--batch", type=int, default=64)
+ap.add_argument("--seq", type=int, default=36); ap.add_argument("--new", type=int, default=8)
+ap.add_argument("--iters", type=int, default=3); ap.add_argument("--threads", type=int, default=2)
+a = ap.parse_args()
+torch.set_num_threads(a.threads)
+model = AutoModelForCausalLM.from_pretrained(
+    os.path.dirname(os.path.abspath(a.gguf)), gguf_file=os.path.basename(a.gguf), torch_dtype=torch.float32
+).eval()
+cfg = model.config
+nonemb = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(1000, cfg.vocab_size, (a.batch, a.seq), generator=g)
+tag = f"torch {torch.__version__} eager (transformers, GGUF dequantized to f32)"
+
+def timed(fn):
+    fn()
+    t = time.perf_counter()
+    for _ in range(a.iters):
+        fn()
+    return (time.perf_counter() - t) / a.iters
+
+with torch.inference_mode():
+    dt = timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))
+    tok = a.batch * a.seq / dt
+    print(json.dumps({"peer": tag, "placement": "prefix", "batch": a.batch, "seq": a.seq, "threads": a.threads,
+                      "s_per_candidate": dt, "tokens_per_s": round(tok), "gflops": round(tok * 2 * nonemb / 1e9, 1)}))
+    ctx = a.seq - a.new
+    cache = DynamicCache()
+    model(input_ids=ids[:, :ctx], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    mask = torch.ones(a.batch, a.seq, dtype=torch.long)
+
+    def candidate():
+        model(input_ids=ids[:, ctx:], past_key_values=cache, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        cache.crop(-a.new)  # drop the candidate's tokens again
+
+    dt = timed(candidate)
+    tok = a.batch * a.new / dt
+    print(json.dumps({"peer": tag, "placement": "suffix", "batch": a.batch, "context": ctx, "new_tokens": a.new,
+                      "threads": a.threads, "s_per_candidate": dt, "tokens_per_s": round(tok),
+                      "gflops": round(tok * 2 * nonemb / 1e9, 1)}))
