@@ -60,9 +60,14 @@ pub fn load_model(
     device: &Device,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Arc<dyn PromptModel>> {
-    let settings = prompt_settings(cfg);
-    let name = cfg.model_name.as_str();
-    let path = match assets::spec(name) {
+    let path = resolve_model(&cfg.model_name, progress)?;
+    load_model_path(&path, cfg, prompt_settings(cfg), device)
+}
+
+/// The file or directory `model_name` stands for: an embedded model (fetched when missing), an
+/// existing path, or a hub id (downloaded).
+pub fn resolve_model(name: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    Ok(match assets::spec(name) {
         Some(spec) if spec.kind == assets::AssetKind::Model => {
             let dir = assets::ensure(&assets::home(), spec, progress)?;
             match name {
@@ -83,8 +88,7 @@ pub fn load_model(
                 ));
             }
         }
-    };
-    load_model_path(&path, cfg, settings, device)
+    })
 }
 
 fn load_model_path(

@@ -93,6 +93,7 @@ pub fn run(models: &[String], iters: usize, json_out: Option<&Path>) -> Result<(
     let mut lines = Vec::new();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     for name in models {
+        let mut suffix_tokens = None;
         let (placements, examples, populations): (Vec<Placement>, usize, Vec<usize>) =
             match name.as_str() {
                 "minilm" => (vec![Placement::Suffix], 32, vec![1, 20]),
@@ -143,12 +144,26 @@ pub fn run(models: &[String], iters: usize, json_out: Option<&Path>) -> Result<(
                 lines.push(line);
             }
             if placement == Placement::Suffix {
+                suffix_tokens = Some(batch.tokens_per_pass);
+            }
+            if placement == Placement::Prefix && model.info().family == "llama" {
+                // The peer's rows: the prefix pass's mean length; the suffix's new tokens per row.
+                let rows = batch.len().max(1);
+                let seq = (batch.tokens_per_pass as f64 / rows as f64).round() as usize;
+                let new = suffix_tokens.map(|t| t / rows).unwrap_or(8).clamp(1, seq.max(2) - 1);
+                let gguf = experiment::resolve_model(name, &mut |m| eprintln!("{m}"))?;
+                for line in peer_causal(&gguf, rows, seq, new) {
+                    println!("{line}");
+                    lines.push(line);
+                }
+            }
+            if placement == Placement::Suffix {
                 let line = merge_gain(model.as_ref(), &task, exs, out_dim, iters)?;
                 println!("{line}");
                 lines.push(line);
             }
             if name == "minilm" {
-                let dir = assets::model_dir(name)?;
+                let dir = experiment::resolve_model(name, &mut |m| eprintln!("{m}"))?;
                 // Same batch and token count as ours: the peer's rows are uniform, so none of
                 // its work is padding either.
                 let seq = (batch.tokens_per_pass as f64 / batch.len().max(1) as f64).round();
@@ -165,13 +180,30 @@ pub fn run(models: &[String], iters: usize, json_out: Option<&Path>) -> Result<(
     Ok(())
 }
 
-mod assets {
-    use anyhow::{Context, Result};
-    use std::path::PathBuf;
-
-    pub fn model_dir(name: &str) -> Result<PathBuf> {
-        let spec = fedbpt::assets::spec(name).with_context(|| format!("no asset {name}"))?;
-        Ok(fedbpt::assets::asset_dir(&fedbpt::assets::home(), spec))
+/// Runs `bench/peer_causal.py` (PyTorch + transformers on the same GGUF, dequantized to f32) at
+/// `rows` x `seq` tokens (prefix) and `rows` x `new` tokens over a cached context (suffix).
+fn peer_causal(gguf: &Path, rows: usize, seq: usize, new: usize) -> Vec<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/peer_causal.py");
+    let python = std::env::var("FEDBPT_PEER_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(gguf)
+        .args(["--batch", &rows.to_string(), "--seq", &seq.to_string()])
+        .args(["--new", &new.to_string()])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let last = err.lines().last().unwrap_or("").to_string();
+            vec![
+                json!({"peer": format!("unavailable: {python} {} failed: {last} (pip install torch transformers accelerate gguf, or set FEDBPT_PEER_PYTHON)", script.display())}),
+            ]
+        }
+        Err(e) => vec![json!({"peer": format!("unavailable: cannot run {python}: {e}")})],
     }
 }
 

@@ -535,7 +535,9 @@ impl CausalLm {
             cos: Tensor,
             sin: Tensor,
             mask: Tensor,
+            mask_rows: Option<Vec<f32>>,
         }
+        let fast_attention = self.device.is_cpu();
         let mut geometry = Vec::with_capacity(segs.len());
         let mut rows = Vec::with_capacity(segs.len());
         let mut first_row = 0;
@@ -547,7 +549,14 @@ impl CausalLm {
             // The mask repeated for the query heads stacked per kv head.
             let mask =
                 if rep > 1 { Tensor::cat(&vec![&seg.mask; rep], 2)? } else { seg.mask.clone() };
-            geometry.push(Geometry { b, t, first_row, cos, sin, mask });
+            // The CPU kernel takes the mask as one [rep * t, n] plane per row.
+            let mask_rows = if fast_attention {
+                let (_, _, m, n) = mask.dims4()?;
+                Some(mask.broadcast_as((b, 1, m, n))?.flatten_all()?.to_vec1::<f32>()?)
+            } else {
+                None
+            };
+            geometry.push(Geometry { b, t, first_row, cos, sin, mask, mask_rows });
             first_row += b * t;
             rows.push(seg.x.reshape((b * t, h))?);
         }
@@ -592,13 +601,18 @@ impl CausalLm {
                 // head are stacked along the query axis, so one matmul per (example, kv head)
                 // instead of one per query head.
                 let q = q.reshape((b, nkv, rep * t, hd))?;
-                let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&g.mask)?;
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                ys.push(att.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((n, h))?);
+                let y = match &g.mask_rows {
+                    Some(mask) => super::ops::masked_attention(&q, &k, &v, mask, scale as f32)?,
+                    None => {
+                        let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&g.mask)?;
+                        candle_nn::ops::softmax_last_dim(&att)?.matmul(&v)?
+                    }
+                };
+                ys.push(y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((n, h))?);
             }
             x = (x + layer.o.forward(&cat_rows(ys)?)?)?;
             let hn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let ff = (candle_nn::ops::silu(&layer.gate.forward(&hn)?)? * layer.up.forward(&hn)?)?;
+            let ff = super::ops::swiglu(&layer.gate.forward(&hn)?, &layer.up.forward(&hn)?)?;
             x = (x + layer.down.forward(&ff)?)?;
         }
         let hidden = geometry

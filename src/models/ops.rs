@@ -5,7 +5,9 @@
 //! - [`varlen_attention`]: attention of each sequence over its own tokens, read straight from the
 //!   packed query/key/value rows, one (sequence, head) pair per task: no padding, no mask, no
 //!   transposed copies, and no matmul split over threads too small to share;
-//! - [`gelu_erf`], below.
+//! - [`masked_attention`]: the same task split for Llama's grouped-query attention over a
+//!   key/value cache, with the mask added inside the softmax pass;
+//! - [`gelu_erf`] and [`swiglu`]: vectorized element-wise passes split over rayon's threads.
 //!
 //! Each falls back to candle's ops off the CPU or for other dtypes.
 //!
@@ -16,7 +18,7 @@
 //! below 1e-6 over the whole real line (tested), under the forward's own f32 rounding noise.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use candle_transformers::models::bert::HiddenAct;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -57,6 +59,7 @@ fn gelu_erf_scalar(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+#[inline(always)]
 fn gelu_slice_generic(src: &[f32], dst: &mut [f32]) {
     for (o, &s) in dst.iter_mut().zip(src) {
         *o = gelu_erf_scalar(s);
@@ -77,6 +80,83 @@ fn gelu_slice(src: &[f32], dst: &mut [f32]) {
         return unsafe { gelu_slice_avx2(src, dst) };
     }
     gelu_slice_generic(src, dst)
+}
+
+/// e^x to about 2e-7 relative, branch-free (range reduction to e^r, |r| <= ln2 / 2, then a
+/// degree-6 Taylor polynomial), so that loops over it vectorize.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p: f32 = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    // Below the clamp e^x underflows: zero, as masked attention scores need.
+    if x <= -87.3 {
+        0.0
+    } else {
+        p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    }
+}
+
+/// Adds `mask` to each row of `scores` (`[rows, n]`), then softmax per row.
+#[inline(always)]
+fn masked_softmax_generic(scores: &mut [f32], mask: &[f32], n: usize) {
+    for (row, mrow) in scores.chunks_mut(n).zip(mask.chunks(n)) {
+        let mut max = f32::NEG_INFINITY;
+        for (x, &m) in row.iter_mut().zip(mrow) {
+            *x += m;
+            max = max.max(*x);
+        }
+        let mut sum = 0.0;
+        for x in row.iter_mut() {
+            *x = exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn masked_softmax_avx2(scores: &mut [f32], mask: &[f32], n: usize) {
+    masked_softmax_generic(scores, mask, n)
+}
+
+fn masked_softmax(scores: &mut [f32], mask: &[f32], n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has both features, checked just above.
+        return unsafe { masked_softmax_avx2(scores, mask, n) };
+    }
+    masked_softmax_generic(scores, mask, n)
+}
+
+#[inline(always)]
+fn swiglu_slice_generic(gate: &[f32], up: &[f32], dst: &mut [f32]) {
+    for ((o, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + exp(-g)) * u;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn swiglu_slice_avx2(gate: &[f32], up: &[f32], dst: &mut [f32]) {
+    swiglu_slice_generic(gate, up, dst)
+}
+
+fn swiglu_slice(gate: &[f32], up: &[f32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has both features, checked just above.
+        return unsafe { swiglu_slice_avx2(gate, up, dst) };
+    }
+    swiglu_slice_generic(gate, up, dst)
 }
 
 /// Elements per rayon task: large enough that scheduling costs nothing.
@@ -114,6 +194,41 @@ pub fn gelu_erf(xs: &Tensor) -> candle_core::Result<Tensor> {
         xs.contiguous()?.apply_op1_no_bwd(&GeluErf)
     } else {
         xs.gelu_erf()
+    }
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (gate, up) = (f32_slice(gs, gl, "swiglu gate")?, f32_slice(us, ul, "swiglu up")?);
+        if gl.shape() != ul.shape() {
+            candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gl.shape(), ul.shape());
+        }
+        let mut out = vec![0f32; gate.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+            .for_each(|(o, (g, u))| swiglu_slice(g, u, o));
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+/// `silu(gate) * up`, Llama's MLP gate: one parallel pass on the CPU, candle's ops elsewhere.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if gate.device().is_cpu() && gate.dtype() == DType::F32 && up.dtype() == DType::F32 {
+        gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &SwiGlu)
+    } else {
+        candle_nn::ops::silu(gate)? * up
     }
 }
 
@@ -371,6 +486,126 @@ pub fn varlen_attention(
     qkv.contiguous()?.apply_op1_no_bwd(&VarlenAttention { lengths, heads })
 }
 
+/// Attention of grouped queries over keys with an additive mask: see [`masked_attention`].
+struct MaskedAttention<'a> {
+    /// `[b, m, n]`: one plane per batch row, shared by its groups.
+    mask: &'a [f32],
+    scale: f32,
+}
+
+impl CustomOp3 for MaskedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "masked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            f32_slice(qs, ql, "attention queries")?,
+            f32_slice(ks, kl, "attention keys")?,
+            f32_slice(vs, vl, "attention values")?,
+        );
+        let (b, g, m, hd) = ql.shape().dims4()?;
+        let (kb, kg, n, khd) = kl.shape().dims4()?;
+        if (kb, kg, khd) != (b, g, hd) || vl.shape() != kl.shape() || self.mask.len() != b * m * n {
+            candle_core::bail!(
+                "attention: queries {:?}, keys {:?}, values {:?}, mask of {}",
+                ql.shape(),
+                kl.shape(),
+                vl.shape(),
+                self.mask.len()
+            );
+        }
+        let mut out = vec![0f32; b * g * m * hd];
+        let dst = SharedMut(out.as_mut_ptr());
+        (0..b * g).into_par_iter().for_each(|task| {
+            let (qo, ko) = (task * m * hd, task * n * hd);
+            let mask = &self.mask[(task / g) * m * n..][..m * n];
+            let mut scores = vec![0f32; m * n];
+            // SAFETY: this task reads the [m, hd] query and [n, hd] key / value blocks of its
+            // (batch row, group) and writes only its own [m, hd] output block.
+            unsafe {
+                // scores = q . k^T * scale: keys read as [hd, n] (row step 1, column step hd).
+                gemm::gemm(
+                    m,
+                    n,
+                    hd,
+                    scores.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    q[qo..].as_ptr(),
+                    1,
+                    hd as isize,
+                    k[ko..].as_ptr(),
+                    hd as isize,
+                    1,
+                    0.0,
+                    self.scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            masked_softmax(&mut scores, mask, n);
+            unsafe {
+                gemm::gemm(
+                    m,
+                    hd,
+                    n,
+                    dst.at(qo),
+                    1,
+                    hd as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    n as isize,
+                    v[ko..].as_ptr(),
+                    1,
+                    hd as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        });
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+}
+
+/// `softmax(q k^T * scale + mask) v` for queries `[b, g, m, hd]` and keys and values
+/// `[b, g, n, hd]`, with an additive `mask` of `[b, m, n]` values shared by the `g` groups of a
+/// batch row. One task per (batch row, group), each matmul on one thread: at decoding shapes
+/// (a few queries over tens of keys) splitting a matmul costs more than it saves. CPU and f32
+/// only.
+pub fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &[f32],
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    if !q.device().is_cpu() || q.dtype() != DType::F32 {
+        candle_core::bail!("masked attention runs on f32 CPU tensors");
+    }
+    q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &MaskedAttention { mask, scale },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,6 +642,52 @@ mod tests {
         assert_eq!(erf(0.0), 0.0);
         assert_eq!(erf(f32::INFINITY), erf(4.0));
         assert!((erf(4.0) - 1.0).abs() < 1e-6 && (erf(-4.0) + 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn exp_is_within_3e_7_relative_of_std() {
+        let mut worst = 0f64;
+        for i in -872_000..=880_000 {
+            let x = i as f32 * 1e-4;
+            let want = (x as f64).exp();
+            worst = worst.max(((exp(x) as f64 - want) / want).abs());
+        }
+        assert!(worst < 3e-7, "max relative error {worst}");
+        assert!(exp(-1e4) == 0.0 && exp(-1e30) == 0.0 && exp(1e4).is_finite());
+    }
+
+    #[test]
+    fn swiglu_matches_candles_silu_times_up() {
+        let dev = Device::Cpu;
+        let gate = (Tensor::arange(-30_000f32, 30_000f32, &dev).unwrap() * 1e-3).unwrap();
+        let up = Tensor::randn(0f32, 1.0, 60_000, &dev).unwrap();
+        let ours = swiglu(&gate, &up).unwrap();
+        let theirs = (candle_nn::ops::silu(&gate).unwrap() * &up).unwrap();
+        let diff = (ours - theirs).unwrap().abs().unwrap().max(0).unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "max diff {diff}");
+    }
+
+    #[test]
+    fn masked_attention_matches_candles_ops() {
+        let dev = Device::Cpu;
+        let (b, g, m, n, hd) = (3, 2, 5, 9, 8);
+        let q = Tensor::randn(0f32, 1.0, (b, g, m, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, g, n, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, g, n, hd), &dev).unwrap();
+        // Every row keeps at least one key; some rows mask most of them.
+        let mask: Vec<f32> = (0..b * m * n)
+            .map(|i| if (i % n) <= (i / n) % m || i % 7 == 0 { 0.0 } else { -1e30 })
+            .collect();
+        let scale = 0.3;
+        let ours = masked_attention(&q, &k, &v, &mask, scale).unwrap();
+        let mask_t = Tensor::from_vec(mask.clone(), (b, 1, m, n), &dev).unwrap();
+        let att = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
+        let att = candle_nn::ops::softmax_last_dim(&att.broadcast_add(&mask_t).unwrap()).unwrap();
+        let theirs = att.matmul(&v).unwrap();
+        let diff = (ours - theirs).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "max diff {diff}");
     }
 
     #[test]
