@@ -10,7 +10,9 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertForMaskedLM, Config};
 use fedbpt::data::Example;
 use fedbpt::models::bert::{MaskedLm, SentenceEncoder};
-use fedbpt::models::{Placement, PromptMode, PromptModel, PromptSettings, TokenNoise};
+use fedbpt::models::{
+    Placement, Prepared, PromptMode, PromptModel, PromptSettings, ScoreJob, TokenNoise,
+};
 use fedbpt::task::TaskSpec;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -526,6 +528,52 @@ fn scores_many_equals_per_prompt_scores() {
         }
         assert!(model.scores_many(&batch, &[]).unwrap().is_empty());
     }
+}
+
+#[test]
+fn jobs_merged_into_shared_passes_score_as_they_would_alone() {
+    let n = 3;
+    let exs = examples();
+    let (first, second) = exs.split_at(exs.len() / 2);
+    let ps: Vec<Vec<f32>> = (0..3).map(|s| prompt(n, 30 + s, 1.0)).collect();
+    let refs: Vec<&[f32]> = ps.iter().map(|p| p.as_slice()).collect();
+    let check = |model: &dyn PromptModel, a: &Prepared, b: &Prepared| {
+        let jobs = [
+            ScoreJob { batch: a, prompts: &refs[..2] },
+            ScoreJob { batch: b, prompts: &refs[1..] },
+            ScoreJob { batch: a, prompts: &[] },
+        ];
+        let merged = model.scores_jobs(&jobs).unwrap();
+        assert_eq!(merged.len(), 3);
+        assert!(merged[2].is_empty());
+        for (job, got) in jobs.iter().zip(&merged).take(2) {
+            let alone = model.scores_many(job.batch, job.prompts).unwrap();
+            assert_eq!(got.len(), alone.len());
+            for (g, a) in got.iter().zip(&alone) {
+                assert!(max_diff(g, a) < 1e-5, "merged {g:?} vs alone {a:?}");
+            }
+        }
+    };
+    let dir = tiny(Layout::Bert);
+    let mlm =
+        MaskedLm::load(dir.path(), settings(n, PromptMode::Add, Placement::Prefix), &Device::Cpu)
+            .unwrap();
+    let (a, b) =
+        (mlm.prepare(&sst2(), first, None).unwrap(), mlm.prepare(&sst2(), second, None).unwrap());
+    check(&mlm, &a, &b);
+    let dir = tiny(Layout::Encoder);
+    let enc = SentenceEncoder::load(
+        dir.path(),
+        settings(n, PromptMode::Add, Placement::Suffix),
+        &Device::Cpu,
+    )
+    .unwrap();
+    // Different temperatures per job: each job keeps its own head.
+    let mut hot = sst2();
+    hot.encoder.temperature = 0.5;
+    let (a, b) =
+        (enc.prepare(&sst2(), first, None).unwrap(), enc.prepare(&hot, second, None).unwrap());
+    check(&enc, &a, &b);
 }
 
 #[test]

@@ -166,10 +166,13 @@ pub fn run(models: &[String], iters: usize, json_out: Option<&Path>) -> Result<(
                 let dir = experiment::resolve_model(name, &mut |m| eprintln!("{m}"))?;
                 // Same batch and token count as ours: the peer's rows are uniform, so none of
                 // its work is padding either.
+                // Once per population size: our rows are examples x candidates.
                 let seq = (batch.tokens_per_pass as f64 / batch.len().max(1) as f64).round();
-                let line = peer(&dir, batch.len(), seq as usize);
-                println!("{line}");
-                lines.push(line);
+                for &pop in &populations {
+                    let line = peer(&dir, batch.len() * pop, seq as usize);
+                    println!("{line}");
+                    lines.push(line);
+                }
             }
         }
     }

@@ -24,7 +24,7 @@ use tokenizers::Tokenizer;
 use super::bert_encoder::Encoder;
 use super::{
     downcast, ops, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings,
-    TokenNoise,
+    ScoreJob, TokenNoise,
 };
 use crate::data::Example;
 use crate::task::{render, Piece, TaskSpec};
@@ -240,6 +240,39 @@ struct EncoderBatch {
     /// `[classes, h]`, unit rows: pooled label descriptions.
     labels: Tensor,
     temperature: f32,
+}
+
+/// One job of [`Backbone::run_jobs`]: the rows it reads and its prompts (`None`: the manual
+/// variant, once).
+struct RunJob<'a> {
+    rows: &'a Rows,
+    prompts: Option<&'a [&'a [f32]]>,
+}
+
+/// Scores `[rows, k]` of a chunk whose rows belong to different jobs: `score(job, rows)` runs on
+/// each job's rows (in chunk order) and the results go back to their places.
+fn per_job(
+    job_of: &[usize],
+    features: &Tensor,
+    mut score: impl FnMut(usize, &Tensor) -> Result<Tensor>,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = vec![Vec::new(); job_of.len()];
+    let mut jobs: Vec<usize> = job_of.to_vec();
+    jobs.sort_unstable();
+    jobs.dedup();
+    for job in jobs {
+        let idx: Vec<u32> =
+            (0..job_of.len()).filter(|&i| job_of[i] == job).map(|i| i as u32).collect();
+        let picked = if idx.len() == job_of.len() {
+            features.clone()
+        } else {
+            features.index_select(&Tensor::new(idx.as_slice(), features.device())?, 0)?
+        };
+        for (&i, row) in idx.iter().zip(score(job, &picked)?.to_vec2::<f32>()?) {
+            out[i as usize] = row;
+        }
+    }
+    Ok(out)
 }
 
 /// Tokenizer plus the special tokens and limits the backends need.
@@ -642,42 +675,96 @@ impl Backbone {
     where
         H: Fn(&Tensor, &[&Row]) -> Result<Tensor>,
     {
-        let (variant, m, ptensor) = match prompts {
-            None => (&rows.manual, 1, None),
-            Some(ps) => (&rows.prompted, ps.len(), Some(self.prompt_tensor(ps)?)),
-        };
-        let e = variant.len();
-        let mut order: Vec<usize> = (0..m * e).collect();
-        // Similar lengths together: less padding per chunk.
-        order.sort_by_key(|&r| variant[r % e].ids.len());
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); m * e];
+        let job = RunJob { rows, prompts };
+        let mut out = self.run_jobs(std::slice::from_ref(&job), |hidden, rows, _| {
+            Ok(head(hidden, rows)?.to_vec2::<f32>()?)
+        })?;
+        out.pop().ok_or_else(|| Error::Model("no output for the job".into()))
+    }
+
+    /// [`Backbone::run`] for several jobs at once (different clients' batches and populations):
+    /// their rows share length-sorted chunks, so each pass is as full as one job's would be.
+    /// `head` gets each chunk's hidden states, rows and the job of every row, and returns one
+    /// score row per row. All jobs must bring prompts, or all none. Returns
+    /// `[job][prompt][example][k]`.
+    fn run_jobs<H>(&self, jobs: &[RunJob<'_>], head: H) -> Result<Vec<Vec<Vec<Vec<f32>>>>>
+    where
+        H: Fn(&Tensor, &[&Row], &[usize]) -> Result<Vec<Vec<f32>>>,
+    {
+        let prompted = jobs.iter().any(|j| j.prompts.is_some());
+        if prompted && jobs.iter().any(|j| j.prompts.is_none()) {
+            return Err(Error::Model("jobs with and without prompts in one run".into()));
+        }
+        // Every (job, prompt, example) row, with its prompt's index among all jobs' prompts.
+        struct Item<'r> {
+            row: &'r Row,
+            job: usize,
+            prompt: usize,
+            slot: usize,
+        }
+        let mut items = Vec::new();
+        let mut all_prompts: Vec<&[f32]> = Vec::new();
+        let mut shapes = Vec::with_capacity(jobs.len());
+        for (ji, job) in jobs.iter().enumerate() {
+            let (variant, m) = match job.prompts {
+                None => (&job.rows.manual, 1),
+                Some(ps) => (&job.rows.prompted, ps.len()),
+            };
+            let e = variant.len();
+            for p in 0..m {
+                for (ei, row) in variant.iter().enumerate() {
+                    items.push(Item {
+                        row,
+                        job: ji,
+                        prompt: all_prompts.len() + p,
+                        slot: p * e + ei,
+                    });
+                }
+            }
+            if let Some(ps) = job.prompts {
+                all_prompts.extend_from_slice(ps);
+            }
+            shapes.push((m, e));
+        }
+        let ptensor = if prompted { Some(self.prompt_tensor(&all_prompts)?) } else { None };
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        // Similar lengths together: attention's padded layout (off the CPU) wastes less.
+        order.sort_by_key(|&r| items[r].row.ids.len());
+        let mut out: Vec<Vec<Vec<f32>>> =
+            shapes.iter().map(|&(m, e)| vec![Vec::new(); m * e]).collect();
         let mut start = 0;
         while start < order.len() {
             let mut end = start + 1;
             while end < order.len() {
-                let len = variant[order[end] % e].ids.len();
+                let len = items[order[end]].row.ids.len();
                 if (end + 1 - start) * len > TOKENS_PER_PASS {
                     break;
                 }
                 end += 1;
             }
             let chunk = &order[start..end];
-            let chunk_rows: Vec<&Row> = chunk.iter().map(|&r| &variant[r % e]).collect();
-            let which: Vec<u32> = chunk.iter().map(|&r| (r / e) as u32).collect();
+            let chunk_rows: Vec<&Row> = chunk.iter().map(|&r| items[r].row).collect();
+            let which: Vec<u32> = chunk.iter().map(|&r| items[r].prompt as u32).collect();
+            let job_of: Vec<usize> = chunk.iter().map(|&r| items[r].job).collect();
             let hidden =
                 self.hidden(&chunk_rows, ptensor.as_ref().map(|p| (p, which.as_slice())))?;
-            let scores = head(&hidden, &chunk_rows)?.to_vec2::<f32>()?;
+            let scores = head(&hidden, &chunk_rows, &job_of)?;
+            if scores.len() != chunk.len() {
+                return Err(Error::Model("head returned a wrong number of rows".into()));
+            }
             for (&r, s) in chunk.iter().zip(scores) {
-                out[r] = s;
+                out[items[r].job][items[r].slot] = s;
             }
             start = end;
         }
-        let mut grouped = Vec::with_capacity(m);
-        let mut it = out.into_iter();
-        for _ in 0..m {
-            grouped.push(it.by_ref().take(e).collect());
-        }
-        Ok(grouped)
+        Ok(out
+            .into_iter()
+            .zip(&shapes)
+            .map(|(flat, &(m, e))| {
+                let mut it = flat.into_iter();
+                (0..m).map(|_| it.by_ref().take(e).collect()).collect()
+            })
+            .collect())
     }
 
     fn check_labels(examples: &[Example], n_classes: usize) -> Result<Vec<usize>> {
@@ -768,8 +855,23 @@ impl MaskedLm {
 
     fn score(&self, batch: &Prepared, prompts: Option<&[&[f32]]>) -> Result<Vec<Vec<Vec<f32>>>> {
         let b = downcast::<MlmBatch>(batch, "MaskedLm")?;
-        let ids = Tensor::new(b.label_ids.as_slice(), &self.body.device)?;
-        self.body.run(&b.rows, prompts, |hidden, rows| {
+        let mut out = self.score_jobs(&[(b, prompts)])?;
+        out.pop().ok_or_else(|| Error::Model("no output for the job".into()))
+    }
+
+    /// `[job][prompt][example][class]`, all jobs' rows sharing passes.
+    fn score_jobs(
+        &self,
+        jobs: &[(&MlmBatch, Option<&[&[f32]]>)],
+    ) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
+        let dev = &self.body.device;
+        let ids = jobs
+            .iter()
+            .map(|(b, _)| Tensor::new(b.label_ids.as_slice(), dev))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let run: Vec<RunJob> =
+            jobs.iter().map(|&(b, p)| RunJob { rows: &b.rows, prompts: p }).collect();
+        self.body.run_jobs(&run, |hidden, rows, job_of| {
             let (bsz, t, h) = hidden.dims3()?;
             let at: Vec<u32> = rows
                 .iter()
@@ -778,7 +880,7 @@ impl MaskedLm {
                 .collect();
             let at = Tensor::from_vec(at, bsz, hidden.device())?;
             let xs = hidden.reshape((bsz * t, h))?.index_select(&at, 0)?;
-            Ok(self.head.logits(&xs, &ids)?)
+            per_job(job_of, &xs, |j, x| Ok(self.head.logits(x, &ids[j])?))
         })
     }
 }
@@ -842,6 +944,14 @@ impl PromptModel for MaskedLm {
         }
         self.score(batch, Some(prompts))
     }
+    /// All jobs' (prompt, example) rows in shared length-sorted passes.
+    fn scores_jobs(&self, jobs: &[ScoreJob<'_>]) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
+        let jobs = jobs
+            .iter()
+            .map(|j| Ok((downcast::<MlmBatch>(j.batch, "MaskedLm")?, Some(j.prompts))))
+            .collect::<Result<Vec<_>>>()?;
+        self.score_jobs(&jobs)
+    }
 }
 
 /// A sentence encoder without LM head (MiniLM-style) scoring classes by the cosine between the
@@ -880,9 +990,22 @@ impl SentenceEncoder {
 
     fn score(&self, batch: &Prepared, prompts: Option<&[&[f32]]>) -> Result<Vec<Vec<Vec<f32>>>> {
         let b = downcast::<EncoderBatch>(batch, "SentenceEncoder")?;
-        let scale = 1.0 / b.temperature as f64;
-        self.body.run(&b.rows, prompts, |hidden, rows| {
-            Ok(pool_unit(hidden, rows)?.matmul(&b.labels.t()?)?.affine(scale, 0.0)?)
+        let mut out = self.score_jobs(&[(b, prompts)])?;
+        out.pop().ok_or_else(|| Error::Model("no output for the job".into()))
+    }
+
+    /// `[job][prompt][example][class]`, all jobs' rows sharing passes.
+    fn score_jobs(
+        &self,
+        jobs: &[(&EncoderBatch, Option<&[&[f32]]>)],
+    ) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
+        let run: Vec<RunJob> =
+            jobs.iter().map(|&(b, p)| RunJob { rows: &b.rows, prompts: p }).collect();
+        self.body.run_jobs(&run, |hidden, rows, job_of| {
+            per_job(job_of, &pool_unit(hidden, rows)?, |j, pooled| {
+                let b = jobs[j].0;
+                Ok(pooled.matmul(&b.labels.t()?)?.affine(1.0 / b.temperature as f64, 0.0)?)
+            })
         })
     }
 }
@@ -954,5 +1077,13 @@ impl PromptModel for SentenceEncoder {
             return Ok(Vec::new());
         }
         self.score(batch, Some(prompts))
+    }
+    /// All jobs' (prompt, example) rows in shared length-sorted passes.
+    fn scores_jobs(&self, jobs: &[ScoreJob<'_>]) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
+        let jobs = jobs
+            .iter()
+            .map(|j| Ok((downcast::<EncoderBatch>(j.batch, "SentenceEncoder")?, Some(j.prompts))))
+            .collect::<Result<Vec<_>>>()?;
+        self.score_jobs(&jobs)
     }
 }

@@ -902,7 +902,8 @@ impl CausalLm {
                 }
             }
             Placement::Prefix => {
-                for chunk in b.order.chunks(self.chunk_examples) {
+                let len = |i: usize| b.examples[i].head.len() + b.examples[i].tail.len();
+                for chunk in length_chunks(&b.order, len, self.chunk_examples) {
                     for p in 0..n_cand {
                         let seqs: Vec<Vec<u32>> = chunk
                             .iter()
@@ -1053,6 +1054,26 @@ fn scatter(out: &mut [Vec<Vec<f32>>], chunk: &[usize], scores: Vec<Vec<Vec<f32>>
             out[p][i] = row;
         }
     }
+}
+
+/// Splits `order` (sorted by length) into runs of at most `max_rows` whose longest member is at
+/// most 1/8 (plus 2 tokens) longer than the shortest, so that a left-padded pass computes few
+/// padding rows. On MR's mixed lengths one 64-row chunk padded to its longest sentence computed
+/// almost twice the real tokens.
+fn length_chunks(order: &[usize], len: impl Fn(usize) -> usize, max_rows: usize) -> Vec<&[usize]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        let shortest = len(order[start]);
+        let limit = shortest + shortest / 8 + 2;
+        let mut end = start + 1;
+        while end < order.len() && end - start < max_rows.max(1) && len(order[end]) <= limit {
+            end += 1;
+        }
+        chunks.push(&order[start..end]);
+        start = end;
+    }
+    chunks
 }
 
 const MASKED: f32 = -1e30;
@@ -1206,6 +1227,21 @@ mod tests {
     /// The `[1, 1, q, k]` mask as rows.
     fn plane(mask: Tensor) -> Vec<Vec<f32>> {
         mask.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+    }
+
+    #[test]
+    fn length_chunks_bound_padding_and_rows_and_cover_everything() {
+        let lengths = [3usize, 3, 4, 5, 9, 9, 10, 30, 31, 31, 31];
+        let order: Vec<usize> = (0..lengths.len()).collect();
+        let chunks = length_chunks(&order, |i| lengths[i], 2);
+        let flat: Vec<usize> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(flat, order);
+        for c in &chunks {
+            assert!(!c.is_empty() && c.len() <= 2);
+            let (lo, hi) = (lengths[c[0]], lengths[*c.last().unwrap()]);
+            assert!(hi <= lo + lo / 8 + 2, "{c:?}");
+        }
+        assert_eq!(length_chunks(&order, |i| lengths[i], 64).len(), 3);
     }
 
     #[test]
