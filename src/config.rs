@@ -54,8 +54,8 @@ pub struct Runtime {
     pub workers_per_device: usize,
     /// Most example x prompt pairs one forward serves when a worker merges the queued scoring
     /// requests of several clients (1 = no merging; a larger single request runs alone).
-    /// Merged scores equal the lone ones bit for bit (tested); on 2 CPU cores merging ten
-    /// quickstart-shaped requests measured 1.10x faster (`fedbpt bench`, `merge` line).
+    /// Merged scores equal the lone ones (tested); on 2 CPU cores merging is neutral within
+    /// noise (0.98-1.10x, `fedbpt bench`, `merge` lines), on GPUs it saves per-pass costs.
     pub max_batch_examples: usize,
     /// tokio worker threads.
     pub tokio_threads: usize,
