@@ -1,6 +1,6 @@
 //! BERT's transformer layers (also RoBERTa's: same layout), arranged for throughput.
 //!
-//! Same weights and arithmetic as candle-transformers' `BertEncoder`, with three changes that
+//! Same weights and arithmetic as candle-transformers' `BertEncoder`, with four changes that
 //! matter on a CPU at BBT's shapes (tens of short sequences per pass):
 //! - linear layers multiply the real tokens of all sequences at once, packed as one 2-D matmul
 //!   with no padding rows; candle_nn's `Linear` on a 3-D input runs one small matmul per

@@ -1,5 +1,5 @@
-//! CPU kernels for the BERT forward where candle's general ones are the bottleneck at BBT's
-//! shapes (tens of short sequences per pass, two cores):
+//! CPU kernels for the BERT and Llama forwards where candle's general ones are the bottleneck
+//! at BBT's shapes (tens of short sequences per pass, two cores):
 //! - [`linear`]: the bias rides in the matmul's accumulator instead of a separate single-threaded
 //!   broadcast add over the output;
 //! - [`varlen_attention`]: attention of each sequence over its own tokens, read straight from the
@@ -9,7 +9,8 @@
 //!   key/value cache, with the mask added inside the softmax pass;
 //! - [`gelu_erf`] and [`swiglu`]: vectorized element-wise passes split over rayon's threads.
 //!
-//! Each falls back to candle's ops off the CPU or for other dtypes.
+//! Off the CPU or for other dtypes, [`linear`], [`gelu_erf`] and [`swiglu`] fall back to candle's
+//! ops; the attention kernels are CPU-only and their callers keep candle's path elsewhere.
 //!
 //! candle computes the erf GELU one element at a time through libm's `erf`; in a BERT forward
 //! at BBT's shapes that costs about a third as much as all the matmuls together. [`gelu_erf`]
