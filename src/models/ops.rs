@@ -24,6 +24,30 @@ use candle_transformers::models::bert::HiddenAct;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+/// Defines `fn $name(args)` that runs `$generic(args)` compiled with AVX2 and FMA enabled when
+/// the CPU has them (detected at run time), else as built. Without FMA, `mul_add` is a libm call
+/// per element, and the build's baseline x86-64 has neither, so the element-wise loops below
+/// would not vectorize.
+macro_rules! with_avx2 {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) => $generic:ident) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn fast($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has both features, checked just above.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
 /// Odd numerator coefficients, highest power first (x^13 .. x^1), of the rational erf fit
 /// on [-4, 4]; beyond that erf is +-1 to f32 precision.
 const ERF_NUM: [f32; 7] = [
@@ -67,20 +91,9 @@ fn gelu_slice_generic(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// The same loop compiled for AVX2 + FMA: without them `mul_add` is a libm call per element.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gelu_slice_avx2(src: &[f32], dst: &mut [f32]) {
-    gelu_slice_generic(src, dst)
-}
-
-fn gelu_slice(src: &[f32], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has both features, checked just above.
-        return unsafe { gelu_slice_avx2(src, dst) };
-    }
-    gelu_slice_generic(src, dst)
+with_avx2! {
+    /// [`gelu_slice_generic`], compiled for AVX2 + FMA where the CPU has them.
+    fn gelu_slice(src: &[f32], dst: &mut [f32]) => gelu_slice_generic
 }
 
 /// e^x to about 2e-7 relative, branch-free (range reduction to e^r, |r| <= ln2 / 2, then a
@@ -123,19 +136,9 @@ fn masked_softmax_generic(scores: &mut [f32], mask: &[f32], n: usize) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn masked_softmax_avx2(scores: &mut [f32], mask: &[f32], n: usize) {
-    masked_softmax_generic(scores, mask, n)
-}
-
-fn masked_softmax(scores: &mut [f32], mask: &[f32], n: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has both features, checked just above.
-        return unsafe { masked_softmax_avx2(scores, mask, n) };
-    }
-    masked_softmax_generic(scores, mask, n)
+with_avx2! {
+    /// [`masked_softmax_generic`], compiled for AVX2 + FMA where the CPU has them.
+    fn masked_softmax(scores: &mut [f32], mask: &[f32], n: usize) => masked_softmax_generic
 }
 
 #[inline(always)]
@@ -145,19 +148,9 @@ fn swiglu_slice_generic(gate: &[f32], up: &[f32], dst: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn swiglu_slice_avx2(gate: &[f32], up: &[f32], dst: &mut [f32]) {
-    swiglu_slice_generic(gate, up, dst)
-}
-
-fn swiglu_slice(gate: &[f32], up: &[f32], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has both features, checked just above.
-        return unsafe { swiglu_slice_avx2(gate, up, dst) };
-    }
-    swiglu_slice_generic(gate, up, dst)
+with_avx2! {
+    /// [`swiglu_slice_generic`], compiled for AVX2 + FMA where the CPU has them.
+    fn swiglu_slice(gate: &[f32], up: &[f32], dst: &mut [f32]) => swiglu_slice_generic
 }
 
 /// Elements per rayon task: large enough that scheduling costs nothing.
