@@ -249,6 +249,11 @@ struct RunJob<'a> {
     prompts: Option<&'a [&'a [f32]]>,
 }
 
+/// The output of a run of one job.
+fn only_job<T>(mut outputs: Vec<T>) -> Result<T> {
+    outputs.pop().ok_or_else(|| Error::Model("no output for the job".into()))
+}
+
 /// Scores `[rows, k]` of a chunk whose rows belong to different jobs: `score(job, rows)` runs on
 /// each job's rows (in chunk order) and the results go back to their places.
 fn per_job(
@@ -676,10 +681,9 @@ impl Backbone {
         H: Fn(&Tensor, &[&Row]) -> Result<Tensor>,
     {
         let job = RunJob { rows, prompts };
-        let mut out = self.run_jobs(std::slice::from_ref(&job), |hidden, rows, _| {
+        only_job(self.run_jobs(std::slice::from_ref(&job), |hidden, rows, _| {
             Ok(head(hidden, rows)?.to_vec2::<f32>()?)
-        })?;
-        out.pop().ok_or_else(|| Error::Model("no output for the job".into()))
+        })?)
     }
 
     /// [`Backbone::run`] for several jobs at once (different clients' batches and populations):
@@ -855,8 +859,7 @@ impl MaskedLm {
 
     fn score(&self, batch: &Prepared, prompts: Option<&[&[f32]]>) -> Result<Vec<Vec<Vec<f32>>>> {
         let b = downcast::<MlmBatch>(batch, "MaskedLm")?;
-        let mut out = self.score_jobs(&[(b, prompts)])?;
-        out.pop().ok_or_else(|| Error::Model("no output for the job".into()))
+        only_job(self.score_jobs(&[(b, prompts)])?)
     }
 
     /// `[job][prompt][example][class]`, all jobs' rows sharing passes.
@@ -990,8 +993,7 @@ impl SentenceEncoder {
 
     fn score(&self, batch: &Prepared, prompts: Option<&[&[f32]]>) -> Result<Vec<Vec<Vec<f32>>>> {
         let b = downcast::<EncoderBatch>(batch, "SentenceEncoder")?;
-        let mut out = self.score_jobs(&[(b, prompts)])?;
-        out.pop().ok_or_else(|| Error::Model("no output for the job".into()))
+        only_job(self.score_jobs(&[(b, prompts)])?)
     }
 
     /// `[job][prompt][example][class]`, all jobs' rows sharing passes.
