@@ -11,7 +11,7 @@ use crate::config::{BackendKind, Config};
 use crate::data::split::{k_shot, test_split, Split};
 use crate::data::{sources, Dataset};
 use crate::models::bert::{MaskedLm, SentenceEncoder};
-use crate::models::llama::CausalLm;
+use crate::models::llama::{CausalLm, WeightFormat};
 use crate::models::{PromptModel, PromptSettings};
 use crate::{Error, Result};
 
@@ -108,15 +108,41 @@ fn load_model_path(
             let mut m = if is_gguf {
                 CausalLm::from_gguf(path, settings, cfg.weights, device)?
             } else {
-                CausalLm::from_safetensors_dir(path, settings, device)?
+                let mut m = CausalLm::from_safetensors_dir(path, settings, device)?;
+                match cfg.weights {
+                    WeightFormat::F32 => {}
+                    WeightFormat::Bf16 => m.use_bf16()?,
+                    WeightFormat::Quantized => return Err(quantized_needs_gguf()),
+                }
+                m
             };
             m.max_text_tokens = cfg.max_text_tokens;
             Arc::new(m)
         }
-        BackendKind::Mlm => Arc::new(MaskedLm::load(path, settings, device)?),
-        BackendKind::Encoder => Arc::new(SentenceEncoder::load(path, settings, device)?),
+        BackendKind::Mlm => {
+            let mut m = MaskedLm::load(path, settings, device)?;
+            match cfg.weights {
+                WeightFormat::F32 => {}
+                WeightFormat::Bf16 => m.use_bf16()?,
+                WeightFormat::Quantized => return Err(quantized_needs_gguf()),
+            }
+            Arc::new(m)
+        }
+        BackendKind::Encoder => {
+            let mut m = SentenceEncoder::load(path, settings, device)?;
+            match cfg.weights {
+                WeightFormat::F32 => {}
+                WeightFormat::Bf16 => m.use_bf16()?,
+                WeightFormat::Quantized => return Err(quantized_needs_gguf()),
+            }
+            Arc::new(m)
+        }
         BackendKind::Auto => unreachable!("resolved above"),
     })
+}
+
+fn quantized_needs_gguf() -> Error {
+    Error::config("weights", "`quantized` applies to GGUF files only; use f32 or bf16")
 }
 
 /// Picks a backend for a Hugging Face directory from its `config.json`.

@@ -323,6 +323,30 @@ fn bert_layout_matches_candle_bert_for_masked_lm() {
 }
 
 #[test]
+fn bf16_weights_stay_near_the_f32_network_and_keep_rows_independent() {
+    let dir = tiny(Layout::Bert);
+    let n = 4;
+    let s = settings(n, PromptMode::Add, Placement::Prefix);
+    let exact = MaskedLm::load(dir.path(), s.clone(), &Device::Cpu).unwrap();
+    let mut model = MaskedLm::load(dir.path(), s, &Device::Cpu).unwrap();
+    model.use_bf16().unwrap();
+    let exs = examples();
+    let batch = model.prepare(&sst2(), &exs, None).unwrap();
+    let p = prompt(n, 3, 0.5);
+    let want = exact.scores(&batch, Some(&p)).unwrap();
+    let got = model.scores(&batch, Some(&p)).unwrap();
+    let scale = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    let d = max_diff(&got, &want);
+    // Not the f32 result: bf16 keeps 8 mantissa bits of every matmul operand.
+    assert!(d > 0.0, "bf16 scores equal the f32 ones: the bf16 path did not run");
+    assert!(d < 0.03 * scale, "max diff {d} at score scale {scale}");
+    // Each example's scores stay independent of what else is in the pass.
+    let alone = model.prepare(&sst2(), &exs[1..2], None).unwrap();
+    let one = model.scores(&alone, Some(&p)).unwrap();
+    assert!(max_diff(&one, &got[1..2]) < 1e-5, "{one:?} vs {:?}", &got[1..2]);
+}
+
+#[test]
 fn roberta_layout_matches_renamed_bert_for_masked_lm() {
     let dir = tiny(Layout::Roberta);
     let n = 3;

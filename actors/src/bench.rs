@@ -10,6 +10,7 @@ use serde_json::json;
 
 use fedbpt::config::Config;
 use fedbpt::experiment;
+use fedbpt::models::llama::WeightFormat;
 use fedbpt::models::{Placement, PromptModel, ScoreJob};
 
 /// Non-embedding parameters: 2 FLOPs each per token is the forward's matmul work.
@@ -88,7 +89,42 @@ fn merge_gain(
     }))
 }
 
-pub fn run(models: &[String], iters: usize, json_out: Option<&Path>) -> Result<()> {
+/// Largest class-score difference and how often the predicted class agrees, between two weight
+/// formats on the same batch.
+fn agreement(
+    model: &dyn PromptModel,
+    weights: &str,
+    reference: &[Vec<f32>],
+    scores: &[Vec<f32>],
+) -> serde_json::Value {
+    let argmax = |row: &[f32]| {
+        row.iter().enumerate().fold(0, |best, (i, v)| if *v > row[best] { i } else { best })
+    };
+    let max_diff = reference
+        .iter()
+        .zip(scores)
+        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    let same = reference.iter().zip(scores).filter(|(a, b)| argmax(a) == argmax(b)).count();
+    json!({
+        "model": model.info().name,
+        "bench": "agreement",
+        "weights": weights,
+        "max_abs_score_diff": max_diff,
+        "same_prediction": same as f64 / reference.len().max(1) as f64,
+        "examples": reference.len(),
+    })
+}
+
+pub fn run(
+    models: &[String],
+    formats: &[WeightFormat],
+    iters: usize,
+    json_out: Option<&Path>,
+) -> Result<()> {
+    if formats.is_empty() {
+        anyhow::bail!("--weights: name at least one of f32, bf16, quantized");
+    }
     let iters = iters.max(1);
     let mut lines = Vec::new();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -100,78 +136,99 @@ pub fn run(models: &[String], iters: usize, json_out: Option<&Path>) -> Result<(
                 _ => (vec![Placement::Suffix, Placement::Prefix], 64, vec![1, 20]),
             };
         for placement in placements {
-            let cfg = Config {
-                model_name: name.clone(),
-                task_name: "mr".into(),
-                placement,
-                ..Config::default()
-            };
-            let device = experiment::device("cpu")?;
-            let model = experiment::load_model(&cfg, &device, &mut |m| eprintln!("{m}"))?;
-            let (_, split) = experiment::load_split(&cfg, &mut |m| eprintln!("{m}"))?;
-            let task = cfg.task_spec()?;
-            let exs = &split.test[..examples.min(split.test.len())];
-            let t = Instant::now();
-            let batch = model.prepare(&task, exs, None)?;
-            let prepare_s = t.elapsed().as_secs_f64();
-            let out_dim = cfg.n_prompt_tokens * model.info().hidden_size;
-            let flops_per_token = 2.0 * non_embedding_params(model.as_ref()) as f64;
-            for &pop in &populations {
-                // Prefix placement reruns whole sequences per candidate: one population is plenty.
-                if placement == Placement::Prefix && pop > 1 && model.info().family == "llama" {
+            let mut reference_scores: Option<Vec<Vec<f32>>> = None;
+            for &weights in formats {
+                let cfg = Config {
+                    model_name: name.clone(),
+                    task_name: "mr".into(),
+                    placement,
+                    weights,
+                    ..Config::default()
+                };
+                let device = experiment::device("cpu")?;
+                let model = experiment::load_model(&cfg, &device, &mut |m| eprintln!("{m}"))?;
+                let (_, split) = experiment::load_split(&cfg, &mut |m| eprintln!("{m}"))?;
+                let task = cfg.task_spec()?;
+                let exs = &split.test[..examples.min(split.test.len())];
+                let t = Instant::now();
+                let batch = model.prepare(&task, exs, None)?;
+                let prepare_s = t.elapsed().as_secs_f64();
+                let out_dim = cfg.n_prompt_tokens * model.info().hidden_size;
+                let flops_per_token = 2.0 * non_embedding_params(model.as_ref()) as f64;
+                let weights_name = format!("{weights:?}").to_lowercase();
+                for &pop in &populations {
+                    // Prefix placement reruns whole sequences per candidate: one population is
+                    // plenty.
+                    if placement == Placement::Prefix && pop > 1 && model.info().family == "llama" {
+                        continue;
+                    }
+                    let prompts: Vec<Vec<f32>> =
+                        (0..pop).map(|i| vec![1e-3 * i as f32; out_dim]).collect();
+                    let dt = time_scores(model.as_ref(), &batch, &prompts, iters)?;
+                    let tokens = (batch.tokens_per_pass * pop) as f64;
+                    let line = json!({
+                        "model": model.info().name,
+                        "family": model.info().family,
+                        "weights": weights_name,
+                        "placement": format!("{placement:?}").to_lowercase(),
+                        "examples": batch.len(),
+                        "candidates": pop,
+                        "tokens_per_pass": batch.tokens_per_pass,
+                        "prepare_s": prepare_s,
+                        "s_per_call": dt,
+                        "s_per_candidate": dt / pop as f64,
+                        "tokens_per_s": tokens / dt,
+                        "examples_per_s": (batch.len() * pop) as f64 / dt,
+                        "gflops": tokens * flops_per_token / dt / 1e9,
+                        "threads": threads,
+                    });
+                    println!("{line}");
+                    lines.push(line);
+                }
+                // How far this format's class scores are from the first format's (z = 0).
+                let zero = vec![0f32; out_dim];
+                let scores = model.scores_many(&batch, &[zero.as_slice()])?.remove(0);
+                match &reference_scores {
+                    None => reference_scores = Some(scores),
+                    Some(reference) => {
+                        let line = agreement(model.as_ref(), &weights_name, reference, &scores);
+                        println!("{line}");
+                        lines.push(line);
+                    }
+                }
+                if placement == Placement::Suffix {
+                    suffix_tokens = Some(batch.tokens_per_pass);
+                    let mut line = merge_gain(model.as_ref(), &task, exs, out_dim, iters)?;
+                    line["weights"] = json!(weights_name);
+                    println!("{line}");
+                    lines.push(line);
+                }
+                if weights != formats[0] {
                     continue;
                 }
-                let prompts: Vec<Vec<f32>> =
-                    (0..pop).map(|i| vec![1e-3 * i as f32; out_dim]).collect();
-                let dt = time_scores(model.as_ref(), &batch, &prompts, iters)?;
-                let tokens = (batch.tokens_per_pass * pop) as f64;
-                let line = json!({
-                    "model": model.info().name,
-                    "family": model.info().family,
-                    "placement": format!("{placement:?}").to_lowercase(),
-                    "examples": batch.len(),
-                    "candidates": pop,
-                    "tokens_per_pass": batch.tokens_per_pass,
-                    "prepare_s": prepare_s,
-                    "s_per_call": dt,
-                    "s_per_candidate": dt / pop as f64,
-                    "tokens_per_s": tokens / dt,
-                    "examples_per_s": (batch.len() * pop) as f64 / dt,
-                    "gflops": tokens * flops_per_token / dt / 1e9,
-                    "threads": threads,
-                });
-                println!("{line}");
-                lines.push(line);
-            }
-            if placement == Placement::Suffix {
-                suffix_tokens = Some(batch.tokens_per_pass);
-            }
-            if placement == Placement::Prefix && model.info().family == "llama" {
-                // The peer's rows: the prefix pass's mean length; the suffix's new tokens per row.
-                let rows = batch.len().max(1);
-                let seq = (batch.tokens_per_pass as f64 / rows as f64).round() as usize;
-                let new = suffix_tokens.map(|t| t / rows).unwrap_or(8).clamp(1, seq.max(2) - 1);
-                let gguf = experiment::resolve_model(name, &mut |m| eprintln!("{m}"))?;
-                for line in peer_causal(&gguf, rows, seq, new) {
-                    println!("{line}");
-                    lines.push(line);
+                if placement == Placement::Prefix && model.info().family == "llama" {
+                    // The peer's rows: the prefix pass's mean length; the suffix's new tokens
+                    // per row.
+                    let rows = batch.len().max(1);
+                    let seq = (batch.tokens_per_pass as f64 / rows as f64).round() as usize;
+                    let new = suffix_tokens.map(|t| t / rows).unwrap_or(8).clamp(1, seq.max(2) - 1);
+                    let gguf = experiment::resolve_model(name, &mut |m| eprintln!("{m}"))?;
+                    for line in peer_causal(&gguf, rows, seq, new) {
+                        println!("{line}");
+                        lines.push(line);
+                    }
                 }
-            }
-            if placement == Placement::Suffix {
-                let line = merge_gain(model.as_ref(), &task, exs, out_dim, iters)?;
-                println!("{line}");
-                lines.push(line);
-            }
-            if name == "minilm" {
-                let dir = experiment::resolve_model(name, &mut |m| eprintln!("{m}"))?;
-                // Same batch and token count as ours: the peer's rows are uniform, so none of
-                // its work is padding either.
-                // Once per population size: our rows are examples x candidates.
-                let seq = (batch.tokens_per_pass as f64 / batch.len().max(1) as f64).round();
-                for &pop in &populations {
-                    let line = peer(&dir, batch.len() * pop, seq as usize);
-                    println!("{line}");
-                    lines.push(line);
+                if name == "minilm" {
+                    let dir = experiment::resolve_model(name, &mut |m| eprintln!("{m}"))?;
+                    // Same batch and token count as ours: the peer's rows are uniform, so none
+                    // of its work is padding either. Once per population size: our rows are
+                    // examples x candidates.
+                    let seq = (batch.tokens_per_pass as f64 / batch.len().max(1) as f64).round();
+                    for &pop in &populations {
+                        let line = peer(&dir, batch.len() * pop, seq as usize);
+                        println!("{line}");
+                        lines.push(line);
+                    }
                 }
             }
         }

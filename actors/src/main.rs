@@ -75,6 +75,9 @@ enum Command {
         /// Models to measure: smollm2, minilm.
         #[arg(long, default_values_t = vec!["minilm".to_string(), "smollm2".to_string()])]
         models: Vec<String>,
+        /// Weight formats to measure (f32, bf16, quantized), each beside the first.
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["f32".to_string(), "bf16".to_string()])]
+        weights: Vec<String>,
         /// Repetitions per measurement.
         #[arg(long, default_value_t = 5)]
         iters: usize,
@@ -151,7 +154,17 @@ fn real_main() -> Result<()> {
         Command::Compare { config, out, seeds, overrides } => {
             fed::compare(&config, out, &seeds, &overrides)
         }
-        Command::Bench { models, iters, json } => bench::run(&models, iters, json.as_deref()),
+        Command::Bench { models, weights, iters, json } => {
+            let formats = weights
+                .iter()
+                .map(|w| {
+                    serde_json::from_value(serde_json::Value::String(w.clone())).map_err(|_| {
+                        anyhow::anyhow!("--weights: `{w}` is not f32, bf16 or quantized")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            bench::run(&models, &formats, iters, json.as_deref())
+        }
         Command::BenchFaults { config, rates, seeds, overrides, out } => fed::bench_faults(
             &config,
             out.unwrap_or_else(|| PathBuf::from("runs/bench-faults")),

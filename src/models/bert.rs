@@ -851,6 +851,12 @@ impl MaskedLm {
         Ok(Self { body, head })
     }
 
+    /// Multiplies the encoder's linear layers in bf16 from now on (see [`super::bf16`]); the
+    /// MLM head stays f32.
+    pub fn use_bf16(&mut self) -> Result<()> {
+        Ok(self.body.encoder.use_bf16()?)
+    }
+
     /// Token ids of a prepared batch, with or without the placeholders (for inspection).
     pub fn input_ids(&self, batch: &Prepared, with_placeholders: bool) -> Result<Vec<Vec<u32>>> {
         let b = downcast::<MlmBatch>(batch, "MaskedLm")?;
@@ -983,6 +989,11 @@ impl SentenceEncoder {
         let offset = if roberta { config.pad_token_id + 1 } else { 0 };
         let body = Backbone::load(dir, settings, &config, &ckpt, prefix, offset, "minilm-encoder")?;
         Ok(Self { body })
+    }
+
+    /// Multiplies the encoder's linear layers in bf16 from now on (see [`super::bf16`]).
+    pub fn use_bf16(&mut self) -> Result<()> {
+        Ok(self.body.encoder.use_bf16()?)
     }
 
     /// Token ids of a prepared batch, with or without the placeholders (for inspection).

@@ -18,22 +18,32 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{layer_norm, linear, LayerNorm, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
+use super::bf16::Bf16Linear;
 use super::ops;
 
-/// A linear layer's `[out, in]` weight and `[out]` bias.
+/// A linear layer's `[out, in]` weight and `[out]` bias, and its bf16 packing once asked for.
 struct Dense {
     weight: Tensor,
     bias: Option<Tensor>,
+    bf16: Option<Bf16Linear>,
 }
 
 impl Dense {
     fn load(vb: VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Self> {
         let l = linear(inputs, outputs, vb)?;
-        Ok(Self { weight: l.weight().clone(), bias: l.bias().cloned() })
+        Ok(Self { weight: l.weight().clone(), bias: l.bias().cloned(), bf16: None })
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        ops::linear(xs, &self.weight, self.bias.as_ref())
+        match &self.bf16 {
+            Some(packed) => packed.forward(xs),
+            None => ops::linear(xs, &self.weight, self.bias.as_ref()),
+        }
+    }
+
+    fn pack_bf16(&mut self) -> candle_core::Result<()> {
+        self.bf16 = Some(Bf16Linear::from_tensors(&self.weight, self.bias.as_ref())?);
+        Ok(())
     }
 }
 
@@ -60,7 +70,7 @@ impl Layer {
         let bias = parts.iter().map(|l| l.bias.clone()).collect::<Option<Vec<_>>>();
         let bias = bias.map(|b| Tensor::cat(&b, 0)).transpose()?;
         Ok(Self {
-            qkv: Dense { weight, bias },
+            qkv: Dense { weight, bias, bf16: None },
             attention_out: Dense::load(vb.pp("attention.output.dense"), h, h)?,
             attention_norm: layer_norm(h, eps, vb.pp("attention.output.LayerNorm"))?,
             intermediate: Dense::load(vb.pp("intermediate.dense"), h, config.intermediate_size)?,
@@ -192,6 +202,24 @@ impl Encoder {
             .map(|i| Layer::load(vb.pp(format!("layer.{i}")), config))
             .collect::<candle_core::Result<_>>()?;
         Ok(Self { layers, heads: config.num_attention_heads })
+    }
+
+    /// Multiplies every linear layer in bf16 from now on (see [`super::bf16`]); CPU only.
+    pub fn use_bf16(&mut self) -> candle_core::Result<()> {
+        for layer in &mut self.layers {
+            if !layer.qkv.weight.device().is_cpu() {
+                candle_core::bail!("bf16 weights are implemented for the CPU only");
+            }
+            for dense in [
+                &mut layer.qkv,
+                &mut layer.attention_out,
+                &mut layer.intermediate,
+                &mut layer.output,
+            ] {
+                dense.pack_bf16()?;
+            }
+        }
+        Ok(())
     }
 
     /// `[b, t, h]` embeddings of right-padded sequences of `lengths` tokens -> `[b, t, h]` hidden

@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use super::bf16::Bf16Linear;
 use super::{
     downcast, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings, ScoreJob,
     TokenNoise,
@@ -63,14 +64,17 @@ impl LlamaConfig {
     }
 }
 
-/// How GGUF weights are held in memory.
+/// How the weights of the linear layers are held in memory and multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightFormat {
-    /// Dequantized to f32 and multiplied with candle's f32 gemm (fastest for batched scoring).
+    /// f32 (GGUF weights dequantized), multiplied with candle's f32 gemm.
     #[default]
     F32,
-    /// Kept in the file's quantization, multiplied with candle's quantized matmul.
+    /// bf16, each matmul's input rounded to bf16, f32 accumulation ([`super::bf16`]): about
+    /// twice the f32 speed on CPUs with AVX-512 BF16. CPU only.
+    Bf16,
+    /// GGUF only: kept in the file's quantization, multiplied with candle's quantized matmul.
     Quantized,
 }
 
@@ -85,6 +89,7 @@ enum RopeStyle {
 enum Linear {
     Dense(Tensor),
     Quant(QMatMul),
+    Bf16(Bf16Linear),
 }
 
 impl Linear {
@@ -92,13 +97,29 @@ impl Linear {
         Ok(match format {
             WeightFormat::F32 => Linear::Dense(q.dequantize(device)?),
             WeightFormat::Quantized => Linear::Quant(QMatMul::from_qtensor(q)?),
+            WeightFormat::Bf16 => {
+                Linear::Bf16(Bf16Linear::from_tensors(&q.dequantize(device)?, None)?)
+            }
         })
+    }
+
+    /// Packs an f32 layer for bf16 multiplication; a quantized layer stays as it is (the
+    /// caller refuses that case).
+    fn pack_bf16(&mut self) -> Result<()> {
+        if let Linear::Dense(w) = self {
+            if !w.device().is_cpu() {
+                return Err(Error::Model("bf16 weights are implemented for the CPU only".into()));
+            }
+            *self = Linear::Bf16(Bf16Linear::from_tensors(w, None)?);
+        }
+        Ok(())
     }
     /// `x` is `[rows, in]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Linear::Dense(w) => x.matmul(&w.t()?)?,
             Linear::Quant(q) => q.forward(x)?,
+            Linear::Bf16(b) => b.forward(x)?,
         })
     }
 }
@@ -269,6 +290,32 @@ impl CausalLm {
             device,
             path,
         )
+    }
+
+    /// Multiplies every f32 linear layer in bf16 from now on (see [`super::bf16`]); the
+    /// embeddings and the output rows stay f32. Quantized layers are refused: load the GGUF
+    /// file with [`WeightFormat::Bf16`] instead.
+    pub fn use_bf16(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            for lin in [
+                &mut layer.q,
+                &mut layer.k,
+                &mut layer.v,
+                &mut layer.o,
+                &mut layer.gate,
+                &mut layer.up,
+                &mut layer.down,
+            ] {
+                if matches!(lin, Linear::Quant(_)) {
+                    return Err(Error::Model(
+                        "quantized layers cannot be switched to bf16; load with weights = bf16"
+                            .into(),
+                    ));
+                }
+                lin.pack_bf16()?;
+            }
+        }
+        Ok(())
     }
 
     /// Loads a Hugging Face Llama directory: `config.json`, `*.safetensors`, `tokenizer.json`.

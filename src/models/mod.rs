@@ -14,6 +14,7 @@ use crate::Result;
 
 pub mod bert;
 pub mod bert_encoder;
+pub mod bf16;
 pub mod llama;
 pub mod ops;
 
