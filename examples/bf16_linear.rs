@@ -43,11 +43,17 @@ fn main() -> candle_core::Result<()> {
         let bf16_s = best_of(5, || {
             packed.forward(&x).map(drop).ok();
         });
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let portable_s = best_of(2, || {
+            packed.forward_portable(&xs, rows);
+        });
         println!(
-            "[{rows} x {inputs}] -> {outputs}: f32 {:.0} GFLOP/s, bf16 {:.0} GFLOP/s ({:.2}x)",
+            "[{rows} x {inputs}] -> {outputs}: f32 {:.0} GFLOP/s, bf16 {:.0} GFLOP/s ({:.2}x), \
+             bf16 portable loop {:.0} GFLOP/s",
             flops / f32_s / 1e9,
             flops / bf16_s / 1e9,
-            f32_s / bf16_s
+            f32_s / bf16_s,
+            flops / portable_s / 1e9,
         );
     }
     Ok(())

@@ -61,6 +61,12 @@ pub fn load_model(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Arc<dyn PromptModel>> {
     let path = resolve_model(&cfg.model_name, progress)?;
+    if cfg.weights == WeightFormat::Bf16 && !crate::models::bf16::has_fast_kernel() {
+        progress(
+            "warning: weights = bf16 but this CPU lacks AVX-512 BF16: a portable loop computes the \
+             same sums, slower than f32; set weights = \"f32\" for speed",
+        );
+    }
     load_model_path(&path, cfg, prompt_settings(cfg), device)
 }
 

@@ -22,11 +22,15 @@ const MR: usize = 8;
 /// Rows per parallel task (with one panel): enough that a task amortizes its start.
 const ROWS_PER_TASK: usize = 128;
 
-/// f32 -> bf16 bits, rounded to nearest even (as `vcvtneps2bf16`); NaN stays NaN.
+/// f32 -> bf16 bits as `vcvtneps2bf16` rounds: to nearest even, denormals to signed zero, NaN
+/// stays NaN.
 pub fn to_bf16(x: f32) -> u16 {
     let bits = x.to_bits();
     if x.is_nan() {
         return ((bits >> 16) | 0x40) as u16;
+    }
+    if x.is_subnormal() {
+        return ((bits >> 16) & 0x8000) as u16;
     }
     let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
     (rounded >> 16) as u16
@@ -109,7 +113,23 @@ impl Bf16Linear {
 
     /// `x [rows, inputs]` (row-major) -> `[rows, outputs]`.
     pub fn forward_slice(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.forward_with(x, rows, has_fast_kernel())
+    }
+
+    /// [`Self::forward_slice`] through the portable loop whatever the CPU (the same bits; for
+    /// tests and benchmarks).
+    pub fn forward_portable(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.forward_with(x, rows, false)
+    }
+
+    fn forward_with(&self, x: &[f32], rows: usize, fast: bool) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.inputs, "input is not [{rows}, {}]", self.inputs);
+        if self.inputs == 0 {
+            return match &self.bias {
+                Some(bias) => bias.iter().copied().cycle().take(rows * self.outputs).collect(),
+                None => vec![0.0; rows * self.outputs],
+            };
+        }
         let xb = self.round_input(x, rows);
         let mut dst = vec![0f32; rows * self.outputs];
         let panels = self.outputs.div_ceil(NR);
@@ -117,7 +137,6 @@ impl Bf16Linear {
             .flat_map(|p| (0..rows).step_by(ROWS_PER_TASK).map(move |r| (p, r)))
             .collect();
         let out = SharedMut(dst.as_mut_ptr());
-        let fast = has_fast_kernel();
         let run = |&(panel, row0): &(usize, usize)| {
             let row_end = (row0 + ROWS_PER_TASK).min(rows);
             // SAFETY: each task writes only rows row0..row_end of columns of its own panel.
@@ -186,7 +205,7 @@ impl Bf16Linear {
                 portable_tile(a, n, self.pairs, b, &mut tile);
             }
             for (i, row) in tile.iter().take(n).enumerate() {
-                // SAFETY: row r + i < rows and columns col0..col0 + cols < outputs.
+                // SAFETY: row r + i < rows and columns col0..col0 + cols <= outputs.
                 let out = unsafe {
                     std::slice::from_raw_parts_mut(dst.at((r + i) * self.outputs + col0), cols)
                 };
@@ -227,15 +246,41 @@ fn round_row_portable(x: &[f32], dst: &mut [u32]) {
     }
 }
 
-/// The same tile as the AVX-512 kernel, in plain loops.
+/// [`portable_tile_generic`] compiled for AVX2 where the CPU has it (same operations, so the
+/// same bits; the build's baseline x86-64 vectorizes it four lanes wide at most).
 fn portable_tile(a: &[u32], rows: usize, pairs: usize, b: &[u32], tile: &mut [[f32; NR]; MR]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        fn wide(a: &[u32], rows: usize, pairs: usize, b: &[u32], tile: &mut [[f32; NR]; MR]) {
+            portable_tile_generic(a, rows, pairs, b, tile)
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { wide(a, rows, pairs, b, tile) };
+        }
+    }
+    portable_tile_generic(a, rows, pairs, b, tile)
+}
+
+/// The same tile as the AVX-512 kernel, in plain loops and in `vdpbf16ps`'s order (odd product
+/// first; each product of two bf16 values is exact in f32), so both give the same bits.
+#[inline(always)]
+fn portable_tile_generic(
+    a: &[u32],
+    rows: usize,
+    pairs: usize,
+    b: &[u32],
+    tile: &mut [[f32; NR]; MR],
+) {
     for (i, out) in tile.iter_mut().take(rows).enumerate() {
         *out = [0.0; NR];
         for j in 0..pairs {
             let x = a[i * pairs + j];
             let (x0, x1) = (from_bf16(x as u16), from_bf16((x >> 16) as u16));
             for (o, &w) in out.iter_mut().zip(&b[j * NR..(j + 1) * NR]) {
-                *o += x0 * from_bf16(w as u16) + x1 * from_bf16((w >> 16) as u16);
+                *o += x1 * from_bf16((w >> 16) as u16);
+                *o += x0 * from_bf16(w as u16);
             }
         }
     }
@@ -415,14 +460,40 @@ mod tests {
             round_row_portable(&x[row * k..(row + 1) * k], d);
         }
         assert_eq!(xb, lin.round_input(&x, rows), "vector and scalar rounding differ");
-        let mut slow = vec![0f32; rows * out];
-        for panel in 0..out.div_ceil(NR) {
-            // SAFETY: `slow` is [rows, out] and only this loop writes it.
-            unsafe { lin.run_panel(&xb, panel, 0, rows, SharedMut(slow.as_mut_ptr()), false) };
+        let slow = lin.forward_portable(&x, rows);
+        // Same products, same order of additions: the same bits, whichever path runs.
+        assert_eq!(fast, slow);
+        eprintln!("fast kernel on this CPU: {}", has_fast_kernel());
+    }
+
+    #[test]
+    fn special_values_round_as_the_vector_instruction_does() {
+        let specials =
+            [f32::MIN_POSITIVE / 4.0, -f32::MIN_POSITIVE / 8.0, f32::INFINITY, f32::NEG_INFINITY];
+        assert_eq!(to_bf16(specials[0]), 0);
+        assert_eq!(to_bf16(specials[1]), 0x8000);
+        assert_eq!(from_bf16(to_bf16(f32::MAX)), f32::INFINITY);
+        // A row long enough for the vector path (32 per instruction) plus a scalar tail, with
+        // the special values in both parts.
+        let mut x: Vec<f32> = (0..70).map(|i| i as f32 * 0.37 - 9.0).collect();
+        for (i, v) in specials.iter().enumerate() {
+            x[i * 5] = *v;
+            x[40 + i * 7] = *v;
         }
-        for (f, s) in fast.iter().zip(&slow) {
-            assert!((f - s).abs() < 1e-4, "{f} vs {s}");
-        }
+        x[64] = specials[1];
+        x[66] = f32::NAN;
+        x[69] = specials[0];
+        let mut scalar = vec![0u32; 35];
+        round_row_portable(&x, &mut scalar);
+        let mut dispatched = vec![0u32; 35];
+        round_row(&x, &mut dispatched);
+        assert_eq!(scalar, dispatched);
+    }
+
+    #[test]
+    fn a_layer_without_inputs_returns_its_bias() {
+        let lin = Bf16Linear::new(&[], 3, 0, Some(vec![1.0, 2.0, 3.0]));
+        assert_eq!(lin.forward_slice(&[], 2), vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
     }
 
     #[test]
