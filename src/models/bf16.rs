@@ -72,6 +72,10 @@ pub struct Bf16Linear {
 
 impl Bf16Linear {
     /// Packs a row-major `[outputs, inputs]` weight.
+    ///
+    /// # Panics
+    /// If `weight` does not hold `outputs * inputs` values or `bias` not `outputs`
+    /// ([`Self::from_tensors`] checks shapes and returns an error instead).
     pub fn new(weight: &[f32], outputs: usize, inputs: usize, bias: Option<Vec<f32>>) -> Self {
         assert_eq!(weight.len(), outputs * inputs, "weight is not [{outputs}, {inputs}]");
         if let Some(b) = &bias {
@@ -112,6 +116,9 @@ impl Bf16Linear {
     }
 
     /// `x [rows, inputs]` (row-major) -> `[rows, outputs]`.
+    ///
+    /// # Panics
+    /// If `x` does not hold `rows * inputs` values ([`Self::forward`] checks and errs instead).
     pub fn forward_slice(&self, x: &[f32], rows: usize) -> Vec<f32> {
         self.forward_with(x, rows, has_fast_kernel())
     }
