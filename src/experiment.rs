@@ -115,10 +115,8 @@ fn load_model_path(
                 CausalLm::from_gguf(path, settings, cfg.weights, device)?
             } else {
                 let mut m = CausalLm::from_safetensors_dir(path, settings, device)?;
-                match cfg.weights {
-                    WeightFormat::F32 => {}
-                    WeightFormat::Bf16 => m.use_bf16()?,
-                    WeightFormat::Quantized => return Err(quantized_needs_gguf()),
+                if unquantized_as_bf16(cfg.weights)? {
+                    m.use_bf16()?;
                 }
                 m
             };
@@ -127,19 +125,15 @@ fn load_model_path(
         }
         BackendKind::Mlm => {
             let mut m = MaskedLm::load(path, settings, device)?;
-            match cfg.weights {
-                WeightFormat::F32 => {}
-                WeightFormat::Bf16 => m.use_bf16()?,
-                WeightFormat::Quantized => return Err(quantized_needs_gguf()),
+            if unquantized_as_bf16(cfg.weights)? {
+                m.use_bf16()?;
             }
             Arc::new(m)
         }
         BackendKind::Encoder => {
             let mut m = SentenceEncoder::load(path, settings, device)?;
-            match cfg.weights {
-                WeightFormat::F32 => {}
-                WeightFormat::Bf16 => m.use_bf16()?,
-                WeightFormat::Quantized => return Err(quantized_needs_gguf()),
+            if unquantized_as_bf16(cfg.weights)? {
+                m.use_bf16()?;
             }
             Arc::new(m)
         }
@@ -147,8 +141,16 @@ fn load_model_path(
     })
 }
 
-fn quantized_needs_gguf() -> Error {
-    Error::config("weights", "`quantized` applies to GGUF files only; use f32 or bf16")
+/// For a model loaded in f32 (safetensors): whether to switch it to bf16; `quantized` is an
+/// error there.
+fn unquantized_as_bf16(weights: WeightFormat) -> Result<bool> {
+    match weights {
+        WeightFormat::F32 => Ok(false),
+        WeightFormat::Bf16 => Ok(true),
+        WeightFormat::Quantized => {
+            Err(Error::config("weights", "`quantized` applies to GGUF files only; use f32 or bf16"))
+        }
+    }
 }
 
 /// Picks a backend for a Hugging Face directory from its `config.json`.

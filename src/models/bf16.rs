@@ -15,6 +15,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::ops::SharedMut;
+
 /// Output columns per panel: three 16-lane f32 vectors.
 pub const NR: usize = 48;
 /// Input rows per micro-kernel call: 8 rows x 3 vectors = 24 accumulators of the 32 registers.
@@ -353,21 +355,6 @@ mod avx512 {
             }
         }
         super::round_row_portable(&x[full * 32..], &mut dst[full * 16..]);
-    }
-}
-
-/// Raw output pointer shared by tasks writing disjoint blocks.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: tasks write disjoint (panel, rows) blocks.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// # Safety
-    /// `offset` must stay inside the allocation.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        unsafe { self.0.add(offset) }
     }
 }
 

@@ -344,8 +344,9 @@ struct VarlenAttention<'a> {
 
 /// A raw pointer that rayon tasks may share: each task writes a disjoint part.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: only used to write disjoint (sequence, head) blocks from different tasks.
+pub(crate) struct SharedMut(pub(crate) *mut f32);
+// SAFETY: only used to write disjoint blocks from different tasks ((sequence, head) blocks of
+// attention here, (panel, rows) blocks in `bf16`).
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
@@ -354,7 +355,7 @@ impl SharedMut {
     ///
     /// # Safety
     /// `offset` must stay inside the allocation.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut f32 {
         unsafe { self.0.add(offset) }
     }
 }
