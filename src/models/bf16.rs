@@ -11,7 +11,6 @@
 //! within a panel, input positions go in pairs `(2j, 2j + 1)`, one 32-bit word per column and pair,
 //! which is what `vdpbf16ps` multiplies against a broadcast pair of input values.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -370,12 +369,7 @@ impl CustomOp1 for Bf16Matmul<'_> {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("bf16 linear: expected f32 input, got {:?}", storage.dtype());
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("bf16 linear: expected a contiguous input");
-        };
+        let x = super::ops::f32_slice(storage, layout, "bf16 linear input")?;
         let (rows, inputs) = layout.shape().dims2()?;
         if inputs != self.0.inputs {
             candle_core::bail!(
@@ -383,7 +377,7 @@ impl CustomOp1 for Bf16Matmul<'_> {
                 self.0.inputs
             );
         }
-        let out = self.0.forward_slice(&data[start..end], rows);
+        let out = self.0.forward_slice(x, rows);
         Ok((CpuStorage::F32(out), Shape::from((rows, self.0.outputs))))
     }
 }

@@ -236,7 +236,7 @@ pub fn activation(xs: &Tensor, act: HiddenAct) -> candle_core::Result<Tensor> {
 }
 
 /// The contiguous f32 data of a CPU tensor's storage, or an error naming `what`.
-fn f32_slice<'a>(
+pub(crate) fn f32_slice<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,
