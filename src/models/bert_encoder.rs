@@ -21,28 +21,33 @@ use candle_transformers::models::bert::{Config, HiddenAct};
 use super::bf16::Bf16Linear;
 use super::ops;
 
-/// A linear layer's `[out, in]` weight and `[out]` bias, and its bf16 packing once asked for.
-struct Dense {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    bf16: Option<Bf16Linear>,
+/// A linear layer: its `[out, in]` weight and `[out]` bias in f32, or both packed for bf16.
+enum Dense {
+    F32 { weight: Tensor, bias: Option<Tensor> },
+    Bf16(Bf16Linear),
 }
 
 impl Dense {
     fn load(vb: VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Self> {
         let l = linear(inputs, outputs, vb)?;
-        Ok(Self { weight: l.weight().clone(), bias: l.bias().cloned(), bf16: None })
+        Ok(Dense::F32 { weight: l.weight().clone(), bias: l.bias().cloned() })
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.bf16 {
-            Some(packed) => packed.forward(xs),
-            None => ops::linear(xs, &self.weight, self.bias.as_ref()),
+        match self {
+            Dense::F32 { weight, bias } => ops::linear(xs, weight, bias.as_ref()),
+            Dense::Bf16(packed) => packed.forward(xs),
         }
     }
 
+    /// Replaces the f32 weights by their bf16 packing (one copy of the weights stays).
     fn pack_bf16(&mut self) -> candle_core::Result<()> {
-        self.bf16 = Some(Bf16Linear::from_tensors(&self.weight, self.bias.as_ref())?);
+        if let Dense::F32 { weight, bias } = self {
+            if !weight.device().is_cpu() {
+                candle_core::bail!("bf16 weights are implemented for the CPU only");
+            }
+            *self = Dense::Bf16(Bf16Linear::from_tensors(weight, bias.as_ref())?);
+        }
         Ok(())
     }
 }
@@ -64,13 +69,13 @@ impl Layer {
         let sa = vb.pp("attention.self");
         let parts = ["query", "key", "value"]
             .iter()
-            .map(|n| Dense::load(sa.pp(n), h, h))
+            .map(|n| linear(h, h, sa.pp(n)))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let weight = Tensor::cat(&parts.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0)?;
-        let bias = parts.iter().map(|l| l.bias.clone()).collect::<Option<Vec<_>>>();
+        let weight = Tensor::cat(&parts.iter().map(|l| l.weight()).collect::<Vec<_>>(), 0)?;
+        let bias = parts.iter().map(|l| l.bias().cloned()).collect::<Option<Vec<_>>>();
         let bias = bias.map(|b| Tensor::cat(&b, 0)).transpose()?;
         Ok(Self {
-            qkv: Dense { weight, bias, bf16: None },
+            qkv: Dense::F32 { weight, bias },
             attention_out: Dense::load(vb.pp("attention.output.dense"), h, h)?,
             attention_norm: layer_norm(h, eps, vb.pp("attention.output.LayerNorm"))?,
             intermediate: Dense::load(vb.pp("intermediate.dense"), h, config.intermediate_size)?,
@@ -207,9 +212,6 @@ impl Encoder {
     /// Multiplies every linear layer in bf16 from now on (see [`super::bf16`]); CPU only.
     pub fn use_bf16(&mut self) -> candle_core::Result<()> {
         for layer in &mut self.layers {
-            if !layer.qkv.weight.device().is_cpu() {
-                candle_core::bail!("bf16 weights are implemented for the CPU only");
-            }
             for dense in [
                 &mut layer.qkv,
                 &mut layer.attention_out,

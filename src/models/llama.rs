@@ -98,7 +98,9 @@ impl Linear {
             WeightFormat::F32 => Linear::Dense(q.dequantize(device)?),
             WeightFormat::Quantized => Linear::Quant(QMatMul::from_qtensor(q)?),
             WeightFormat::Bf16 => {
-                Linear::Bf16(Bf16Linear::from_tensors(&q.dequantize(device)?, None)?)
+                let mut dense = Linear::Dense(q.dequantize(device)?);
+                dense.pack_bf16()?;
+                dense
             }
         })
     }
