@@ -279,6 +279,13 @@ fn jobs_merged_into_one_pass_score_as_they_would_alone() {
         for (u, v) in merged[2][0].iter().zip(&merged[0][1]) {
             assert!(max_abs_diff(u, v) <= 1e-5 * v[0].abs().max(1.0), "{u:?} vs {v:?}");
         }
+        // Passes of a few rows: candidates split into groups, jobs over several passes.
+        m.suffix_pass_rows = 9;
+        let split = m.scores_jobs(&jobs).unwrap();
+        for (x, y) in split.iter().flatten().flatten().zip(merged.iter().flatten().flatten()) {
+            assert!(max_abs_diff(x, y) <= 1e-5 * y[0].abs().max(1.0), "{x:?} vs {y:?}");
+        }
+        assert_eq!(split.iter().flatten().flatten().count(), 5 * 3 + 3 * 2 + 5);
     }
 }
 

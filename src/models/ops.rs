@@ -601,6 +601,210 @@ pub fn masked_attention(
     )
 }
 
+/// Dot product in eight lanes, so that it vectorizes (a single running sum would not).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One (batch row, kv group) of [`block_attention`]: `q` `[m, hd]`; `kv`: the block's keys and
+/// values `[t, hd]`, then the real cached keys and values `[np, hd]`; output `dst` `[m, hd]`.
+#[inline(always)]
+fn block_task_generic(q: &[f32], kv: [&[f32]; 4], dst: &mut [f32], dims: [usize; 3], scale: f32) {
+    let [k, v, pk, pv] = kv;
+    let [hd, t, s] = dims;
+    let (m, np) = (q.len() / hd, pk.len() / hd);
+    let n = np + s;
+    let mut scores = vec![0f32; m * n];
+    if np > 0 {
+        // SAFETY: scores is [m, n] (row step n), q [m, hd], pk read as [hd, np]: all in bounds.
+        unsafe {
+            gemm::gemm(
+                m,
+                np,
+                hd,
+                scores.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                q.as_ptr(),
+                1,
+                hd as isize,
+                pk.as_ptr(),
+                hd as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    }
+    for (row, sr) in scores.chunks_exact_mut(n).enumerate() {
+        let tok = row % t;
+        let (first, j) = (tok - tok % s, tok % s);
+        let qr = &q[row * hd..][..hd];
+        for jj in 0..=j {
+            sr[np + jj] = dot(qr, &k[(first + jj) * hd..][..hd]) * scale;
+        }
+        let live = np + j + 1;
+        let max = sr[..live].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let mut sum = 0.0;
+        for x in &mut sr[..live] {
+            *x = exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        sr[..live].iter_mut().for_each(|x| *x *= inv);
+        sr[live..].iter_mut().for_each(|x| *x = 0.0);
+    }
+    if np > 0 {
+        // SAFETY: dst is [m, hd], scores read as [m, np] with row step n, pv [np, hd].
+        unsafe {
+            gemm::gemm(
+                m,
+                hd,
+                np,
+                dst.as_mut_ptr(),
+                1,
+                hd as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                n as isize,
+                pv.as_ptr(),
+                1,
+                hd as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    }
+    for (row, (sr, out)) in scores.chunks_exact(n).zip(dst.chunks_exact_mut(hd)).enumerate() {
+        let tok = row % t;
+        let (first, j) = (tok - tok % s, tok % s);
+        for jj in 0..=j {
+            let w = sr[np + jj];
+            for (o, &x) in out.iter_mut().zip(&v[(first + jj) * hd..][..hd]) {
+                *o = w.mul_add(x, *o);
+            }
+        }
+    }
+}
+
+with_avx2! {
+    /// [`block_task_generic`], compiled for AVX2 + FMA where the CPU has them.
+    fn block_task(
+        q: &[f32],
+        kv: [&[f32]; 4],
+        dst: &mut [f32],
+        dims: [usize; 3],
+        scale: f32
+    ) => block_task_generic
+}
+
+/// The contiguous f32 data of a CPU tensor, or an error naming `what`.
+fn with_f32<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => f(f32_slice(cpu, layout, what)?),
+        _ => candle_core::bail!("{what}: expected a CPU tensor"),
+    }
+}
+
+/// Attention of candidate blocks stacked after a shared key/value cache, as Llama's suffix
+/// scoring runs it: queries `q` `[b, g, m, hd]` are the `g` kv groups' query heads stacked
+/// (`m = rep * t`, rows `r * t + token`), over `t` block tokens in blocks of `block`. Each token
+/// attends to the cache's real keys `past_k[bi, gi, past_start[bi]..]` and to the tokens of its
+/// own block up to itself (`k`, `v`: `[b, g, t, hd]`). Equal to a full masked attention over the
+/// concatenated keys (tested), without the `P * block` keys per query that the mask would discard
+/// nor the cache's left padding. CPU and f32 only.
+#[allow(clippy::too_many_arguments)]
+pub fn block_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    past_k: &Tensor,
+    past_v: &Tensor,
+    past_start: &[usize],
+    block: usize,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    let (b, g, m, hd) = q.dims4()?;
+    let (_, _, t, _) = k.dims4()?;
+    let (_, _, tp, _) = past_k.dims4()?;
+    if k.dims() != [b, g, t, hd]
+        || v.dims() != k.dims()
+        || past_k.dims() != [b, g, tp, hd]
+        || past_v.dims() != past_k.dims()
+        || block == 0
+        || t % block != 0
+        || t == 0
+        || m % t != 0
+        || past_start.len() != b
+        || past_start.iter().any(|&s| s > tp)
+    {
+        candle_core::bail!(
+            "block attention: queries {:?}, keys {:?}, values {:?}, cache {:?} / {:?}, block {block}, {} cache starts",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            past_k.dims(),
+            past_v.dims(),
+            past_start.len()
+        );
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (pk, pv) = (past_k.contiguous()?, past_v.contiguous()?);
+    let mut out = vec![0f32; b * g * m * hd];
+    with_f32(&q, "attention queries", |qd| {
+        with_f32(&k, "block keys", |kd| {
+            with_f32(&v, "block values", |vd| {
+                with_f32(&pk, "cached keys", |pkd| {
+                    with_f32(&pv, "cached values", |pvd| {
+                        out.par_chunks_mut(m * hd).enumerate().for_each(|(task, dst)| {
+                            let start = past_start[task / g];
+                            let past = task * tp * hd + start * hd..(task + 1) * tp * hd;
+                            block_task(
+                                &qd[task * m * hd..][..m * hd],
+                                [
+                                    &kd[task * t * hd..][..t * hd],
+                                    &vd[task * t * hd..][..t * hd],
+                                    &pkd[past.clone()],
+                                    &pvd[past],
+                                ],
+                                dst,
+                                [hd, t, block],
+                                scale,
+                            )
+                        });
+                        Ok(())
+                    })
+                })
+            })
+        })
+    })?;
+    Tensor::from_vec(out, (b, g, m, hd), q.device())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -683,6 +887,60 @@ mod tests {
         let diff = (ours - theirs).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
         let diff = diff.to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "max diff {diff}");
+    }
+
+    #[test]
+    fn block_attention_equals_masked_attention_over_the_concatenated_keys() {
+        let dev = Device::Cpu;
+        // hd = 20: dot products with a tail past the eight lanes; row 1 has left padding.
+        let (b, g, rep, blocks, s, hd, tp) = (2, 2, 3, 3, 4, 20, 5);
+        let t = blocks * s;
+        let m = rep * t;
+        let q = Tensor::randn(0f32, 1.0, (b, g, m, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, g, t, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, g, t, hd), &dev).unwrap();
+        let pk = Tensor::randn(0f32, 1.0, (b, g, tp, hd), &dev).unwrap();
+        let pv = Tensor::randn(0f32, 1.0, (b, g, tp, hd), &dev).unwrap();
+        let starts = [0usize, 2];
+        let mut mask = Vec::new();
+        for &start in &starts {
+            for row in 0..m {
+                let tok = row % t;
+                mask.extend((0..tp).map(|j| if j >= start { 0.0 } else { -1e30 }));
+                mask.extend((0..t).map(|kk| {
+                    if kk / s == tok / s && kk % s <= tok % s {
+                        0.0
+                    } else {
+                        -1e30
+                    }
+                }));
+            }
+        }
+        let keys = Tensor::cat(&[&pk, &k], 2).unwrap();
+        let values = Tensor::cat(&[&pv, &v], 2).unwrap();
+        let want = masked_attention(&q, &keys, &values, &mask, 0.4).unwrap();
+        let got = block_attention(&q, &k, &v, &pk, &pv, &starts, s, 0.4).unwrap();
+        let diff = (want - got).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "max diff {diff}");
+        // A cache of padding only: each token sees its own block alone.
+        let empty = block_attention(&q, &k, &v, &pk, &pv, &[tp, tp], s, 0.4).unwrap();
+        let only_blocks = masked_attention(
+            &q,
+            &keys,
+            &values,
+            &mask
+                .chunks(tp + t)
+                .flat_map(|r| std::iter::repeat_n(-1e30, tp).chain(r[tp..].iter().copied()))
+                .collect::<Vec<_>>(),
+            0.4,
+        )
+        .unwrap();
+        let diff = (empty - only_blocks).unwrap().abs().unwrap().flatten_all().unwrap();
+        assert!(diff.max(0).unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+        // Shapes that do not fit are errors, not panics.
+        assert!(block_attention(&q, &k, &v, &pk, &pv, &starts, 5, 0.4).is_err());
+        assert!(block_attention(&q, &k, &v, &pk, &pv, &[0, tp + 1], s, 0.4).is_err());
     }
 
     #[test]
