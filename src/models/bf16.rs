@@ -132,40 +132,30 @@ impl Bf16Linear {
 
     fn forward_with(&self, x: &[f32], rows: usize, fast: bool) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.inputs, "input is not [{rows}, {}]", self.inputs);
+        self.forward_rounded(&self.round_input(x, rows), rows, fast)
+    }
+
+    /// The layer on an input already rounded by [`Self::round_input`] (layers that read the same
+    /// input share one rounding: see [`forward_shared`]).
+    fn forward_rounded(&self, xb: &[u32], rows: usize, fast: bool) -> Vec<f32> {
         if self.inputs == 0 {
             return match &self.bias {
                 Some(bias) => bias.iter().copied().cycle().take(rows * self.outputs).collect(),
                 None => vec![0.0; rows * self.outputs],
             };
         }
-        let xb = self.round_input(x, rows);
-        // Not zeroed first: the panels below write every element (zeroing cost 3% of a
-        // forward at BBT's shapes, a pass over the largest buffers for nothing).
-        let mut dst: Vec<f32> = Vec::with_capacity(rows * self.outputs);
-        let panels = self.outputs.div_ceil(NR);
-        let tasks: Vec<(usize, usize)> = (0..panels)
-            .flat_map(|p| (0..rows).step_by(ROWS_PER_TASK).map(move |r| (p, r)))
-            .collect();
-        let out = SharedMut(dst.as_mut_ptr());
-        let run = |&(panel, row0): &(usize, usize)| {
-            let row_end = (row0 + ROWS_PER_TASK).min(rows);
-            // SAFETY: each task writes only rows row0..row_end of columns of its own panel.
-            unsafe { self.run_panel(&xb, panel, row0, row_end, out, fast) }
-        };
-        if rows * self.outputs * self.inputs >= 1 << 16 && tasks.len() > 1 {
-            tasks.par_iter().for_each(run);
-        } else {
-            tasks.iter().for_each(run);
-        }
-        // SAFETY: the tasks cover every (row, panel) pair and each panel writes all rows of its
-        // columns, the panels together all `outputs` columns: every element is initialized.
-        unsafe { dst.set_len(rows * self.outputs) };
-        dst
+        panel_tasks(self.outputs, self.inputs, rows, |panel, row0, row_end, out| {
+            // SAFETY: `panel_tasks` hands each task its own rows of its own panel's columns.
+            unsafe { self.run_panel(xb, panel, row0, row_end, out, fast) }
+        })
     }
 
     /// The input rounded to bf16, `[rows][pairs]` words, a zero after an odd last input.
     fn round_input(&self, x: &[f32], rows: usize) -> Vec<u32> {
         let mut xb = vec![0u32; rows * self.pairs];
+        if self.pairs == 0 {
+            return xb;
+        }
         let convert = |(row, dst): (usize, &mut [u32])| {
             round_row(&x[row * self.inputs..(row + 1) * self.inputs], dst)
         };
@@ -190,7 +180,7 @@ impl Bf16Linear {
         dst: SharedMut,
         fast: bool,
     ) {
-        let b = &self.packed[panel * self.pairs * NR..(panel + 1) * self.pairs * NR];
+        let b = self.panel(panel);
         let col0 = panel * NR;
         let cols = NR.min(self.outputs - col0);
         let mut tile = [[0f32; NR]; MR];
@@ -198,25 +188,7 @@ impl Bf16Linear {
         while r < row_end {
             let n = MR.min(row_end - r);
             let a = &xb[r * self.pairs..(r + n) * self.pairs];
-            if fast {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the CPU has AVX-512 F and BF16 (`fast`); `a` holds n rows of `pairs`
-                // words, `b` one panel of `pairs * NR` words.
-                unsafe {
-                    match n {
-                        8 => avx512::tile::<8>(a, self.pairs, b, &mut tile),
-                        7 => avx512::tile::<7>(a, self.pairs, b, &mut tile),
-                        6 => avx512::tile::<6>(a, self.pairs, b, &mut tile),
-                        5 => avx512::tile::<5>(a, self.pairs, b, &mut tile),
-                        4 => avx512::tile::<4>(a, self.pairs, b, &mut tile),
-                        3 => avx512::tile::<3>(a, self.pairs, b, &mut tile),
-                        2 => avx512::tile::<2>(a, self.pairs, b, &mut tile),
-                        _ => avx512::tile::<1>(a, self.pairs, b, &mut tile),
-                    }
-                }
-            } else {
-                portable_tile(a, n, self.pairs, b, &mut tile);
-            }
+            compute_tile(a, n, self.pairs, b, &mut tile, fast);
             for (i, row) in tile.iter().take(n).enumerate() {
                 // SAFETY: row r + i < rows and columns col0..col0 + cols <= outputs.
                 let out = unsafe {
@@ -239,6 +211,200 @@ impl Bf16Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.contiguous()?.apply_op1_no_bwd(&Bf16Matmul(self))
     }
+
+    /// The packed words of one panel.
+    fn panel(&self, panel: usize) -> &[u32] {
+        &self.packed[panel * self.pairs * NR..(panel + 1) * self.pairs * NR]
+    }
+
+    /// Rows `row0..row_end` of `silu(x . G^T + bg) * (x . U^T + bu)` for one panel's columns,
+    /// `self` the gate and `up` the up projection.
+    ///
+    /// # Safety
+    /// As [`Self::run_panel`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_gated_panel(
+        &self,
+        up: &Bf16Linear,
+        xb: &[u32],
+        panel: usize,
+        row0: usize,
+        row_end: usize,
+        dst: SharedMut,
+        fast: bool,
+    ) {
+        let (bg, bu) = (self.panel(panel), up.panel(panel));
+        let col0 = panel * NR;
+        let cols = NR.min(self.outputs - col0);
+        let (mut tg, mut tu) = ([[0f32; NR]; MR], [[0f32; NR]; MR]);
+        let mut r = row0;
+        while r < row_end {
+            let n = MR.min(row_end - r);
+            let a = &xb[r * self.pairs..(r + n) * self.pairs];
+            compute_tile(a, n, self.pairs, bg, &mut tg, fast);
+            compute_tile(a, n, self.pairs, bu, &mut tu, fast);
+            for i in 0..n {
+                for (t, bias) in [(&mut tg[i], &self.bias), (&mut tu[i], &up.bias)] {
+                    if let Some(bias) = bias {
+                        t.iter_mut().zip(&bias[col0..col0 + cols]).for_each(|(v, b)| *v += b);
+                    }
+                }
+                // SAFETY: row r + i < rows and columns col0..col0 + cols <= outputs.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(dst.at((r + i) * self.outputs + col0), cols)
+                };
+                // The same function as the separate SwiGLU pass: the same bits.
+                super::ops::swiglu_slice(&tg[i][..cols], &tu[i][..cols], out);
+            }
+            r += n;
+        }
+    }
+}
+
+/// Runs `task(panel, row0, row_end, dst)` over every (panel of [`NR`] columns, block of
+/// [`ROWS_PER_TASK`] rows) of a `[rows, outputs]` result, in parallel when the work is large
+/// enough, and returns the result. Each task must write every element of its block.
+fn panel_tasks(
+    outputs: usize,
+    inputs: usize,
+    rows: usize,
+    task: impl Fn(usize, usize, usize, SharedMut) + Sync,
+) -> Vec<f32> {
+    // Not zeroed first: the tasks write every element (zeroing cost 3% of a forward at BBT's
+    // shapes, a pass over the largest buffers for nothing).
+    let mut dst: Vec<f32> = Vec::with_capacity(rows * outputs);
+    let panels = outputs.div_ceil(NR);
+    let tasks: Vec<(usize, usize)> =
+        (0..panels).flat_map(|p| (0..rows).step_by(ROWS_PER_TASK).map(move |r| (p, r))).collect();
+    let out = SharedMut(dst.as_mut_ptr());
+    let run = |&(panel, row0): &(usize, usize)| {
+        task(panel, row0, (row0 + ROWS_PER_TASK).min(rows), out);
+    };
+    if rows * outputs * inputs >= 1 << 16 && tasks.len() > 1 {
+        tasks.par_iter().for_each(run);
+    } else {
+        tasks.iter().for_each(run);
+    }
+    // SAFETY: the tasks cover every (row block, panel) pair and each writes all its elements
+    // (the contract above), the panels together all `outputs` columns.
+    unsafe { dst.set_len(rows * outputs) };
+    dst
+}
+
+/// The first `n` rows of `tile` from `n` rows of rounded input `a` and one panel `b`.
+fn compute_tile(
+    a: &[u32],
+    n: usize,
+    pairs: usize,
+    b: &[u32],
+    tile: &mut [[f32; NR]; MR],
+    fast: bool,
+) {
+    if fast {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512 F and BF16 (`fast`); `a` holds n rows of `pairs` words,
+        // `b` one panel of `pairs * NR` words (the kernel asserts both).
+        unsafe {
+            match n {
+                8 => avx512::tile::<8>(a, pairs, b, tile),
+                7 => avx512::tile::<7>(a, pairs, b, tile),
+                6 => avx512::tile::<6>(a, pairs, b, tile),
+                5 => avx512::tile::<5>(a, pairs, b, tile),
+                4 => avx512::tile::<4>(a, pairs, b, tile),
+                3 => avx512::tile::<3>(a, pairs, b, tile),
+                2 => avx512::tile::<2>(a, pairs, b, tile),
+                _ => avx512::tile::<1>(a, pairs, b, tile),
+            }
+            return;
+        }
+    }
+    portable_tile(a, n, pairs, b, tile);
+}
+
+/// Checks that `x` is a CPU `[rows, inputs]` f32 tensor for layers taking `inputs`, and runs `f`
+/// on its data.
+fn with_input<R>(
+    x: &Tensor,
+    inputs: usize,
+    f: impl FnOnce(&[f32], usize) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let x = x.contiguous()?;
+    let (rows, width) = x.dims2()?;
+    if width != inputs {
+        candle_core::bail!("bf16 linear: input [{rows}, {width}], weight takes {inputs}");
+    }
+    let (storage, layout) = x.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            f(super::ops::f32_slice(cpu, layout, "bf16 linear input")?, rows)
+        }
+        _ => candle_core::bail!("bf16 linear: input must be on the CPU"),
+    }
+}
+
+/// Several layers on the same input `x [rows, inputs]`, which is rounded to bf16 once (Llama's
+/// q, k and v projections). The same results as each layer's [`Bf16Linear::forward`].
+pub fn forward_shared(layers: &[&Bf16Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    let Some(first) = layers.first() else { return Ok(Vec::new()) };
+    if layers.iter().any(|l| l.inputs != first.inputs) {
+        candle_core::bail!("bf16 layers sharing an input must take the same width");
+    }
+    with_input(x, first.inputs, |data, rows| {
+        let xb = first.round_input(data, rows);
+        let fast = has_fast_kernel();
+        layers
+            .iter()
+            .map(|l| {
+                let out = l.forward_rounded(&xb, rows, fast);
+                Tensor::from_vec(out, (rows, l.outputs), x.device())
+            })
+            .collect()
+    })
+}
+
+/// `silu(x . G^T + bg) * (x . U^T + bu)` (Llama's gated MLP input) in one pass: each output
+/// tile of the gate and of the up projection is combined as it is computed, so neither
+/// `[rows, outputs]` intermediate is written out. The same bits as the two layers followed by
+/// [`super::ops::swiglu`].
+pub fn forward_swiglu(
+    gate: &Bf16Linear,
+    up: &Bf16Linear,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if (gate.inputs, gate.outputs) != (up.inputs, up.outputs) {
+        candle_core::bail!(
+            "gate [{}, {}] and up [{}, {}] projections differ in shape",
+            gate.outputs,
+            gate.inputs,
+            up.outputs,
+            up.inputs
+        );
+    }
+    with_input(x, gate.inputs, |data, rows| {
+        let out = swiglu_slice_rows(gate, up, data, rows, has_fast_kernel());
+        Tensor::from_vec(out, (rows, gate.outputs), x.device())
+    })
+}
+
+fn swiglu_slice_rows(
+    gate: &Bf16Linear,
+    up: &Bf16Linear,
+    x: &[f32],
+    rows: usize,
+    fast: bool,
+) -> Vec<f32> {
+    if gate.inputs == 0 {
+        let g = gate.forward_with(x, rows, fast);
+        let u = up.forward_with(x, rows, fast);
+        let mut out = vec![0f32; g.len()];
+        super::ops::swiglu_slice(&g, &u, &mut out);
+        return out;
+    }
+    let xb = gate.round_input(x, rows);
+    panel_tasks(gate.outputs, gate.inputs, rows, |panel, row0, row_end, out| {
+        // SAFETY: `panel_tasks` hands each task its own rows of its own panel's columns.
+        unsafe { gate.run_gated_panel(up, &xb, panel, row0, row_end, out, fast) }
+    })
 }
 
 /// One row rounded to bf16 pairs.
@@ -428,6 +594,54 @@ mod tests {
             let tol = 1e-5 * (k as f64).sqrt() * 4.0;
             assert!(((*g as f64) - e).abs() < tol, "[{rows}x{out}x{k}] element {i}: {g} vs {e}");
         }
+    }
+
+    #[test]
+    fn shared_rounding_and_fused_swiglu_give_the_separate_layers_bits() {
+        let dev = candle_core::Device::Cpu;
+        // Rows past a multiple of 8 and of a task, a partial panel, an odd width, biases.
+        for (rows, out, k) in [(3, 5, 7), (141, 100, 65), (300, 48, 64)] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64((rows + out + k) as u64);
+            let x = random(rows * k, &mut rng);
+            let gate = Bf16Linear::new(&random(out * k, &mut rng), out, k, None);
+            let up =
+                Bf16Linear::new(&random(out * k, &mut rng), out, k, Some(random(out, &mut rng)));
+            let other = Bf16Linear::new(&random(9 * k, &mut rng), 9, k, Some(random(9, &mut rng)));
+            let xt = Tensor::from_slice(&x, (rows, k), &dev).unwrap();
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            let shared = forward_shared(&[&gate, &other, &up], &xt).unwrap();
+            for (layer, got) in [&gate, &other, &up].iter().zip(&shared) {
+                assert_eq!(bits(got), bits(&layer.forward(&xt).unwrap()));
+            }
+            let separate =
+                super::super::ops::swiglu(&gate.forward(&xt).unwrap(), &up.forward(&xt).unwrap())
+                    .unwrap();
+            let fused = forward_swiglu(&gate, &up, &xt).unwrap();
+            assert_eq!(fused.dims(), &[rows, out]);
+            assert_eq!(bits(&fused), bits(&separate));
+            let portable = swiglu_slice_rows(&gate, &up, &x, rows, false);
+            assert_eq!(portable.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), bits(&separate));
+        }
+        // Mismatched shapes are errors.
+        let a = Bf16Linear::new(&[0.0; 6], 2, 3, None);
+        let b = Bf16Linear::new(&[0.0; 9], 3, 3, None);
+        let xt = Tensor::zeros((2, 3), candle_core::DType::F32, &dev).unwrap();
+        assert!(forward_swiglu(&a, &b, &xt).is_err());
+        assert!(forward_shared(&[&a, &Bf16Linear::new(&[0.0; 4], 2, 2, None)], &xt).is_err());
+        assert!(forward_swiglu(
+            &a,
+            &a,
+            &Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap()
+        )
+        .is_err());
     }
 
     #[test]

@@ -139,6 +139,27 @@ struct Layer {
     down: Linear,
 }
 
+impl Layer {
+    /// The q, k and v projections of the normed input; in bf16 they share one rounding of it.
+    fn qkv(&self, hn: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        if let (Linear::Bf16(q), Linear::Bf16(k), Linear::Bf16(v)) = (&self.q, &self.k, &self.v) {
+            let mut out = super::bf16::forward_shared(&[q, k, v], hn)?.into_iter();
+            if let (Some(q), Some(k), Some(v)) = (out.next(), out.next(), out.next()) {
+                return Ok((q, k, v));
+            }
+        }
+        Ok((self.q.forward(hn)?, self.k.forward(hn)?, self.v.forward(hn)?))
+    }
+
+    /// `silu(gate(hn)) * up(hn)`; in bf16 one fused pass.
+    fn gated(&self, hn: &Tensor) -> Result<Tensor> {
+        if let (Linear::Bf16(g), Linear::Bf16(u)) = (&self.gate, &self.up) {
+            return Ok(super::bf16::forward_swiglu(g, u, hn)?);
+        }
+        Ok(super::ops::swiglu(&self.gate.forward(hn)?, &self.up.forward(hn)?)?)
+    }
+}
+
 /// Key/value cache of one batch of left-padded prefixes: per layer `[B, n_kv, T, head_dim]`.
 struct KvCache {
     layers: LayerKv,
@@ -661,8 +682,7 @@ impl CausalLm {
         let mut kept = vec![Vec::new(); segs.len()];
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let (q_all, k_all, v_all) =
-                (layer.q.forward(&hn)?, layer.k.forward(&hn)?, layer.v.forward(&hn)?);
+            let (q_all, k_all, v_all) = layer.qkv(&hn)?;
             let mut ys = Vec::with_capacity(segs.len());
             for (si, (seg, g)) in segs.iter().zip(&geometry).enumerate() {
                 let (b, t, n) = (g.b, g.t, g.b * g.t);
@@ -722,7 +742,7 @@ impl CausalLm {
             }
             x = (x + layer.o.forward(&cat_rows(ys)?)?)?;
             let hn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let ff = super::ops::swiglu(&layer.gate.forward(&hn)?, &layer.up.forward(&hn)?)?;
+            let ff = layer.gated(&hn)?;
             x = (x + layer.down.forward(&ff)?)?;
         }
         let hidden = geometry

@@ -29,9 +29,9 @@ use rayon::prelude::*;
 /// per element, and the build's baseline x86-64 has neither, so the element-wise loops below
 /// would not vectorize.
 macro_rules! with_avx2 {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) => $generic:ident) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) => $generic:ident) => {
         $(#[$doc])*
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
@@ -150,7 +150,7 @@ fn swiglu_slice_generic(gate: &[f32], up: &[f32], dst: &mut [f32]) {
 
 with_avx2! {
     /// [`swiglu_slice_generic`], compiled for AVX2 + FMA where the CPU has them.
-    fn swiglu_slice(gate: &[f32], up: &[f32], dst: &mut [f32]) => swiglu_slice_generic
+    pub(crate) fn swiglu_slice(gate: &[f32], up: &[f32], dst: &mut [f32]) => swiglu_slice_generic
 }
 
 /// Elements per rayon task: large enough that scheduling costs nothing.
