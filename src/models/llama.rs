@@ -179,6 +179,9 @@ struct Segment<'a> {
     /// Which keys each query sees.
     attend: Attend,
     past: Option<&'a KvCache>,
+    /// The columns whose last hidden states the caller reads (`None`: all). The last layer's
+    /// output projection and MLP then run on those rows only.
+    outputs: Option<Vec<usize>>,
 }
 
 /// The attention pattern of a [`Segment`].
@@ -598,6 +601,7 @@ impl CausalLm {
             positions: positions.to_vec(),
             attend: Attend::Mask(mask.clone()),
             past,
+            outputs: None,
         };
         let (mut hidden, mut kv) = self.decode(std::slice::from_ref(&seg), keep_kv)?;
         match (hidden.pop(), kv.pop()) {
@@ -679,6 +683,29 @@ impl CausalLm {
             rows.push(seg.x.reshape((b * t, h))?);
         }
         let mut x = cat_rows(rows)?;
+        // The rows the last layer keeps, when every segment names its output columns.
+        let output_rows: Option<Vec<u32>> = segs
+            .iter()
+            .zip(&geometry)
+            .map(|(seg, g)| {
+                let cols = seg.outputs.as_ref()?;
+                Some(
+                    (0..g.b)
+                        .flat_map(|bi| {
+                            cols.iter().map(move |&c| (g.first_row + bi * g.t + c) as u32)
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat());
+        if let Some(bad) = segs
+            .iter()
+            .zip(&geometry)
+            .find_map(|(seg, g)| seg.outputs.as_ref()?.iter().find(|&&c| c >= g.t).copied())
+        {
+            return Err(Error::Model(format!("output column {bad} is past the segment's end")));
+        }
         let mut kept = vec![Vec::new(); segs.len()];
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
@@ -740,15 +767,29 @@ impl CausalLm {
                 };
                 ys.push(y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((n, h))?);
             }
-            x = (x + layer.o.forward(&cat_rows(ys)?)?)?;
+            let mut y = cat_rows(ys)?;
+            if li + 1 == self.layers.len() {
+                if let Some(idx) = &output_rows {
+                    // Past the last attention no row reads another: keep the rows asked for.
+                    let idx = Tensor::new(idx.as_slice(), &self.device)?;
+                    (x, y) = (x.index_select(&idx, 0)?, y.index_select(&idx, 0)?);
+                }
+            }
+            x = (x + layer.o.forward(&y)?)?;
             let hn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let ff = layer.gated(&hn)?;
             x = (x + layer.down.forward(&ff)?)?;
         }
-        let hidden = geometry
-            .iter()
-            .map(|g| Ok(x.narrow(0, g.first_row, g.b * g.t)?.reshape((g.b, g.t, h))?))
-            .collect::<Result<Vec<_>>>()?;
+        let mut first = 0;
+        let mut hidden = Vec::with_capacity(segs.len());
+        for (seg, g) in segs.iter().zip(&geometry) {
+            let cols = match (&output_rows, &seg.outputs) {
+                (Some(_), Some(cols)) => cols.len(),
+                _ => g.t,
+            };
+            hidden.push(x.narrow(0, first, g.b * cols)?.reshape((g.b, cols, h))?);
+            first += g.b * cols;
+        }
         Ok((hidden, kept))
     }
 
@@ -1096,22 +1137,24 @@ impl CausalLm {
         let x = x.broadcast_as((b, n_cand * s, self.cfg.hidden_size))?.contiguous()?;
         let positions: Vec<u32> =
             (0..n_cand).flat_map(|_| (0..s as u32).map(|j| t_past as u32 + j)).collect();
-        Ok((Segment { x, positions, attend: Attend::Blocks(s), past: Some(cache) }, s))
+        // Only the last token of each block is scored.
+        let outputs = Some((0..n_cand).map(|p| p * s + s - 1).collect());
+        Ok((Segment { x, positions, attend: Attend::Blocks(s), past: Some(cache), outputs }, s))
     }
 
-    /// Label logits `[prompt][example][class]` from the hidden states `[B, P*S, H]` of a chunk's
-    /// candidate blocks: the last token of each block.
+    /// Label logits `[prompt][example][class]` from the hidden states `[B, P, H]` of the last
+    /// token of a chunk's candidate blocks (the segment's `outputs`).
     fn suffix_logits(
         &self,
         h: &Tensor,
         n_cand: usize,
-        s: usize,
         label_ids: &[u32],
     ) -> Result<Vec<Vec<Vec<f32>>>> {
-        let b = h.dim(0)?;
-        let idx: Vec<u32> = (0..n_cand).map(|p| (p * s + s - 1) as u32).collect();
-        let last = h.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 1)?; // [B, P, H]
-        let last = last.reshape((b * n_cand, self.cfg.hidden_size))?;
+        let (b, cols, _) = h.dims3()?;
+        if cols != n_cand {
+            return Err(Error::Model(format!("{cols} hidden states per row for {n_cand} blocks")));
+        }
+        let last = h.reshape((b * n_cand, self.cfg.hidden_size))?;
         let logits = self.label_logits(&last, label_ids)?.reshape((b, n_cand, label_ids.len()))?;
         Ok(logits.transpose(0, 1)?.contiguous()?.to_vec3::<f32>()?)
     }
@@ -1141,9 +1184,8 @@ impl CausalLm {
         &self,
         work: &[(&CausalBatch, &[Tensor], bool)],
     ) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
-        /// Where a segment's scores go: work item, the chunk's examples, first prompt, prompts,
-        /// block length.
-        type Origin<'c> = (usize, &'c [usize], usize, usize, usize);
+        /// Where a segment's scores go: work item, the chunk's examples, first prompt, prompts.
+        type Origin<'c> = (usize, &'c [usize], usize, usize);
         let mut out: Vec<Vec<Vec<Vec<f32>>>> = work
             .iter()
             .map(|(b, p, _)| vec![vec![Vec::new(); b.examples.len()]; p.len().max(1)])
@@ -1153,8 +1195,8 @@ impl CausalLm {
          -> Result<()> {
             let (segs, origins): (Vec<_>, Vec<_>) = pending.drain(..).unzip();
             let (hidden, _) = self.decode(&segs, false)?;
-            for (h, (wi, chunk, first, n, s)) in hidden.iter().zip(origins) {
-                let logits = self.suffix_logits(h, n.max(1), s, &work[wi].0.label_ids)?;
+            for (h, (wi, chunk, first, n)) in hidden.iter().zip(origins) {
+                let logits = self.suffix_logits(h, n.max(1), &work[wi].0.label_ids)?;
                 scatter(&mut out[wi][first..], chunk, logits);
             }
             Ok(())
@@ -1183,7 +1225,7 @@ impl CausalLm {
                         flush(&mut pending, &mut out)?;
                         pending_rows = 0;
                     }
-                    pending.push((seg, (wi, chunk, gi * per_pass, group.len(), s)));
+                    pending.push((seg, (wi, chunk, gi * per_pass, group.len())));
                     pending_rows += rows;
                 }
             }
