@@ -396,7 +396,7 @@ impl CustomOp1 for VarlenAttention<'_> {
             .collect();
         tasks.par_iter().for_each(|&(s, hh)| {
             let (start, len) = (starts[s], self.lengths[s]);
-            let rs = three_h as isize;
+            let rs = three_h;
             let q = qkv[start * three_h + hh * hd..].as_ptr();
             let k = qkv[start * three_h + h + hh * hd..].as_ptr();
             let v = qkv[start * three_h + 2 * h + hh * hd..].as_ptr();
@@ -406,27 +406,7 @@ impl CustomOp1 for VarlenAttention<'_> {
             // hh*hd.., belong to this task alone.
             unsafe {
                 // scores = q . k^T: k read as [hd, len] (row step 1, column step 3h).
-                gemm::gemm(
-                    len,
-                    len,
-                    hd,
-                    scores.as_mut_ptr(),
-                    1,
-                    len as isize,
-                    false,
-                    q,
-                    1,
-                    rs,
-                    k,
-                    rs,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                matmul_abt(len, len, hd, scores.as_mut_ptr(), len, q, rs, k, rs, scale);
             }
             for row in scores.chunks_mut(len) {
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -439,26 +419,16 @@ impl CustomOp1 for VarlenAttention<'_> {
                 row.iter_mut().for_each(|x| *x *= inv);
             }
             unsafe {
-                gemm::gemm(
+                matmul_ab(
                     len,
                     hd,
                     len,
                     dst.at(start * h + hh * hd),
-                    1,
-                    h as isize,
-                    false,
+                    h,
                     scores.as_ptr(),
-                    1,
-                    len as isize,
+                    len,
                     v,
-                    1,
                     rs,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
                 );
             }
         });
@@ -528,51 +498,22 @@ impl CustomOp3 for MaskedAttention<'_> {
             // (batch row, group) and writes only its own [m, hd] output block.
             unsafe {
                 // scores = q . k^T * scale: keys read as [hd, n] (row step 1, column step hd).
-                gemm::gemm(
+                matmul_abt(
                     m,
                     n,
                     hd,
                     scores.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
+                    n,
                     q[qo..].as_ptr(),
-                    1,
-                    hd as isize,
+                    hd,
                     k[ko..].as_ptr(),
-                    hd as isize,
-                    1,
-                    0.0,
+                    hd,
                     self.scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
                 );
             }
             masked_softmax(&mut scores, mask, n);
             unsafe {
-                gemm::gemm(
-                    m,
-                    hd,
-                    n,
-                    dst.at(qo),
-                    1,
-                    hd as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    n as isize,
-                    v[ko..].as_ptr(),
-                    1,
-                    hd as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
+                matmul_ab(m, hd, n, dst.at(qo), hd, scores.as_ptr(), n, v[ko..].as_ptr(), hd);
             }
         });
         Ok((CpuStorage::F32(out), ql.shape().clone()))
@@ -601,6 +542,93 @@ pub fn masked_attention(
     )
 }
 
+/// `dst[m, n] = scale * a[m, k] . b[n, k]^T` on one thread (attention scores); row strides in
+/// elements, columns adjacent.
+///
+/// # Safety
+/// Each pointer must be valid for its rows and columns at its stride.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_abt(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    a: *const f32,
+    a_rs: usize,
+    b: *const f32,
+    b_rs: usize,
+    scale: f32,
+) {
+    // SAFETY: the caller's contract; b read as [k, n] with column step b_rs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            a,
+            1,
+            a_rs as isize,
+            b,
+            b_rs as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// `dst[m, n] = a[m, k] . b[k, n]` on one thread (attention-weighted values); row strides in
+/// elements, columns adjacent.
+///
+/// # Safety
+/// As [`matmul_abt`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_ab(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    a: *const f32,
+    a_rs: usize,
+    b: *const f32,
+    b_rs: usize,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            a,
+            1,
+            a_rs as isize,
+            b,
+            1,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
 /// Dot product in eight lanes, so that it vectorizes (a single running sum would not).
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -627,27 +655,7 @@ fn block_task_generic(q: &[f32], kv: [&[f32]; 4], dst: &mut [f32], dims: [usize;
     if np > 0 {
         // SAFETY: scores is [m, n] (row step n), q [m, hd], pk read as [hd, np]: all in bounds.
         unsafe {
-            gemm::gemm(
-                m,
-                np,
-                hd,
-                scores.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                q.as_ptr(),
-                1,
-                hd as isize,
-                pk.as_ptr(),
-                hd as isize,
-                1,
-                0.0,
-                scale,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
+            matmul_abt(m, np, hd, scores.as_mut_ptr(), n, q.as_ptr(), hd, pk.as_ptr(), hd, scale);
         }
     }
     for (row, sr) in scores.chunks_exact_mut(n).enumerate() {
@@ -671,27 +679,7 @@ fn block_task_generic(q: &[f32], kv: [&[f32]; 4], dst: &mut [f32], dims: [usize;
     if np > 0 {
         // SAFETY: dst is [m, hd], scores read as [m, np] with row step n, pv [np, hd].
         unsafe {
-            gemm::gemm(
-                m,
-                hd,
-                np,
-                dst.as_mut_ptr(),
-                1,
-                hd as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                n as isize,
-                pv.as_ptr(),
-                1,
-                hd as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
+            matmul_ab(m, hd, np, dst.as_mut_ptr(), hd, scores.as_ptr(), n, pv.as_ptr(), hd);
         }
     }
     for (row, (sr, out)) in scores.chunks_exact(n).zip(dst.chunks_exact_mut(hd)).enumerate() {
