@@ -146,7 +146,7 @@ impl Bf16Linear {
         }
         panel_tasks(self.outputs, self.inputs, rows, |panel, row0, row_end, out| {
             // SAFETY: `panel_tasks` hands each task its own rows of its own panel's columns.
-            unsafe { self.run_panel(xb, panel, row0, row_end, out, fast) }
+            unsafe { self.run_panel(None, xb, panel, row0..row_end, out, fast) }
         })
     }
 
@@ -167,40 +167,44 @@ impl Bf16Linear {
         xb
     }
 
-    /// Rows `row0..row_end` of one panel's columns, written into `dst`.
+    /// Rows `rows` of one panel's columns, written into `dst`: this layer's output, or with
+    /// `up`, `silu(x . W^T + b) * (x . U^T + bu)` (this layer the gate).
     ///
     /// # Safety
     /// `dst` must point at a `[rows, outputs]` buffer that no one else writes in this block.
     unsafe fn run_panel(
         &self,
+        up: Option<&Bf16Linear>,
         xb: &[u32],
         panel: usize,
-        row0: usize,
-        row_end: usize,
+        rows: std::ops::Range<usize>,
         dst: SharedMut,
         fast: bool,
     ) {
-        let b = self.panel(panel);
         let col0 = panel * NR;
         let cols = NR.min(self.outputs - col0);
-        let mut tile = [[0f32; NR]; MR];
-        let mut r = row0;
-        while r < row_end {
-            let n = MR.min(row_end - r);
+        let (mut tile, mut tile_up) = ([[0f32; NR]; MR], [[0f32; NR]; MR]);
+        let mut r = rows.start;
+        while r < rows.end {
+            let n = MR.min(rows.end - r);
             let a = &xb[r * self.pairs..(r + n) * self.pairs];
-            compute_tile(a, n, self.pairs, b, &mut tile, fast);
-            for (i, row) in tile.iter().take(n).enumerate() {
+            compute_tile(a, n, self.pairs, self.panel(panel), &mut tile, fast);
+            if let Some(up) = up {
+                compute_tile(a, n, self.pairs, up.panel(panel), &mut tile_up, fast);
+            }
+            for i in 0..n {
+                add_bias(&mut tile[i][..cols], self.bias.as_deref(), col0);
                 // SAFETY: row r + i < rows and columns col0..col0 + cols <= outputs.
                 let out = unsafe {
                     std::slice::from_raw_parts_mut(dst.at((r + i) * self.outputs + col0), cols)
                 };
-                match &self.bias {
-                    Some(bias) => {
-                        for ((o, v), b) in out.iter_mut().zip(row).zip(&bias[col0..col0 + cols]) {
-                            *o = v + b;
-                        }
+                match up {
+                    Some(up) => {
+                        add_bias(&mut tile_up[i][..cols], up.bias.as_deref(), col0);
+                        // The same function as the separate SwiGLU pass: the same bits.
+                        super::ops::swiglu_slice(&tile[i][..cols], &tile_up[i][..cols], out);
                     }
-                    None => out.copy_from_slice(&row[..cols]),
+                    None => out.copy_from_slice(&tile[i][..cols]),
                 }
             }
             r += n;
@@ -216,48 +220,12 @@ impl Bf16Linear {
     fn panel(&self, panel: usize) -> &[u32] {
         &self.packed[panel * self.pairs * NR..(panel + 1) * self.pairs * NR]
     }
+}
 
-    /// Rows `row0..row_end` of `silu(x . G^T + bg) * (x . U^T + bu)` for one panel's columns,
-    /// `self` the gate and `up` the up projection.
-    ///
-    /// # Safety
-    /// As [`Self::run_panel`].
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn run_gated_panel(
-        &self,
-        up: &Bf16Linear,
-        xb: &[u32],
-        panel: usize,
-        row0: usize,
-        row_end: usize,
-        dst: SharedMut,
-        fast: bool,
-    ) {
-        let (bg, bu) = (self.panel(panel), up.panel(panel));
-        let col0 = panel * NR;
-        let cols = NR.min(self.outputs - col0);
-        let (mut tg, mut tu) = ([[0f32; NR]; MR], [[0f32; NR]; MR]);
-        let mut r = row0;
-        while r < row_end {
-            let n = MR.min(row_end - r);
-            let a = &xb[r * self.pairs..(r + n) * self.pairs];
-            compute_tile(a, n, self.pairs, bg, &mut tg, fast);
-            compute_tile(a, n, self.pairs, bu, &mut tu, fast);
-            for i in 0..n {
-                for (t, bias) in [(&mut tg[i], &self.bias), (&mut tu[i], &up.bias)] {
-                    if let Some(bias) = bias {
-                        t.iter_mut().zip(&bias[col0..col0 + cols]).for_each(|(v, b)| *v += b);
-                    }
-                }
-                // SAFETY: row r + i < rows and columns col0..col0 + cols <= outputs.
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut(dst.at((r + i) * self.outputs + col0), cols)
-                };
-                // The same function as the separate SwiGLU pass: the same bits.
-                super::ops::swiglu_slice(&tg[i][..cols], &tu[i][..cols], out);
-            }
-            r += n;
-        }
+/// Adds the columns `col0..` of `bias` (if any) to `row`.
+fn add_bias(row: &mut [f32], bias: Option<&[f32]>, col0: usize) {
+    if let Some(bias) = bias {
+        row.iter_mut().zip(&bias[col0..]).for_each(|(v, b)| *v += b);
     }
 }
 
@@ -403,7 +371,7 @@ fn swiglu_slice_rows(
     let xb = gate.round_input(x, rows);
     panel_tasks(gate.outputs, gate.inputs, rows, |panel, row0, row_end, out| {
         // SAFETY: `panel_tasks` hands each task its own rows of its own panel's columns.
-        unsafe { gate.run_gated_panel(up, &xb, panel, row0, row_end, out, fast) }
+        unsafe { gate.run_panel(Some(up), &xb, panel, row0..row_end, out, fast) }
     })
 }
 

@@ -406,7 +406,7 @@ impl CustomOp1 for VarlenAttention<'_> {
             // hh*hd.., belong to this task alone.
             unsafe {
                 // scores = q . k^T: k read as [hd, len] (row step 1, column step 3h).
-                matmul_abt(len, len, hd, scores.as_mut_ptr(), len, q, rs, k, rs, scale);
+                matmul([len, len, hd], (scores.as_mut_ptr(), len), (q, rs), k, (rs, 1), scale);
             }
             for row in scores.chunks_mut(len) {
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -419,16 +419,13 @@ impl CustomOp1 for VarlenAttention<'_> {
                 row.iter_mut().for_each(|x| *x *= inv);
             }
             unsafe {
-                matmul_ab(
-                    len,
-                    hd,
-                    len,
-                    dst.at(start * h + hh * hd),
-                    h,
-                    scores.as_ptr(),
-                    len,
+                matmul(
+                    [len, hd, len],
+                    (dst.at(start * h + hh * hd), h),
+                    (scores.as_ptr(), len),
                     v,
-                    rs,
+                    (1, rs),
+                    1.0,
                 );
             }
         });
@@ -498,22 +495,25 @@ impl CustomOp3 for MaskedAttention<'_> {
             // (batch row, group) and writes only its own [m, hd] output block.
             unsafe {
                 // scores = q . k^T * scale: keys read as [hd, n] (row step 1, column step hd).
-                matmul_abt(
-                    m,
-                    n,
-                    hd,
-                    scores.as_mut_ptr(),
-                    n,
-                    q[qo..].as_ptr(),
-                    hd,
+                matmul(
+                    [m, n, hd],
+                    (scores.as_mut_ptr(), n),
+                    (q[qo..].as_ptr(), hd),
                     k[ko..].as_ptr(),
-                    hd,
+                    (hd, 1),
                     self.scale,
                 );
             }
             masked_softmax(&mut scores, mask, n);
             unsafe {
-                matmul_ab(m, hd, n, dst.at(qo), hd, scores.as_ptr(), n, v[ko..].as_ptr(), hd);
+                matmul(
+                    [m, hd, n],
+                    (dst.at(qo), hd),
+                    (scores.as_ptr(), n),
+                    v[ko..].as_ptr(),
+                    (1, hd),
+                    1.0,
+                );
             }
         });
         Ok((CpuStorage::F32(out), ql.shape().clone()))
@@ -542,66 +542,20 @@ pub fn masked_attention(
     )
 }
 
-/// `dst[m, n] = scale * a[m, k] . b[n, k]^T` on one thread (attention scores); row strides in
-/// elements, columns adjacent.
+/// `dst[m, n] = scale * a[m, k] . b` on one thread, `b` read as `[k, n]` with steps
+/// `b_steps = (between columns, between rows)`: `(row stride, 1)` reads a row-major `[n, k]` as
+/// its transpose (attention scores), `(1, row stride)` a row-major `[k, n]` (weighted values).
+/// `dst` and `a` are row-major with the given row strides.
 ///
 /// # Safety
-/// Each pointer must be valid for its rows and columns at its stride.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_abt(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    a: *const f32,
-    a_rs: usize,
+/// Each pointer must be valid for its rows and columns at its strides.
+unsafe fn matmul(
+    [m, n, k]: [usize; 3],
+    dst: (*mut f32, usize),
+    a: (*const f32, usize),
     b: *const f32,
-    b_rs: usize,
+    b_steps: (usize, usize),
     scale: f32,
-) {
-    // SAFETY: the caller's contract; b read as [k, n] with column step b_rs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            false,
-            a,
-            1,
-            a_rs as isize,
-            b,
-            b_rs as isize,
-            1,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
-}
-
-/// `dst[m, n] = a[m, k] . b[k, n]` on one thread (attention-weighted values); row strides in
-/// elements, columns adjacent.
-///
-/// # Safety
-/// As [`matmul_abt`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_ab(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    a: *const f32,
-    a_rs: usize,
-    b: *const f32,
-    b_rs: usize,
 ) {
     // SAFETY: the caller's contract.
     unsafe {
@@ -609,18 +563,18 @@ unsafe fn matmul_ab(
             m,
             n,
             k,
-            dst,
+            dst.0,
             1,
-            dst_rs as isize,
+            dst.1 as isize,
             false,
-            a,
+            a.0,
             1,
-            a_rs as isize,
+            a.1 as isize,
             b,
-            1,
-            b_rs as isize,
+            b_steps.0 as isize,
+            b_steps.1 as isize,
             0.0,
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -655,7 +609,14 @@ fn block_task_generic(q: &[f32], kv: [&[f32]; 4], dst: &mut [f32], dims: [usize;
     if np > 0 {
         // SAFETY: scores is [m, n] (row step n), q [m, hd], pk read as [hd, np]: all in bounds.
         unsafe {
-            matmul_abt(m, np, hd, scores.as_mut_ptr(), n, q.as_ptr(), hd, pk.as_ptr(), hd, scale);
+            matmul(
+                [m, np, hd],
+                (scores.as_mut_ptr(), n),
+                (q.as_ptr(), hd),
+                pk.as_ptr(),
+                (hd, 1),
+                scale,
+            );
         }
     }
     for (row, sr) in scores.chunks_exact_mut(n).enumerate() {
@@ -679,7 +640,14 @@ fn block_task_generic(q: &[f32], kv: [&[f32]; 4], dst: &mut [f32], dims: [usize;
     if np > 0 {
         // SAFETY: dst is [m, hd], scores read as [m, np] with row step n, pv [np, hd].
         unsafe {
-            matmul_ab(m, hd, np, dst.as_mut_ptr(), hd, scores.as_ptr(), n, pv.as_ptr(), hd);
+            matmul(
+                [m, hd, np],
+                (dst.as_mut_ptr(), hd),
+                (scores.as_ptr(), n),
+                pv.as_ptr(),
+                (1, hd),
+                1.0,
+            );
         }
     }
     for (row, (sr, out)) in scores.chunks_exact(n).zip(dst.chunks_exact_mut(hd)).enumerate() {
