@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cmaes::{Cmaes, CmaesOptions};
 use crate::config::Config;
-use crate::data::split::Split;
+use crate::data::split::{minibatches, Split};
+use crate::data::Example;
 use crate::models::{Prepared, PromptModel};
 use crate::objective::{accuracy, loss, LossType};
 use crate::projection::Projection;
@@ -23,9 +24,10 @@ pub struct IterRecord {
     pub best_train_loss: f64,
     pub mean_train_loss: f64,
     pub sigma: f64,
-    /// Dev accuracy and loss of the current CMA-ES mean.
-    pub dev_acc: f64,
-    pub dev_loss: f64,
+    /// Dev accuracy and loss of the current CMA-ES mean (on iterations that evaluate it, see
+    /// `dev_every`).
+    pub dev_acc: Option<f64>,
+    pub dev_loss: Option<f64>,
     pub wall_s: f64,
 }
 
@@ -61,23 +63,6 @@ pub struct BbtSummary {
     pub config: Config,
 }
 
-/// The datasets tokenized and prepared once.
-pub struct PreparedSplit {
-    pub train: Prepared,
-    pub dev: Prepared,
-    pub test: Prepared,
-}
-
-impl PreparedSplit {
-    pub fn new(model: &dyn PromptModel, task: &TaskSpec, split: &Split) -> Result<Self> {
-        Ok(Self {
-            train: model.prepare(task, &split.train, None)?,
-            dev: model.prepare(task, &split.dev, None)?,
-            test: model.prepare(task, &split.test, None)?,
-        })
-    }
-}
-
 /// Builds the projection A for `cfg` on `model` (seeded: every party derives the same A).
 pub fn projection_for(cfg: &Config, model: &dyn PromptModel) -> Result<Projection> {
     let info = model.info();
@@ -102,6 +87,47 @@ pub fn evaluate(
     Ok((accuracy(&scores, &set.labels), loss(&scores, &set.labels, kind)?))
 }
 
+/// The training set as the search scores it: class-balanced minibatches (one, the whole set,
+/// unless `batch_size` asks for smaller ones), each prepared once.
+struct TrainBatches {
+    batches: Vec<Prepared>,
+}
+
+impl TrainBatches {
+    fn new(
+        model: &dyn PromptModel,
+        task: &TaskSpec,
+        train: &[Example],
+        size: usize,
+    ) -> Result<Self> {
+        let labels: Vec<usize> = train.iter().map(|e| e.label).collect();
+        let batches = minibatches(&labels, size)
+            .into_iter()
+            .map(|idx| {
+                let examples: Vec<Example> = idx.iter().map(|&i| train[i].clone()).collect();
+                model.prepare(task, &examples, None)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { batches })
+    }
+
+    /// The batch that scores the population of `iteration` (0-based): taken in turn, so every
+    /// example counts equally over a pass.
+    fn for_iteration(&self, iteration: usize) -> &Prepared {
+        &self.batches[iteration % self.batches.len()]
+    }
+
+    /// Accuracy of `prompt` on the whole training set.
+    fn accuracy(&self, model: &dyn PromptModel, prompt: &[f32]) -> Result<f64> {
+        let (mut correct, mut total) = (0.0, 0usize);
+        for b in &self.batches {
+            correct += accuracy(&model.scores(b, Some(prompt))?, &b.labels) * b.len() as f64;
+            total += b.len();
+        }
+        Ok(correct / total.max(1) as f64)
+    }
+}
+
 /// Runs centralized BBT. `on_iter` sees every iteration (progress bars, metrics files).
 pub fn run(
     cfg: &Config,
@@ -111,13 +137,15 @@ pub fn run(
     on_iter: &mut dyn FnMut(&IterRecord),
 ) -> Result<BbtSummary> {
     let started = Instant::now();
-    let sets = PreparedSplit::new(model, task, split)?;
+    let train = TrainBatches::new(model, task, &split.train, cfg.batch_size)?;
+    let dev = model.prepare(task, &split.dev, None)?;
+    let test = model.prepare(task, &split.test, None)?;
     let projection = projection_for(cfg, model)?;
-    let (zero_shot_test_acc, _) = evaluate(model, &sets.test, None, cfg.loss_type)?;
+    let (zero_shot_test_acc, _) = evaluate(model, &test, None, cfg.loss_type)?;
     let zero = vec![0f32; projection.out_dim()];
-    let (zero_prompt_test_acc, _) = evaluate(model, &sets.test, Some(&zero), cfg.loss_type)?;
-    let (zero_shot_dev_acc, _) = evaluate(model, &sets.dev, None, cfg.loss_type)?;
-    let (zero_prompt_dev_acc, _) = evaluate(model, &sets.dev, Some(&zero), cfg.loss_type)?;
+    let (zero_prompt_test_acc, _) = evaluate(model, &test, Some(&zero), cfg.loss_type)?;
+    let (zero_shot_dev_acc, _) = evaluate(model, &dev, None, cfg.loss_type)?;
+    let (zero_prompt_dev_acc, _) = evaluate(model, &dev, Some(&zero), cfg.loss_type)?;
 
     let mut es = Cmaes::new(
         vec![0.0; cfg.intrinsic_dim],
@@ -135,23 +163,28 @@ pub fn run(
             .map(|z| projection.project(&z.iter().map(|&v| v as f32).collect::<Vec<_>>()))
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&[f32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let batch = train.for_iteration(iteration);
         let t = Instant::now();
-        let all_scores = model.scores_many(&sets.train, &refs)?;
+        let all_scores = model.scores_many(batch, &refs)?;
         search_forward_s += t.elapsed().as_secs_f64();
         let fitness = all_scores
             .iter()
-            .map(|s| loss(s, &sets.train.labels, cfg.loss_type))
+            .map(|s| loss(s, &batch.labels, cfg.loss_type))
             .collect::<Result<Vec<_>>>()?;
         es.tell(&candidates, &fitness)?;
         evaluations += candidates.len();
         iteration += 1;
 
         let mean: Vec<f32> = es.mean().iter().map(|&v| v as f32).collect();
-        let (dev_acc, dev_loss) =
-            evaluate(model, &sets.dev, Some(&projection.project(&mean)?), cfg.loss_type)?;
-        // Ties keep the later mean: the search's own loss breaks them.
-        if dev_acc >= best_dev.0 {
-            best_dev = (dev_acc, mean, iteration);
+        let mut dev_eval = None;
+        if iteration % cfg.dev_every == 0 || evaluations >= cfg.budget {
+            let (acc, dev_loss) =
+                evaluate(model, &dev, Some(&projection.project(&mean)?), cfg.loss_type)?;
+            // Ties keep the later mean: the search's own loss breaks them.
+            if acc >= best_dev.0 {
+                best_dev = (acc, mean, iteration);
+            }
+            dev_eval = Some((acc, dev_loss));
         }
         let best = fitness.iter().cloned().fold(f64::INFINITY, f64::min);
         let mean_fit = fitness.iter().sum::<f64>() / fitness.len() as f64;
@@ -161,18 +194,18 @@ pub fn run(
             best_train_loss: best,
             mean_train_loss: mean_fit,
             sigma: es.sigma(),
-            dev_acc,
-            dev_loss,
+            dev_acc: dev_eval.map(|d| d.0),
+            dev_loss: dev_eval.map(|d| d.1),
             wall_s: started.elapsed().as_secs_f64(),
         });
     }
     let final_z: Vec<f32> = es.mean().iter().map(|&v| v as f32).collect();
     let final_prompt = projection.project(&final_z)?;
-    let (final_test_acc, _) = evaluate(model, &sets.test, Some(&final_prompt), cfg.loss_type)?;
-    let (final_train_acc, _) = evaluate(model, &sets.train, Some(&final_prompt), cfg.loss_type)?;
-    let (final_dev_acc, _) = evaluate(model, &sets.dev, Some(&final_prompt), cfg.loss_type)?;
+    let (final_test_acc, _) = evaluate(model, &test, Some(&final_prompt), cfg.loss_type)?;
+    let final_train_acc = train.accuracy(model, &final_prompt)?;
+    let (final_dev_acc, _) = evaluate(model, &dev, Some(&final_prompt), cfg.loss_type)?;
     let (best_dev_test_acc, _) =
-        evaluate(model, &sets.test, Some(&projection.project(&best_dev.1)?), cfg.loss_type)?;
+        evaluate(model, &test, Some(&projection.project(&best_dev.1)?), cfg.loss_type)?;
     Ok(BbtSummary {
         model: model.info().name.clone(),
         task: task.name.clone(),
@@ -197,4 +230,132 @@ pub fn run(
         search_forward_s,
         config: cfg.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::models::{ModelInfo, PromptSettings};
+
+    /// A stand-in backend: each example's text is its sign (+1 positive, -1 negative) and the
+    /// class scores are `[-s p0, s p0]`, so any prompt with `p0 > 0` classifies everything right.
+    /// It logs the texts of every population it scores.
+    struct SignModel {
+        info: ModelInfo,
+        settings: PromptSettings,
+        scored: Mutex<Vec<Vec<String>>>,
+    }
+
+    struct Signs(Vec<(String, f32)>);
+
+    impl SignModel {
+        fn new() -> Self {
+            Self {
+                info: ModelInfo {
+                    name: "sign".into(),
+                    family: "test".into(),
+                    hidden_size: 2,
+                    vocab_size: 2,
+                    n_params: 0,
+                    embedding_std: 1.0,
+                },
+                settings: PromptSettings {
+                    n_prompt_tokens: 1,
+                    mode: Default::default(),
+                    placement: Default::default(),
+                    placeholder: None,
+                },
+                scored: Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl PromptModel for SignModel {
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn settings(&self) -> &PromptSettings {
+            &self.settings
+        }
+        fn prepare(
+            &self,
+            _task: &TaskSpec,
+            examples: &[Example],
+            _noise: Option<crate::models::TokenNoise>,
+        ) -> Result<Prepared> {
+            let signs = examples
+                .iter()
+                .map(|e| (e.text.clone(), if e.label == 1 { 1.0 } else { -1.0 }))
+                .collect();
+            Ok(Prepared {
+                labels: examples.iter().map(|e| e.label).collect(),
+                n_classes: 2,
+                tokens_per_pass: examples.len(),
+                inner: Box::new(Signs(signs)),
+            })
+        }
+        fn scores(&self, batch: &Prepared, prompt: Option<&[f32]>) -> Result<Vec<Vec<f32>>> {
+            let signs = crate::models::downcast::<Signs>(batch, "sign")?;
+            let p0 = prompt.map_or(0.0, |p| p[0]);
+            Ok(signs.0.iter().map(|&(_, s)| vec![-s * p0, s * p0]).collect())
+        }
+        fn scores_many(&self, batch: &Prepared, prompts: &[&[f32]]) -> Result<Vec<Vec<Vec<f32>>>> {
+            let signs = crate::models::downcast::<Signs>(batch, "sign")?;
+            if let Ok(mut log) = self.scored.lock() {
+                log.push(signs.0.iter().map(|(t, _)| t.clone()).collect());
+            }
+            prompts.iter().map(|p| self.scores(batch, Some(p))).collect()
+        }
+    }
+
+    fn examples(prefix: &str, n: usize) -> Vec<Example> {
+        (0..n)
+            .map(|i| Example { text: format!("{prefix}{i}"), text_b: None, label: i % 2 })
+            .collect()
+    }
+
+    #[test]
+    fn minibatches_take_turns_and_dev_is_scored_every_dev_every() {
+        let model = SignModel::new();
+        let cfg = Config {
+            intrinsic_dim: 4,
+            n_prompt_tokens: 1,
+            popsize: 4,
+            budget: 40,
+            batch_size: 4,
+            dev_every: 3,
+            ..Config::default()
+        };
+        let split = Split {
+            train: examples("train", 12),
+            dev: examples("dev", 6),
+            test: examples("test", 8),
+        };
+        let task = TaskSpec::builtin("mr").unwrap();
+        let mut records = Vec::new();
+        let s = run(&cfg, &model, &task, &split, &mut |r| records.push(r.clone())).unwrap();
+
+        let scored = model.scored.into_inner().unwrap();
+        assert_eq!(scored.len(), 10, "one population per iteration");
+        for (i, batch) in scored.iter().enumerate() {
+            assert_eq!(batch.len(), 4);
+            let positives =
+                batch.iter().filter(|t| split.train.iter().any(|e| &e.text == *t && e.label == 1));
+            assert_eq!(positives.count(), 2, "class-balanced: {batch:?}");
+            assert_eq!(batch, &scored[i % 3], "three batches taken in turn");
+        }
+        let mut seen: Vec<&String> = scored[..3].iter().flatten().collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 12, "one pass covers the training set");
+
+        let with_dev: Vec<usize> =
+            records.iter().filter(|r| r.dev_acc.is_some()).map(|r| r.iteration).collect();
+        assert_eq!(with_dev, vec![3, 6, 9, 10], "every 3rd iteration and the last");
+        assert!([3, 6, 9, 10].contains(&s.best_dev_iteration));
+        assert_eq!(s.zero_shot_test_acc, 0.5, "no prompt: ties, class 0 everywhere");
+        assert_eq!((s.final_train_acc, s.final_test_acc), (1.0, 1.0), "the search finds p0 > 0");
+    }
 }

@@ -251,6 +251,11 @@ pub struct Config {
     /// Centralized BBT: CMA-ES population and evaluation budget.
     pub popsize: usize,
     pub budget: usize,
+    /// Centralized BBT: training examples that score one CMA-ES population (class-balanced
+    /// minibatches taken in turn); 0 scores every population on the whole training set.
+    pub batch_size: usize,
+    /// Centralized BBT: iterations between dev evaluations of the CMA-ES mean.
+    pub dev_every: usize,
     /// Held-out test sentences (fixed split, independent of `seed`).
     pub test_size: usize,
     /// Longest text kept, in tokens.
@@ -297,6 +302,8 @@ impl Default for Config {
             projection_gain: 1.0,
             popsize: 20,
             budget: 800,
+            batch_size: 0,
+            dev_every: 1,
             test_size: 1000,
             max_text_tokens: 128,
             num_users: 10,
@@ -396,6 +403,7 @@ impl Config {
         pos("local_iter", self.local_iter)?;
         pos("num_rounds", self.num_rounds)?;
         pos("eval_every", self.eval_every)?;
+        pos("dev_every", self.dev_every)?;
         pos("max_text_tokens", self.max_text_tokens)?;
         pos("runtime.workers_per_device", self.runtime.workers_per_device)?;
         pos("runtime.max_batch_examples", self.runtime.max_batch_examples)?;

@@ -260,11 +260,13 @@ fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> 
     );
     bar.set_message("preparing (tokenize, text caches, zero-shot test)");
     let mut write_err: Option<std::io::Error> = None;
+    let mut last_dev_acc = f64::NAN;
     let summary = fedbpt::bbt::run(&cfg, model.as_ref(), &task, &split, &mut |rec| {
         bar.set_position(rec.evaluations.min(cfg.budget) as u64);
+        last_dev_acc = rec.dev_acc.unwrap_or(last_dev_acc);
         bar.set_message(format!(
             "train loss {:.4} dev acc {:.3} sigma {:.3}",
-            rec.best_train_loss, rec.dev_acc, rec.sigma
+            rec.best_train_loss, last_dev_acc, rec.sigma
         ));
         if write_err.is_none() {
             let line = serde_json::to_string(rec).unwrap_or_default();

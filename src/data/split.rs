@@ -242,6 +242,23 @@ pub fn noise_tokens(
     changed
 }
 
+/// Cuts `labels.len()` examples into class-balanced minibatches of at most `batch_size`: classes
+/// are dealt round-robin, so every batch holds each class in the proportion of the whole set.
+/// `batch_size = 0` or one at least the set's size gives a single batch of everything.
+pub fn minibatches(labels: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+    let n = labels.len();
+    if batch_size == 0 || batch_size >= n {
+        return vec![(0..n).collect()];
+    }
+    let n_batches = n.div_ceil(batch_size);
+    let mut batches = vec![Vec::with_capacity(batch_size); n_batches];
+    let dealt = indices_by_class(labels.iter().copied()).into_values().flatten();
+    for (slot, i) in dealt.enumerate() {
+        batches[slot % n_batches].push(i);
+    }
+    batches
+}
+
 /// Example indices grouped by label, classes in increasing order.
 fn indices_by_class(labels: impl Iterator<Item = usize>) -> BTreeMap<usize, Vec<usize>> {
     let mut by_class: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
@@ -361,6 +378,22 @@ mod tests {
         all.sort_unstable();
         assert_eq!(all, (0..n).collect::<Vec<_>>());
         assert!(shards.iter().all(|s| !s.is_empty()));
+    }
+
+    #[test]
+    fn minibatches_are_class_balanced_and_cover_once() {
+        let labels: Vec<usize> = (0..20).map(|i| usize::from(i % 5 == 0)).collect();
+        let batches = minibatches(&labels, 5);
+        assert_eq!(batches.len(), 4);
+        assert_cover(&batches, 20);
+        for b in &batches {
+            assert_eq!(b.len(), 5);
+            // 4 of 20 are class 1: one in each batch.
+            assert_eq!(b.iter().filter(|&&i| labels[i] == 1).count(), 1, "{b:?}");
+        }
+        assert_eq!(minibatches(&labels, 7).len(), 3);
+        assert_eq!(minibatches(&labels, 0), vec![(0..20).collect::<Vec<_>>()]);
+        assert_eq!(minibatches(&labels, 20), vec![(0..20).collect::<Vec<_>>()]);
     }
 
     #[test]
