@@ -5,15 +5,17 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cmaes::{Cmaes, CmaesOptions};
 use crate::config::Config;
 use crate::data::split::{minibatches, Split};
 use crate::data::Example;
+use crate::local_search::{LocalSearch, Objective};
 use crate::models::{Prepared, PromptModel};
-use crate::objective::{accuracy, loss, LossType};
+use crate::objective::{accuracy, BestOnDev};
 use crate::projection::Projection;
+use crate::protocol::SearchDistribution;
+use crate::seeds::{derive, tag};
 use crate::task::TaskSpec;
-use crate::Result;
+use crate::{Error, Result};
 
 /// One CMA-ES iteration's line in `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,15 +78,17 @@ pub fn projection_for(cfg: &Config, model: &dyn PromptModel) -> Result<Projectio
     )
 }
 
-/// Accuracy and loss of one prompt (`None` = manual prompt) on a prepared set.
+/// The task's metric (accuracy, or F1 for MRPC) and loss of one prompt (`None` = manual
+/// prompt) on a prepared set.
 pub fn evaluate(
     model: &dyn PromptModel,
     set: &Prepared,
     prompt: Option<&[f32]>,
-    kind: LossType,
+    objective: Objective,
 ) -> Result<(f64, f64)> {
     let scores = model.scores(set, prompt)?;
-    Ok((accuracy(&scores, &set.labels), loss(&scores, &set.labels, kind)?))
+    let metric = objective.metric.eval(&scores, &set.labels, set.n_classes);
+    Ok((metric, objective.score(&scores, &set.labels, None)?.loss))
 }
 
 /// The training set as the search scores it: class-balanced minibatches (one, the whole set,
@@ -117,7 +121,7 @@ impl TrainBatches {
         &self.batches[iteration % self.batches.len()]
     }
 
-    /// Accuracy of `prompt` on the whole training set.
+    /// Accuracy (not the task metric: a mean over minibatches) of `prompt` on the whole training set.
     fn accuracy(&self, model: &dyn PromptModel, prompt: &[f32]) -> Result<f64> {
         let (mut correct, mut total) = (0.0, 0usize);
         for b in &self.batches {
@@ -141,50 +145,51 @@ pub fn run(
     let dev = model.prepare(task, &split.dev, None)?;
     let test = model.prepare(task, &split.test, None)?;
     let projection = projection_for(cfg, model)?;
-    let (zero_shot_test_acc, _) = evaluate(model, &test, None, cfg.loss_type)?;
+    let objective = Objective { loss: cfg.loss_type, metric: task.metric };
+    let (zero_shot_test_acc, _) = evaluate(model, &test, None, objective)?;
     let zero = vec![0f32; projection.out_dim()];
-    let (zero_prompt_test_acc, _) = evaluate(model, &test, Some(&zero), cfg.loss_type)?;
-    let (zero_shot_dev_acc, _) = evaluate(model, &dev, None, cfg.loss_type)?;
-    let (zero_prompt_dev_acc, _) = evaluate(model, &dev, Some(&zero), cfg.loss_type)?;
+    let (zero_prompt_test_acc, _) = evaluate(model, &test, Some(&zero), objective)?;
+    let (zero_shot_dev_acc, _) = evaluate(model, &dev, None, objective)?;
+    let (zero_prompt_dev_acc, _) = evaluate(model, &dev, Some(&zero), objective)?;
 
-    let mut es = Cmaes::new(
-        vec![0.0; cfg.intrinsic_dim],
-        cfg.sigma,
-        CmaesOptions { popsize: Some(cfg.popsize), seed: cfg.seed, bounds: None },
-    )?;
-    let mut best_dev = (f64::NEG_INFINITY, vec![0f32; cfg.intrinsic_dim], 0usize);
-    let mut iteration = 0;
+    // The search draws from its own stream, not the one that shuffled the k-shot sets.
+    let start = SearchDistribution {
+        round: 0,
+        mean: vec![0.0; cfg.intrinsic_dim],
+        sigma: cfg.sigma,
+        covariance: None,
+    };
+    let iterations = cfg.budget.div_ceil(cfg.popsize);
+    let seed = derive(cfg.seed, &[tag::BBT_SEARCH]);
+    let mut search = LocalSearch::start(&start, cfg.popsize, iterations, seed)?;
+    let mut best_dev: Option<BestOnDev> = None;
     let mut evaluations = 0;
     let mut search_forward_s = 0.0;
-    while evaluations < cfg.budget {
-        let candidates = es.ask();
+    while let Some(candidates) = search.ask() {
+        let iteration = search.iteration();
         let prompts = candidates
             .iter()
             .map(|z| projection.project(&z.iter().map(|&v| v as f32).collect::<Vec<_>>()))
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&[f32]> = prompts.iter().map(|p| p.as_slice()).collect();
-        let batch = train.for_iteration(iteration);
+        let batch = train.for_iteration(iteration - 1);
         let t = Instant::now();
         let all_scores = model.scores_many(batch, &refs)?;
         search_forward_s += t.elapsed().as_secs_f64();
         let fitness = all_scores
             .iter()
-            .map(|s| loss(s, &batch.labels, cfg.loss_type))
+            .map(|s| objective.score(s, &batch.labels, None).map(|f| f.fitness))
             .collect::<Result<Vec<_>>>()?;
-        es.tell(&candidates, &fitness)?;
+        search.tell(&candidates, &fitness)?;
         evaluations += candidates.len();
-        iteration += 1;
 
-        let mean: Vec<f32> = es.mean().iter().map(|&v| v as f32).collect();
+        let mean = search.mean();
         let mut dev_eval = None;
-        if iteration % cfg.dev_every == 0 || evaluations >= cfg.budget {
-            let (acc, dev_loss) =
-                evaluate(model, &dev, Some(&projection.project(&mean)?), cfg.loss_type)?;
-            // Ties keep the later mean: the search's own loss breaks them.
-            if acc >= best_dev.0 {
-                best_dev = (acc, mean, iteration);
-            }
-            dev_eval = Some((acc, dev_loss));
+        if iteration % cfg.dev_every == 0 || search.is_done() {
+            let (metric, dev_loss) =
+                evaluate(model, &dev, Some(&projection.project(&mean)?), objective)?;
+            BestOnDev::offer(&mut best_dev, metric, dev_loss, iteration, &mean);
+            dev_eval = Some((metric, dev_loss));
         }
         let best = fitness.iter().cloned().fold(f64::INFINITY, f64::min);
         let mean_fit = fitness.iter().sum::<f64>() / fitness.len() as f64;
@@ -193,19 +198,21 @@ pub fn run(
             evaluations,
             best_train_loss: best,
             mean_train_loss: mean_fit,
-            sigma: es.sigma(),
+            sigma: search.strategy().sigma(),
             dev_acc: dev_eval.map(|d| d.0),
             dev_loss: dev_eval.map(|d| d.1),
             wall_s: started.elapsed().as_secs_f64(),
         });
     }
-    let final_z: Vec<f32> = es.mean().iter().map(|&v| v as f32).collect();
+    let iteration = search.iteration();
+    let best_dev = best_dev.ok_or_else(|| Error::Optimizer("no dev evaluation ran".into()))?;
+    let final_z = search.mean();
     let final_prompt = projection.project(&final_z)?;
-    let (final_test_acc, _) = evaluate(model, &test, Some(&final_prompt), cfg.loss_type)?;
+    let (final_test_acc, _) = evaluate(model, &test, Some(&final_prompt), objective)?;
     let final_train_acc = train.accuracy(model, &final_prompt)?;
-    let (final_dev_acc, _) = evaluate(model, &dev, Some(&final_prompt), cfg.loss_type)?;
+    let (final_dev_acc, _) = evaluate(model, &dev, Some(&final_prompt), objective)?;
     let (best_dev_test_acc, _) =
-        evaluate(model, &test, Some(&projection.project(&best_dev.1)?), cfg.loss_type)?;
+        evaluate(model, &test, Some(&projection.project(&best_dev.z)?), objective)?;
     Ok(BbtSummary {
         model: model.info().name.clone(),
         task: task.name.clone(),
@@ -216,8 +223,8 @@ pub fn run(
         zero_prompt_dev_acc,
         final_test_acc,
         best_dev_test_acc,
-        best_dev_acc: best_dev.0,
-        best_dev_iteration: best_dev.2,
+        best_dev_acc: best_dev.metric,
+        best_dev_iteration: best_dev.step,
         final_train_acc,
         final_dev_acc,
         evaluations,

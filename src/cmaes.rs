@@ -1,14 +1,23 @@
 //! CMA-ES (covariance matrix adaptation evolution strategy) on nalgebra, for minimization.
 //!
 //! An own implementation of the algorithm as described in N. Hansen, "The CMA Evolution Strategy:
-//! A Tutorial" (arXiv:1604.00772), with pycma's default parameters: full covariance, rank-one and
-//! rank-mu updates, cumulative step-size adaptation with the `h_sigma` stall, and a lazy
-//! eigendecomposition. The whole state, random generator included, is serializable, so a run can
-//! be checkpointed and resumed bit for bit.
+//! A Tutorial" (arXiv:1604.00772), with the tutorial's default parameters: full covariance,
+//! rank-one and rank-mu updates, cumulative step-size adaptation (the change of log sigma capped
+//! at 1 per generation) with the `h_sigma` stall, and a lazy eigendecomposition. The whole state,
+//! random generator included, is serializable, so a run can be checkpointed and resumed bit for
+//! bit.
+//!
+//! pycma (the reference's optimizer) starts from the same formulas but differs in three defaults:
+//! it gives the worse half of the population negative weights (active CMA), multiplies `c1` by
+//! `min(1, popsize / 6)`, and adds 1/4 to `mueff - 2 + 1/mueff` in `c_mu`. Its default popsize,
+//! positive weights, `cc`, `cs`, `damps` and the weights of `CMA_mu = popsize` equal ours.
 //!
 //! Unlike most implementations, [`Cmaes::tell`] accepts any number of candidates: the FedBPT
 //! server tells its global strategy with however many client replies arrived, so the recombination
 //! weights and learning rates are recomputed for that count when it differs from the popsize.
+//! [`Cmaes::tell_injected`] is the same update for points that were not sampled by
+//! [`Cmaes::ask`] (the clients' means): like pycma, it first clips each step to the Mahalanobis
+//! length a sample could plausibly have, so one far point cannot blow up the covariance.
 
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
 use rand::{Rng, SeedableRng};
@@ -238,6 +247,39 @@ impl Cmaes {
     /// popsize, weights, `mueff` and learning rates are recomputed for that count. On error the
     /// state is left unchanged.
     pub fn tell(&mut self, candidates: &[Vec<f64>], fitness: &[f64]) -> Result<()> {
+        self.update(candidates, fitness, false)
+    }
+
+    /// [`Cmaes::tell`] for injected points, which were not drawn from `N(mean, sigma^2 C)`:
+    /// each step `(x - mean) / sigma` longer than [`Cmaes::injection_limit`] in the metric of
+    /// `C^-1` (the Mahalanobis length, as of the eigensystem the samples use) is shortened to it
+    /// before the mean, path and covariance updates, as pycma does for unknown solutions
+    /// (`repair_genotype`). Steps within the limit are used as they are, so told samples give
+    /// exactly what [`Cmaes::tell`] gives.
+    pub fn tell_injected(&mut self, candidates: &[Vec<f64>], fitness: &[f64]) -> Result<()> {
+        self.update(candidates, fitness, true)
+    }
+
+    /// Longest Mahalanobis step an injected point keeps: `sqrt(d) + 2 d / (d + 2)`, pycma's
+    /// bound (a sample's length is about `sqrt(d)`).
+    pub fn injection_limit(&self) -> f64 {
+        let d = self.dim as f64;
+        d.sqrt() + 2.0 * d / (d + 2.0)
+    }
+
+    /// Mahalanobis length of the step from the mean to `x` in units of sigma:
+    /// `|| D^-1 B^T (x - mean) || / sigma` with the current eigensystem.
+    pub fn mahalanobis_step(&self, x: &[f64]) -> f64 {
+        let dx = DVector::from_iterator(
+            self.dim,
+            x.iter().zip(self.mean.iter()).map(|(a, m)| (a - m) / self.sigma),
+        );
+        let mut t = self.basis.tr_mul(&dx);
+        t.component_div_assign(&self.scales);
+        t.norm()
+    }
+
+    fn update(&mut self, candidates: &[Vec<f64>], fitness: &[f64], injected: bool) -> Result<()> {
         let n = self.dim;
         let count = candidates.len();
         if count == 0 {
@@ -274,9 +316,28 @@ impl Cmaes {
         order.sort_by(|&a, &b| fitness[a].total_cmp(&fitness[b]).then(a.cmp(&b)));
         let mu = p.weights.len();
 
-        // Steps of the selected candidates in units of sigma, best first.
-        let ys =
-            DMatrix::from_fn(n, mu, |i, j| (candidates[order[j]][i] - self.mean[i]) / self.sigma);
+        // Steps of the selected candidates in units of sigma, best first; an injected step is
+        // shortened to the limit when longer (the factor is exactly 1 otherwise).
+        let shrink: Vec<f64> = order[..mu]
+            .iter()
+            .map(|&k| {
+                let limit = self.injection_limit();
+                let len = if injected { self.mahalanobis_step(&candidates[k]) } else { 0.0 };
+                if len > limit {
+                    limit / len
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let ys = DMatrix::from_fn(n, mu, |i, j| {
+            let step = (candidates[order[j]][i] - self.mean[i]) / self.sigma;
+            if shrink[j] == 1.0 {
+                step
+            } else {
+                step * shrink[j]
+            }
+        });
         let yw = &ys * DVector::from_column_slice(&p.weights);
         let mean = &self.mean + &yw * self.sigma;
 
@@ -436,6 +497,12 @@ impl Cmaes {
     pub fn best(&self) -> Option<(&[f64], f64)> {
         self.best.as_ref().map(|(x, f)| (x.as_slice(), *f))
     }
+}
+
+/// Parents (positively weighted candidates) of a default-configured generation of `popsize`:
+/// `floor(popsize / 2)`, at least 1 (pycma's `mu` for the same popsize: 2 for 5).
+pub fn parents_for(popsize: usize) -> usize {
+    Params::new(1, popsize.max(1), Parents::BestHalf).weights.len()
 }
 
 /// pycma's default population size `4 + floor(3 ln d)`.
@@ -733,6 +800,60 @@ mod tests {
             es.tell(&xs, &fs).unwrap();
         }
         assert!(es.mean().iter().all(|m| (m - 0.5).abs() < 1e-3), "{:?}", es.mean());
+    }
+
+    #[test]
+    fn injected_samples_update_exactly_as_samples() {
+        let mut plain = Cmaes::new(vec![0.3; 12], 0.7, opts(21)).unwrap();
+        let (mut compared, mut clipped) = (0, 0);
+        for _ in 0..30 {
+            let mut injected = plain.clone();
+            let xs = plain.ask();
+            assert_eq!(injected.ask(), xs);
+            let fs: Vec<f64> = xs.iter().map(|x| rosenbrock(x)).collect();
+            let within = xs.iter().all(|x| plain.mahalanobis_step(x) <= plain.injection_limit());
+            plain.tell(&xs, &fs).unwrap();
+            injected.tell_injected(&xs, &fs).unwrap();
+            if within {
+                // Nothing to clip: the update is the samples' own, bit for bit.
+                assert_eq!(plain.mean(), injected.mean());
+                assert_eq!(plain.sigma(), injected.sigma());
+                assert_eq!(plain.covariance(), injected.covariance());
+                assert_eq!(plain.ps, injected.ps);
+                compared += 1;
+            } else {
+                // A rare sample beyond sqrt(d) + 2d/(d+2) is clipped like any injected point.
+                clipped += 1;
+            }
+        }
+        assert!(compared >= 20, "{compared} generations compared, {clipped} clipped");
+    }
+
+    #[test]
+    fn a_far_injected_point_is_clipped_to_the_limit() {
+        let d = 20;
+        let mut es = Cmaes::new(vec![0.0; d], 0.5, opts(22)).unwrap();
+        es.set_parents(Parents::All);
+        let mut unclipped = es.clone();
+        // Two "client means", one 1,000 sigmas away along axis 0.
+        let mut far = vec![0.0; d];
+        far[0] = 500.0;
+        let near = vec![0.01; d];
+        let limit = es.injection_limit();
+        assert!((limit - ((d as f64).sqrt() + 2.0 * d as f64 / (d as f64 + 2.0))).abs() < 1e-12);
+        assert!((es.mahalanobis_step(&far) - 1000.0).abs() < 1e-9);
+        let pts = [near.clone(), far.clone()];
+        es.tell_injected(&pts, &[1.0, 2.0]).unwrap();
+        unclipped.tell(&pts, &[1.0, 2.0]).unwrap();
+        // The clipped step of the far point is `limit` long: the mean moves by at most
+        // sigma * limit along axis 0, and C's largest entry stays of order one.
+        assert!(es.mean()[0] <= 0.5 * limit + 1e-9, "{}", es.mean()[0]);
+        assert!(es.covariance().amax() < 2.0, "C grew to {}", es.covariance().amax());
+        assert!(es.ps.norm() < 2.0 * limit, "|ps| = {}", es.ps.norm());
+        assert!(es.sigma() < 0.5 * std::f64::consts::E, "sigma {}", es.sigma());
+        // Told as a sample, the same point blows C up by two orders of magnitude.
+        assert!(unclipped.covariance().amax() > 50.0, "{}", unclipped.covariance().amax());
+        assert!(unclipped.ps.norm() > 10.0 * es.ps.norm());
     }
 
     #[test]

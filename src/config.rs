@@ -9,6 +9,7 @@ use crate::data::sources::Columns;
 use crate::models::llama::WeightFormat;
 use crate::models::{Placement, PromptMode};
 use crate::objective::LossType;
+use crate::strategy::ServerSigma;
 use crate::task::TaskSpec;
 use crate::{Error, Result};
 
@@ -31,6 +32,18 @@ pub enum Aggregation {
     #[default]
     Fedbpt,
     Fedavg,
+}
+
+/// How a non-iid partition draws each client's share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoniidSplit {
+    /// The reference's `Dirichlet_noniid`: each client's class mix ~ Dirichlet(alpha x prior),
+    /// client sizes chosen so every example is used.
+    #[default]
+    ClientMix,
+    /// Per class, shares over the clients ~ Dirichlet(alpha): milder skew, very unequal sizes.
+    ClassShares,
 }
 
 /// A user-supplied data file.
@@ -212,16 +225,6 @@ impl Faults {
         }
         Ok(())
     }
-
-    /// Whether any fault is configured.
-    pub fn any(&self) -> bool {
-        !self.kill.is_empty()
-            || self.kill_fraction > 0.0
-            || !self.panic.is_empty()
-            || !self.drop_reply.is_empty()
-            || !self.stragglers.is_empty()
-            || self.kill_worker_at_request > 0
-    }
 }
 
 /// Every knob of a run. Names follow the reference job where it has one.
@@ -264,6 +267,8 @@ pub struct Config {
     pub num_users: usize,
     pub iid: bool,
     pub alpha_dir: f64,
+    /// How `iid = false` partitions the training set.
+    pub noniid_split: NoniidSplit,
     pub local_iter: usize,
     pub local_popsize: usize,
     pub perturb: bool,
@@ -271,9 +276,14 @@ pub struct Config {
     /// The client (`site-N`) whose device evaluates the global model (the reference's site-1).
     pub eval_clients: String,
     pub min_clients: usize,
+    /// Clients sampled to take part in each round (seeded per round; the reference's `frac`);
+    /// 0 means all of them.
+    pub clients_per_round: usize,
     pub num_rounds: usize,
     pub eval_every: usize,
     pub aggregation: Aggregation,
+    /// How FedBPT's server sets the step size it sends (`aggregation = "fedbpt"` only).
+    pub server_sigma: ServerSigma,
     pub runtime: Runtime,
     /// Fault injection (none by default).
     pub faults: Faults,
@@ -309,15 +319,18 @@ impl Default for Config {
             num_users: 10,
             iid: true,
             alpha_dir: 1.0,
+            noniid_split: NoniidSplit::ClientMix,
             local_iter: 8,
             local_popsize: 5,
             perturb: false,
             perturb_rate: 0.5,
             eval_clients: "site-1".into(),
             min_clients: 1,
+            clients_per_round: 0,
             num_rounds: 20,
             eval_every: 1,
             aggregation: Aggregation::Fedbpt,
+            server_sigma: ServerSigma::Reference,
             runtime: Runtime::default(),
             faults: Faults::default(),
             task: None,
@@ -430,6 +443,21 @@ impl Config {
             return Err(Error::config(
                 "min_clients",
                 format!("{} exceeds num_users = {}", self.min_clients, self.num_users),
+            ));
+        }
+        if self.clients_per_round > self.num_users {
+            return Err(Error::config(
+                "clients_per_round",
+                format!("{} exceeds num_users = {}", self.clients_per_round, self.num_users),
+            ));
+        }
+        if self.clients_per_round > 0 && self.min_clients > self.clients_per_round {
+            return Err(Error::config(
+                "min_clients",
+                format!(
+                    "{} exceeds clients_per_round = {}: no round could reach its quorum",
+                    self.min_clients, self.clients_per_round
+                ),
             ));
         }
         if !(self.runtime.round_timeout_s.is_finite() && self.runtime.round_timeout_s > 0.0) {

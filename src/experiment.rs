@@ -8,7 +8,7 @@ use candle_core::Device;
 
 use crate::assets;
 use crate::config::{BackendKind, Config};
-use crate::data::split::{k_shot, test_split, Split};
+use crate::data::split::{dedup_examples, k_shot, test_split, Split};
 use crate::data::{sources, Dataset};
 use crate::models::bert::{MaskedLm, SentenceEncoder};
 use crate::models::llama::{CausalLm, WeightFormat};
@@ -60,6 +60,10 @@ pub fn load_model(
     device: &Device,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Arc<dyn PromptModel>> {
+    #[cfg(feature = "stand-in")]
+    if cfg.model_name == "stand-in" {
+        return Ok(Arc::new(crate::models::stand_in::StandIn::new(prompt_settings(cfg))));
+    }
     let path = resolve_model(&cfg.model_name, progress)?;
     if cfg.weights == WeightFormat::Bf16 && !crate::models::bf16::has_fast_kernel() {
         progress(
@@ -201,8 +205,27 @@ fn hub_download(id: &str) -> Result<PathBuf> {
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
-/// Loads the configured corpus (embedded `mr` / `bbc`, or `[data]`).
+/// Loads the configured corpus (embedded `mr` / `bbc`, or `[data]`) with exact duplicates
+/// removed (a warning says how many), so no text can sit in both the training and the test set.
 pub fn load_dataset(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Dataset> {
+    let mut ds = read_dataset(cfg, progress)?;
+    let removed = dedup_examples(&mut ds.examples);
+    if removed.copies > 0 {
+        ds.warnings.push(format!(
+            "removed {} repeated copies of {} texts",
+            removed.copies, removed.repeated
+        ));
+    }
+    if removed.conflicting > 0 {
+        ds.warnings.push(format!(
+            "removed all {} copies of {} texts whose copies disagree on the label",
+            removed.conflicting, removed.conflicting_texts
+        ));
+    }
+    Ok(ds)
+}
+
+fn read_dataset(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Dataset> {
     if let Some(d) = &cfg.data {
         return match d.format.as_str() {
             "tsv" => {

@@ -219,12 +219,65 @@ pub fn fitness_perturbed_for(kind: LossType, loss_real: f64, loss_perturbed: f64
     }
 }
 
+/// The best-on-dev model so far: the highest dev metric, ties broken by the lower dev loss, and
+/// ties in both by the earlier step (fewer rounds or iterations). Centralized BBT and the
+/// federation's server select with this one rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestOnDev {
+    /// Dev metric (accuracy, or the task's metric) of `z`.
+    pub metric: f64,
+    pub loss: f64,
+    /// Round (federation) or iteration (BBT) that produced `z`; 0 is the starting point.
+    pub step: usize,
+    pub z: Vec<f32>,
+}
+
+impl BestOnDev {
+    /// Keeps `z` if it beats the current best under the rule above; returns whether it did.
+    /// A NaN metric or loss never wins.
+    pub fn offer(
+        best: &mut Option<BestOnDev>,
+        metric: f64,
+        loss: f64,
+        step: usize,
+        z: &[f32],
+    ) -> bool {
+        if metric.is_nan() || loss.is_nan() {
+            return false;
+        }
+        let better = match best {
+            None => true,
+            Some(b) => metric > b.metric || (metric == b.metric && loss < b.loss),
+        };
+        if better {
+            *best = Some(BestOnDev { metric, loss, step, z: z.to_vec() });
+        }
+        better
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn best_on_dev_breaks_ties_by_loss_then_keeps_the_earlier() {
+        let mut best = None;
+        assert!(BestOnDev::offer(&mut best, 0.80, 0.50, 0, &[0.0]));
+        assert!(!BestOnDev::offer(&mut best, 0.79, 0.10, 1, &[1.0]), "lower metric");
+        assert!(BestOnDev::offer(&mut best, 0.80, 0.40, 2, &[2.0]), "same metric, lower loss");
+        assert!(
+            !BestOnDev::offer(&mut best, 0.80, 0.40, 3, &[3.0]),
+            "a full tie keeps the earlier"
+        );
+        assert!(!BestOnDev::offer(&mut best, f64::NAN, 0.0, 4, &[4.0]));
+        assert!(BestOnDev::offer(&mut best, 0.81, 0.90, 5, &[5.0]), "higher metric wins");
+        let b = best.unwrap();
+        assert_eq!((b.metric, b.loss, b.step, b.z), (0.81, 0.90, 5, vec![5.0]));
     }
 
     #[test]

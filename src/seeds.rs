@@ -26,6 +26,8 @@ pub mod tag {
     pub const SERVER: u64 = 4;
     pub const FAULTS: u64 = 5;
     pub const STRAGGLER: u64 = 6;
+    pub const SAMPLING: u64 = 7;
+    pub const BBT_SEARCH: u64 = 8;
 }
 
 #[cfg(test)]

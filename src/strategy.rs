@@ -1,109 +1,33 @@
-//! Server-side aggregation rules (like Flower's `Strategy`): what the server sends each client at
-//! the start of a round and how it folds the replies. Knows nothing of actors or transport.
+//! Server-side aggregation rules (like Flower's `Strategy`): which clients take part in a round,
+//! what the server sends them, and how it folds their replies. Knows nothing of actors or
+//! transport; this file is the whole of the server's method.
 //!
 //! Two rules: [`FedBpt`] (the paper's method: the client means form one population of a global
-//! CMA-ES) and [`FedAvgBbt`] (the paper's baseline: plain averaging of the client means). Both set
-//! the next step size from the per-iteration step sizes the clients report.
+//! CMA-ES, ranked by the clients' fitness) and [`FedAvgBbt`] (the paper's baseline: plain
+//! averaging of the client means).
+//!
+//! FedBPT's step size follows the reference server (NVFlare research/fed-bpt, `global_es.py`)
+//! unless [`ServerSigma::ClientRms`] asks for the earlier rule of this project:
+//!
+//! 1. `s6 = sqrt(sum_k sum_j sigma_kj^2 / (K * mu_local))` over the `K` replies that arrived
+//!    (paper Eq. 6; the reference divides by the configured client count, which shrinks it for
+//!    every missing reply), `sigma_kj` the step size client `k` had before its `j`-th local ask
+//!    and `mu_local` the parents of a local population;
+//! 2. the global CMA-ES's sigma is set to `s6` and told the client means as injected points
+//!    (each step clipped to the Mahalanobis length a sample could have, as pycma does);
+//! 3. the sigma sent next round is `(sigma after the tell / s6) x` the sigma sent this round:
+//!    `s6` only scales the tell; the global CMA-ES's own step-size control moves the sigma.
 
 use std::collections::HashSet;
 
-use nalgebra::DMatrix;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::cmaes::{Cmaes, CmaesOptions, Parents};
+use crate::cmaes::{parents_for, Cmaes, CmaesOptions, Parents};
+use crate::protocol::{pack_upper, ClientUpdate, SearchDistribution};
 use crate::{Error, Result};
-
-/// What the server sends a client each round: the search distribution it needs.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct SearchDistribution {
-    /// Round this distribution starts.
-    pub round: usize,
-    /// Centre of the distribution (the global prompt vector z).
-    pub mean: Vec<f32>,
-    /// Step size.
-    pub sigma: f64,
-    /// Covariance; `None` means the identity.
-    pub covariance: Option<PackedCovariance>,
-}
-
-/// A symmetric covariance as its upper triangle (row-major, diagonal included) in `f32`:
-/// `dim * (dim + 1) / 2` values.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct PackedCovariance {
-    /// Rows (and columns) of the matrix.
-    pub dim: usize,
-    /// Upper triangle, row by row.
-    pub upper: Vec<f32>,
-}
-
-impl PackedCovariance {
-    /// Packs the upper triangle of a square matrix; errors if `c` is not square.
-    pub fn pack(c: &DMatrix<f64>) -> Result<Self> {
-        if !c.is_square() {
-            return Err(Error::Optimizer(format!(
-                "cannot pack a {}x{} covariance",
-                c.nrows(),
-                c.ncols()
-            )));
-        }
-        Ok(pack_upper(c))
-    }
-
-    /// The full symmetric matrix. Errors if `upper` does not hold `dim * (dim + 1) / 2` values
-    /// or holds non-finite ones.
-    pub fn unpack(&self) -> Result<DMatrix<f64>> {
-        let n = self.dim;
-        let expected = n.checked_add(1).and_then(|m| n.checked_mul(m)).map(|v| v / 2);
-        if expected != Some(self.upper.len()) {
-            return Err(Error::Optimizer(format!(
-                "packed covariance of dimension {n} has {} values, expected {n}*({n}+1)/2",
-                self.upper.len()
-            )));
-        }
-        if self.upper.iter().any(|v| !v.is_finite()) {
-            return Err(Error::Optimizer("packed covariance has non-finite values".into()));
-        }
-        let mut c = DMatrix::zeros(n, n);
-        let mut values = self.upper.iter();
-        for i in 0..n {
-            for j in i..n {
-                // The length was checked above, so the iterator cannot run dry.
-                let v = f64::from(values.next().copied().unwrap_or_default());
-                c[(i, j)] = v;
-                c[(j, i)] = v;
-            }
-        }
-        Ok(c)
-    }
-}
-
-/// Packs the upper triangle of the leading square block of `c` (callers ensure `c` is square).
-fn pack_upper(c: &DMatrix<f64>) -> PackedCovariance {
-    let n = c.nrows().min(c.ncols());
-    let mut upper = Vec::with_capacity(n * (n + 1) / 2);
-    for i in 0..n {
-        upper.extend((i..n).map(|j| c[(i, j)] as f32));
-    }
-    PackedCovariance { dim: n, upper }
-}
-
-/// What a client returns: `d` floats, a fitness and its per-iteration step sizes (the 4 KB
-/// upload).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ClientUpdate {
-    /// Client index.
-    pub client: usize,
-    /// Round this update answers.
-    pub round: usize,
-    /// The client's final local mean.
-    pub mean: Vec<f32>,
-    /// Fitness of that mean on the client's data (lower is better).
-    pub fitness: f64,
-    /// Step size of each local CMA-ES iteration.
-    pub sigmas: Vec<f64>,
-    /// Training examples the client holds.
-    pub n_examples: usize,
-}
 
 /// A server-side aggregation rule.
 pub trait Aggregator: Send {
@@ -116,7 +40,7 @@ pub trait Aggregator: Send {
     fn aggregate(&mut self, round: usize, updates: &[ClientUpdate]) -> Result<()>;
     /// Current global mean.
     fn global_mean(&self) -> Vec<f32>;
-    /// Current global step size.
+    /// The step size clients search with next.
     fn sigma(&self) -> f64;
     /// Whole state for checkpoints.
     fn snapshot(&self) -> Result<serde_json::Value>;
@@ -124,30 +48,88 @@ pub trait Aggregator: Send {
     fn restore(&mut self, v: serde_json::Value) -> Result<()>;
 }
 
+/// How the FedBPT server sets the step size it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerSigma {
+    /// The reference's rule (see the module doc): Eq. 6 scales a clipped tell and the global
+    /// CMA-ES's step-size factor moves the sigma from round to round.
+    #[default]
+    Reference,
+    /// The earlier rule of this project, kept to measure the difference: the client means are
+    /// told unclipped with the sigma they searched with, and the next sigma is the root mean
+    /// square of the clients' reported sigmas. Local searches restarted with fresh paths almost
+    /// always shrink sigma, so this sigma decays on a schedule whatever the progress.
+    ClientRms,
+}
+
 /// FedBPT's server: a global CMA-ES over z whose population each round is the client means.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FedBpt {
+    /// Its sigma between rounds is the one sent to clients.
     es: Cmaes,
     send_covariance: bool,
+    rule: ServerSigma,
+    /// Parents of one local population (`mu_local` of Eq. 6).
+    local_parents: usize,
 }
 
 impl FedBpt {
     /// A global CMA-ES over `dim` coordinates centred on zero with step size `sigma0`.
     /// `send_covariance` ships its covariance to clients (`d(d+1)/2` floats per client per
     /// round); without it clients search with the identity, as in the paper's 4 KB budget.
-    pub fn new(dim: usize, sigma0: f64, seed: u64, send_covariance: bool) -> Result<Self> {
+    /// `local_popsize` is the clients' population (for `mu_local`).
+    pub fn new(
+        dim: usize,
+        sigma0: f64,
+        seed: u64,
+        send_covariance: bool,
+        rule: ServerSigma,
+        local_popsize: usize,
+    ) -> Result<Self> {
         let opts = CmaesOptions { popsize: None, seed, bounds: None };
         let mut es = Cmaes::new(vec![0.0; dim], sigma0, opts)?;
         // Every client that replies gets a positive, rank-decreasing weight, as in the
         // reference server (pycma with CMA_mu = number of clients).
         es.set_parents(Parents::All);
-        Ok(Self { es, send_covariance })
+        let local_parents = parents_for(local_popsize);
+        Ok(Self { es, send_covariance, rule, local_parents })
     }
 
     /// The global CMA-ES.
     pub fn strategy(&self) -> &Cmaes {
         &self.es
     }
+
+    /// The reference's round (module doc, steps 1-3), on a copy committed only on success.
+    fn aggregate_reference(&mut self, updates: &[ClientUpdate]) -> Result<()> {
+        let sent = self.es.sigma();
+        let s6 = eq6_sigma(updates, self.local_parents)?.unwrap_or(sent);
+        let mut es = self.es.clone();
+        es.set_sigma(s6)?;
+        let (candidates, fitness) = population(updates);
+        es.tell_injected(&candidates, &fitness)?;
+        es.set_sigma(es.sigma() / s6 * sent)?;
+        self.es = es;
+        Ok(())
+    }
+
+    /// [`ServerSigma::ClientRms`].
+    fn aggregate_client_rms(&mut self, updates: &[ClientUpdate]) -> Result<()> {
+        // Computed before `tell` so that nothing is mutated if it fails.
+        let sigma = rms_sigma(updates)?;
+        let before = self.es.sigma();
+        let (candidates, fitness) = population(updates);
+        self.es.tell(&candidates, &fitness)?;
+        self.es.set_sigma(sigma.unwrap_or(before))
+    }
+}
+
+/// The client means as candidates and their fitness, in the order given.
+fn population(updates: &[ClientUpdate]) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let candidates =
+        updates.iter().map(|u| u.mean.iter().map(|&v| f64::from(v)).collect()).collect();
+    (candidates, updates.iter().map(|u| u.fitness).collect())
 }
 
 impl Aggregator for FedBpt {
@@ -164,21 +146,12 @@ impl Aggregator for FedBpt {
         }
     }
 
-    /// Ranks the client means by fitness and tells them to the global CMA-ES as one population
-    /// of exactly the replies that arrived, then sets sigma by [`rms_sigma`] (keeping the
-    /// sigma the clients searched with if none reported any).
     fn aggregate(&mut self, round: usize, updates: &[ClientUpdate]) -> Result<()> {
         validate(self.es.dim(), round, updates)?;
-        // Computed before `tell` so that nothing is mutated if it fails.
-        let sigma = rms_sigma(updates)?;
-        let candidates: Vec<Vec<f64>> =
-            updates.iter().map(|u| u.mean.iter().map(|&v| f64::from(v)).collect()).collect();
-        let fitness: Vec<f64> = updates.iter().map(|u| u.fitness).collect();
-        let before = self.es.sigma();
-        self.es.tell(&candidates, &fitness)?;
-        // The global step-size adaptation of `tell` is discarded either way: sigma comes from
-        // the clients, or stays what they searched with.
-        self.es.set_sigma(sigma.unwrap_or(before))
+        match self.rule {
+            ServerSigma::Reference => self.aggregate_reference(updates),
+            ServerSigma::ClientRms => self.aggregate_client_rms(updates),
+        }
     }
 
     fn global_mean(&self) -> Vec<f32> {
@@ -196,13 +169,20 @@ impl Aggregator for FedBpt {
     fn restore(&mut self, v: serde_json::Value) -> Result<()> {
         let restored: Self = restore_of(self.name(), v)?;
         check_restored_dim(self.es.dim(), restored.es.dim())?;
+        if restored.rule != self.rule {
+            return Err(Error::Optimizer(format!(
+                "snapshot uses server_sigma {:?}, this run {:?}",
+                restored.rule, self.rule
+            )));
+        }
         *self = restored;
         Ok(())
     }
 }
 
 /// FedAvg-BBT, the paper's baseline: the global mean is the unweighted average of the client
-/// means; clients always search with the identity covariance.
+/// means; clients always search with the identity covariance, and the next sigma is the root
+/// mean square of the clients' reported sigmas ([`rms_sigma`]).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FedAvgBbt {
     mean: Vec<f64>,
@@ -233,7 +213,6 @@ impl Aggregator for FedAvgBbt {
         SearchDistribution { round, mean: to_f32(&self.mean), sigma: self.sigma, covariance: None }
     }
 
-    /// Plain (unweighted) average of the client means, then sigma by [`rms_sigma`].
     fn aggregate(&mut self, round: usize, updates: &[ClientUpdate]) -> Result<()> {
         validate(self.mean.len(), round, updates)?;
         let sigma = rms_sigma(updates)?;
@@ -272,46 +251,50 @@ impl Aggregator for FedAvgBbt {
     }
 }
 
-/// A client's local CMA-ES started from the server's distribution with fresh evolution paths.
-///
-/// `seed` should differ between clients and rounds (the reference reseeded every client
-/// identically, so all clients drew the same samples).
-pub fn client_search(dist: &SearchDistribution, popsize: usize, seed: u64) -> Result<Cmaes> {
-    let mean: Vec<f64> = dist.mean.iter().map(|&v| f64::from(v)).collect();
-    let opts = CmaesOptions { popsize: Some(popsize), seed, bounds: None };
-    let mut es = Cmaes::new(mean, dist.sigma, opts)?;
-    if let Some(packed) = &dist.covariance {
-        if packed.dim != es.dim() {
-            return Err(Error::Optimizer(format!(
-                "covariance of dimension {} for a mean of dimension {}",
-                packed.dim,
-                es.dim()
-            )));
-        }
-        es.set_covariance(packed.unpack()?)?;
+/// Paper Eq. 6 over the replies that arrived: `sqrt(sum_k sum_j sigma_kj^2 / (K * mu_local))`.
+/// `None` if no reply reported a sigma.
+pub fn eq6_sigma(updates: &[ClientUpdate], local_parents: usize) -> Result<Option<f64>> {
+    let sum_sq: f64 = updates.iter().flat_map(|u| &u.sigmas).map(|s| s * s).sum();
+    if updates.iter().all(|u| u.sigmas.is_empty()) {
+        return Ok(None);
     }
-    Ok(es)
+    let sigma = (sum_sq / (updates.len() * local_parents.max(1)) as f64).sqrt();
+    checked_sigma(sigma)
 }
 
-/// The next global step size: the root mean square of every per-iteration sigma reported by the
-/// replies that arrived, `sqrt(sum_k sum_j sigma_kj^2 / sum_k n_k)` with `n_k` the number of
-/// sigmas client `k` reported. `None` (keep the current sigma) if no reply reported any.
-///
-/// This deliberately deviates from the reference, which divided by the configured number of
-/// clients times the local `mu` (paper Eq. 6: by lambda): with dropouts that denominator
-/// shrinks sigma for every missing reply, and it is not a mean of the reported sigmas at all.
+/// The root mean square of every per-iteration sigma reported by the replies that arrived,
+/// `sqrt(sum_k sum_j sigma_kj^2 / sum_k n_k)` with `n_k` the number of sigmas client `k`
+/// reported. `None` (keep the current sigma) if no reply reported any.
 pub fn rms_sigma(updates: &[ClientUpdate]) -> Result<Option<f64>> {
     let (sum_sq, count) =
         updates.iter().flat_map(|u| &u.sigmas).fold((0.0, 0usize), |(s, c), v| (s + v * v, c + 1));
     if count == 0 {
         return Ok(None);
     }
-    let sigma = (sum_sq / count as f64).sqrt();
+    checked_sigma((sum_sq / count as f64).sqrt())
+}
+
+fn checked_sigma(sigma: f64) -> Result<Option<f64>> {
     if sigma.is_finite() && sigma > 0.0 {
         Ok(Some(sigma))
     } else {
         Err(Error::Optimizer(format!("aggregated sigma is {sigma}")))
     }
+}
+
+/// The clients that take part in `round` (the reference's `frac`, Flower's `fraction_fit`):
+/// `per_round` of the `n_clients`, drawn without replacement from a generator seeded by
+/// `seed` and the round, in increasing order; all of them when `per_round` is 0 or at least
+/// `n_clients`. The draw costs `O(per_round)`, not `O(n_clients)`.
+pub fn sample_clients(seed: u64, round: usize, n_clients: usize, per_round: usize) -> Vec<usize> {
+    if per_round == 0 || per_round >= n_clients {
+        return (0..n_clients).collect();
+    }
+    let round_seed = crate::seeds::derive(seed, &[crate::seeds::tag::SAMPLING, round as u64]);
+    let mut rng = ChaCha8Rng::seed_from_u64(round_seed);
+    let mut chosen = sample(&mut rng, n_clients, per_round).into_vec();
+    chosen.sort_unstable();
+    chosen
 }
 
 /// Checks the replies of `round` for a `dim`-dimensional search.
@@ -339,6 +322,9 @@ fn validate(dim: usize, round: usize, updates: &[ClientUpdate]) -> Result<()> {
         }
         if !u.fitness.is_finite() {
             return Err(Error::Optimizer(format!("{who}: fitness is {}", u.fitness)));
+        }
+        if !u.loss.is_finite() {
+            return Err(Error::Optimizer(format!("{who}: loss is {}", u.loss)));
         }
         if let Some(s) = u.sigmas.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
             return Err(Error::Optimizer(format!("{who}: reported sigma {s}")));
@@ -381,253 +367,5 @@ fn check_restored_dim(current: usize, restored: usize) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn update(client: usize, round: usize, mean: Vec<f32>, fitness: f64) -> ClientUpdate {
-        ClientUpdate { client, round, mean, fitness, sigmas: vec![0.5; 4], n_examples: 40 }
-    }
-
-    #[test]
-    fn fedavg_averages_exactly() {
-        let mut agg = FedAvgBbt::new(3, 1.0).unwrap();
-        let ups = [
-            update(0, 0, vec![1.0, 2.0, 3.0], 0.3),
-            update(1, 0, vec![3.0, -2.0, 0.0], 0.1),
-            update(2, 0, vec![2.0, 3.0, 0.0], 0.9),
-        ];
-        agg.aggregate(0, &ups).unwrap();
-        assert_eq!(agg.global_mean(), vec![2.0, 1.0, 1.0]);
-        let dist = agg.configure(1);
-        assert_eq!(dist.round, 1);
-        assert_eq!(dist.mean, vec![2.0, 1.0, 1.0]);
-        assert_eq!(dist.covariance, None);
-        assert!((agg.sigma() - 0.5).abs() < 1e-15);
-    }
-
-    #[test]
-    fn fedbpt_moves_toward_better_clients() {
-        let mut agg = FedBpt::new(4, 1.0, 0, true).unwrap();
-        let mut better = vec![0.0; 4];
-        better[0] = 1.0;
-        let mut worse = vec![0.0; 4];
-        worse[0] = -1.0;
-        agg.aggregate(0, &[update(7, 0, worse, 2.0), update(3, 0, better, 1.0)]).unwrap();
-        let m = agg.global_mean();
-        assert!(m[0] > 0.0, "mean {m:?}");
-        assert!(m[1..].iter().all(|v| *v == 0.0));
-        let dist = agg.configure(1);
-        let cov = dist.covariance.expect("send_covariance").unpack().unwrap();
-        assert_eq!(cov.shape(), (4, 4));
-        // The client step was along axis 0: that is where the covariance grew.
-        assert!(cov[(0, 0)] > cov[(1, 1)]);
-    }
-
-    #[test]
-    fn sigma_is_rms_of_reported_sigmas() {
-        let mut ups = vec![update(0, 5, vec![0.0; 2], 1.0), update(1, 5, vec![0.0; 2], 2.0)];
-        ups[0].sigmas = vec![1.0, 2.0, 3.0];
-        ups[1].sigmas = vec![4.0];
-        let mut silent = update(2, 5, vec![1.0; 2], 0.5);
-        silent.sigmas.clear();
-        ups.push(silent);
-        let expected = ((1.0 + 4.0 + 9.0 + 16.0) / 4.0f64).sqrt();
-        let mut bpt = FedBpt::new(2, 1.0, 0, false).unwrap();
-        bpt.aggregate(5, &ups).unwrap();
-        assert!((bpt.sigma() - expected).abs() < 1e-12);
-        let mut avg = FedAvgBbt::new(2, 1.0).unwrap();
-        avg.aggregate(5, &ups).unwrap();
-        assert!((avg.sigma() - expected).abs() < 1e-12);
-
-        // Nobody reported a sigma: keep it.
-        let mut quiet = update(0, 6, vec![0.0; 2], 1.0);
-        quiet.sigmas.clear();
-        bpt.aggregate(6, &[quiet]).unwrap();
-        assert!((bpt.sigma() - expected).abs() < 1e-12);
-    }
-
-    #[test]
-    fn fewer_replies_than_clients() {
-        let mut bpt = FedBpt::new(3, 1.0, 1, true).unwrap();
-        let mut avg = FedAvgBbt::new(3, 1.0).unwrap();
-        for round in 0..5 {
-            // Ten clients configured, between one and three reply.
-            let ups: Vec<ClientUpdate> = (0..1 + round % 3)
-                .map(|k| update(k, round, vec![0.1 * k as f32; 3], k as f64))
-                .collect();
-            bpt.aggregate(round, &ups).unwrap();
-            avg.aggregate(round, &ups).unwrap();
-        }
-        assert_eq!(bpt.strategy().generation(), 5);
-        assert!(bpt.global_mean().iter().all(|v| v.is_finite()));
-    }
-
-    #[test]
-    fn rejects_bad_updates() {
-        let mut bpt = FedBpt::new(3, 1.0, 1, false).unwrap();
-        let mut avg = FedAvgBbt::new(3, 1.0).unwrap();
-        let good = update(0, 2, vec![0.0; 3], 1.0);
-        let mut bad_dim = good.clone();
-        bad_dim.mean.pop();
-        let mut nan_mean = good.clone();
-        nan_mean.mean[1] = f32::NAN;
-        let mut nan_fit = good.clone();
-        nan_fit.fitness = f64::NAN;
-        let mut bad_sigma = good.clone();
-        bad_sigma.sigmas[2] = f64::INFINITY;
-        let mut stale = good.clone();
-        stale.round = 1;
-        let cases: Vec<Vec<ClientUpdate>> = vec![
-            vec![],
-            vec![bad_dim],
-            vec![nan_mean],
-            vec![nan_fit],
-            vec![bad_sigma],
-            vec![stale],
-            vec![good.clone(), good.clone()],
-        ];
-        for ups in &cases {
-            assert!(bpt.aggregate(2, ups).is_err(), "{ups:?}");
-            assert!(avg.aggregate(2, ups).is_err(), "{ups:?}");
-        }
-        // Nothing was folded.
-        assert_eq!(bpt.strategy().generation(), 0);
-        assert_eq!(avg.global_mean(), vec![0.0; 3]);
-        assert!(FedBpt::new(0, 1.0, 0, false).is_err());
-        assert!(FedAvgBbt::new(3, 0.0).is_err());
-    }
-
-    #[test]
-    fn packed_covariance_round_trip() {
-        let c =
-            DMatrix::from_row_slice(3, 3, &[2.0, 0.5, -0.25, 0.5, 1.0, 0.125, -0.25, 0.125, 3.0]);
-        let p = PackedCovariance::pack(&c).unwrap();
-        assert_eq!(p.dim, 3);
-        assert_eq!(p.upper, vec![2.0, 0.5, -0.25, 1.0, 0.125, 3.0]);
-        assert_eq!(p.unpack().unwrap(), c);
-        assert!(PackedCovariance::pack(&DMatrix::zeros(2, 3)).is_err());
-        let short = PackedCovariance { dim: 3, upper: vec![1.0; 5] };
-        assert!(short.unpack().is_err());
-        let huge = PackedCovariance { dim: usize::MAX, upper: vec![] };
-        assert!(huge.unpack().is_err());
-    }
-
-    #[test]
-    fn snapshot_restore_gives_identical_configure() {
-        let mut a = FedBpt::new(5, 0.8, 3, true).unwrap();
-        for round in 0..3 {
-            let ups: Vec<ClientUpdate> = (0..4)
-                .map(|k| update(k, round, vec![0.3 * k as f32 - 0.4; 5], (k as f64 - 1.5).abs()))
-                .collect();
-            a.aggregate(round, &ups).unwrap();
-        }
-        let snap = a.snapshot().unwrap();
-        let mut b = FedBpt::new(5, 1.0, 99, true).unwrap();
-        b.restore(snap.clone()).unwrap();
-        assert_eq!(a.configure(3), b.configure(3));
-        // And they keep agreeing.
-        let ups: Vec<ClientUpdate> =
-            (0..3).map(|k| update(k, 3, vec![k as f32; 5], k as f64)).collect();
-        a.aggregate(3, &ups).unwrap();
-        b.aggregate(3, &ups).unwrap();
-        assert_eq!(a.configure(4), b.configure(4));
-
-        let mut avg = FedAvgBbt::new(5, 1.0).unwrap();
-        avg.aggregate(0, &[update(0, 0, vec![1.0; 5], 0.0)]).unwrap();
-        let mut avg2 = FedAvgBbt::new(5, 1.0).unwrap();
-        avg2.restore(avg.snapshot().unwrap()).unwrap();
-        assert_eq!(avg.configure(1), avg2.configure(1));
-
-        // Wrong rule or dimension.
-        assert!(avg2.restore(snap.clone()).is_err());
-        assert!(FedBpt::new(6, 1.0, 0, true).unwrap().restore(snap).is_err());
-    }
-
-    /// Four clients, each minimizing a sphere centred on its own optimum (each 0.71 away from
-    /// their average, the federated optimum, which lies 6.3 away from the start). Each round
-    /// every client runs 4 local iterations of popsize 6 from the server's distribution; returns
-    /// the global mean's distance to the average optimum before and after 30 rounds.
-    fn federated_sphere(agg: &mut dyn Aggregator) -> (f64, f64) {
-        let dim = 10;
-        let optima: Vec<Vec<f64>> = (0..4)
-            .map(|k| (0..dim).map(|i| 2.0 + 0.2 * (((k + i) % 4) as f64 - 1.5)).collect())
-            .collect();
-        let target: Vec<f64> =
-            (0..dim).map(|i| optima.iter().map(|o| o[i]).sum::<f64>() / 4.0).collect();
-        let dist_to_target = |m: &[f32]| -> f64 {
-            m.iter().zip(&target).map(|(a, b)| (f64::from(*a) - b).powi(2)).sum::<f64>().sqrt()
-        };
-        let start = dist_to_target(&agg.global_mean());
-        for round in 0..30 {
-            let dist = agg.configure(round);
-            let mut ups = Vec::new();
-            for (k, o) in optima.iter().enumerate() {
-                let f = |x: &[f64]| x.iter().zip(o).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
-                let seed = (round * 4 + k) as u64;
-                let mut es = client_search(&dist, 6, seed).unwrap();
-                let mut sigmas = Vec::new();
-                for _ in 0..4 {
-                    let xs = es.ask();
-                    let fs: Vec<f64> = xs.iter().map(|x| f(x)).collect();
-                    es.tell(&xs, &fs).unwrap();
-                    sigmas.push(es.sigma());
-                }
-                ups.push(ClientUpdate {
-                    client: k,
-                    round,
-                    mean: to_f32(es.mean()),
-                    fitness: f(es.mean()),
-                    sigmas,
-                    n_examples: 40,
-                });
-            }
-            agg.aggregate(round, &ups).unwrap();
-        }
-        (start, dist_to_target(&agg.global_mean()))
-    }
-
-    #[test]
-    fn federated_sphere_converges() {
-        // FedBPT ranks client means by their own (heterogeneous) losses, so it settles within
-        // the clients' spread, nearer the clients it favours; FedAvg-BBT lands closer.
-        let mut bpt = FedBpt::new(10, 1.0, 0, true).unwrap();
-        let (start, end) = federated_sphere(&mut bpt);
-        assert!(end < 0.1 * start, "fedbpt: {start} -> {end}");
-        let mut avg = FedAvgBbt::new(10, 1.0).unwrap();
-        let (start, end) = federated_sphere(&mut avg);
-        assert!(end < 0.05 * start, "fedavg-bbt: {start} -> {end}");
-        assert!(avg.sigma() < 0.1, "sigma should shrink near the optimum: {}", avg.sigma());
-    }
-
-    #[test]
-    fn client_update_fits_the_upload_budget() {
-        let local_iter = 8;
-        let u = ClientUpdate {
-            client: 9,
-            round: 199,
-            mean: vec![0.123; 500],
-            fitness: 0.5432,
-            sigmas: vec![0.9; local_iter],
-            n_examples: 40,
-        };
-        let bytes = bincode::serde::encode_to_vec(&u, bincode::config::standard()).unwrap();
-        assert!(bytes.len() <= 500 * 4 + 8 * local_iter + 64, "{} bytes", bytes.len());
-    }
-
-    #[test]
-    fn client_search_starts_from_the_distribution() {
-        let mut bpt = FedBpt::new(3, 0.7, 0, true).unwrap();
-        bpt.aggregate(0, &[update(0, 0, vec![1.0, 0.0, 0.0], 0.0)]).unwrap();
-        let dist = bpt.configure(1);
-        let es = client_search(&dist, 5, 1).unwrap();
-        assert_eq!(es.popsize(), 5);
-        assert_eq!(es.sigma(), dist.sigma);
-        assert_eq!(to_f32(es.mean()), dist.mean);
-        let cov = dist.covariance.clone().unwrap().unpack().unwrap();
-        assert_eq!(es.covariance(), &cov);
-        let mut bad = dist.clone();
-        bad.covariance = Some(PackedCovariance { dim: 2, upper: vec![1.0, 0.0, 1.0] });
-        assert!(client_search(&bad, 5, 1).is_err());
-        assert!(client_search(&dist, 1, 1).is_err());
-    }
-}
+#[path = "strategy_tests.rs"]
+mod tests;

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::data::Example;
+use crate::objective::Metric;
 use crate::{Error, Result};
 
 /// Template and verbalizer of a masked LM: class score = MLM logit of each label word at `{mask}`.
@@ -43,6 +44,10 @@ pub struct TaskSpec {
     pub mlm: MlmTemplate,
     pub causal: CausalTemplate,
     pub encoder: EncoderTemplate,
+    /// What reports, best-on-dev and the `perf` loss measure: accuracy, or F1 (MRPC, as the
+    /// reference).
+    #[serde(default)]
+    pub metric: Metric,
 }
 
 /// One piece of a rendered template.
@@ -76,6 +81,7 @@ impl TaskSpec {
                 label_descriptions: s(&["It was terrible.", "It was great."]),
                 temperature: 0.05,
             },
+            metric: Metric::Accuracy,
         };
         let pair = |name: &str, labels: &[&str], words: &[&str]| TaskSpec {
             name: name.into(),
@@ -93,6 +99,7 @@ impl TaskSpec {
                 label_descriptions: words.iter().map(|w| format!("{w}.")).collect(),
                 temperature: 0.05,
             },
+            metric: Metric::Accuracy,
         };
         Ok(match name {
             "mr" | "sst2" | "yelp" => sentiment(name),
@@ -117,6 +124,7 @@ impl TaskSpec {
                     ]),
                     temperature: 0.05,
                 },
+                metric: Metric::Accuracy,
             },
             "bbc" => TaskSpec {
                 name: name.into(),
@@ -140,8 +148,12 @@ impl TaskSpec {
                     ]),
                     temperature: 0.05,
                 },
+                metric: Metric::Accuracy,
             },
-            "mrpc" => pair(name, &["not_equivalent", "equivalent"], &["No", "Yes"]),
+            "mrpc" => TaskSpec {
+                metric: Metric::F1,
+                ..pair(name, &["not_equivalent", "equivalent"], &["No", "Yes"])
+            },
             "rte" => pair(name, &["entailment", "not_entailment"], &["Yes", "No"]),
             "snli" => pair(name, &["entailment", "neutral", "contradiction"], &["Yes", "Maybe", "No"]),
             other => {

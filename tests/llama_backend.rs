@@ -349,6 +349,33 @@ fn token_noise_is_seeded_and_bounded() {
     assert_eq!(a, b);
     assert_ne!(a, clean);
     assert_ne!(a, c);
+
+    // Rate 1 replaces every token before the prompt, template text included (the reference
+    // perturbs every attended token), each by another id; the shared tail after the prompt and,
+    // in prefix placement, the scored last token stay.
+    for placement in [Placement::Suffix, Placement::Prefix] {
+        let m = CausalLm::from_gguf(
+            &path,
+            settings(placement, PromptMode::Add),
+            WeightFormat::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let clean = m.input_ids(&m.prepare(&t, &exs, None).unwrap()).unwrap();
+        let noisy = m
+            .input_ids(&m.prepare(&t, &exs, Some(TokenNoise { rate: 1.0, seed: 3 })).unwrap())
+            .unwrap();
+        let tail = match placement {
+            Placement::Suffix => m.encode_text("S:").unwrap().len(),
+            Placement::Prefix => 1,
+        };
+        for (x, y) in clean.iter().zip(&noisy) {
+            assert_eq!(x.len(), y.len());
+            let kept = x.len() - tail;
+            assert!(x[..kept].iter().zip(&y[..kept]).all(|(u, v)| u != v), "{x:?} vs {y:?}");
+            assert_eq!(x[kept..], y[kept..], "{placement:?}");
+        }
+    }
 }
 
 #[test]

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use fedbpt::config::Config;
 use fedbpt::data::Example;
+use fedbpt::local_search::{LocalSearch, Objective, Scored};
 use fedbpt::models::{Prepared, TokenNoise};
-use fedbpt::objective::{fitness_perturbed_for, loss};
 use fedbpt::projection::Projection;
+use fedbpt::protocol::{ClientUpdate, SearchDistribution};
 use fedbpt::seeds::{derive, tag};
-use fedbpt::strategy::{client_search, ClientUpdate, SearchDistribution};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::messages::{wire_size, ClientFault, ClientMsg, DataMsg};
@@ -25,6 +25,8 @@ pub struct ClientArgs {
     pub pool: ForwardPool,
     pub data: ActorRef<DataMsg>,
     pub projection: Arc<Projection>,
+    /// Loss and metric of the task, scored as the reference does (Eq. 7 when perturbing).
+    pub objective: Objective,
 }
 
 pub struct ClientState {
@@ -114,12 +116,9 @@ async fn train(
     let cfg = &a.cfg;
     let site = format!("site-{}", a.id + 1);
     let round = dist.round as u64;
-    let mut es = client_search(
-        dist,
-        cfg.local_popsize,
-        derive(cfg.seed, &[tag::CLIENT_SEARCH, a.id as u64, round]),
-    )
-    .map_err(|e| e.to_string())?;
+    let seed = derive(cfg.seed, &[tag::CLIENT_SEARCH, a.id as u64, round]);
+    let mut search = LocalSearch::start(dist, cfg.local_popsize, cfg.local_iter, seed)
+        .map_err(|e| e.to_string())?;
     // FedBPT's perturbation: a noisy copy of the shard, fresh each round.
     let perturbed = if cfg.perturb {
         let noise = TokenNoise {
@@ -130,46 +129,43 @@ async fn train(
     } else {
         None
     };
-    let labels = &state.shard.labels;
-    let mut sigmas = Vec::with_capacity(cfg.local_iter);
-    for it in 0..cfg.local_iter {
-        if die_at == Some(it) {
+    let score = |prompts: Vec<Vec<f32>>| {
+        let (shard, perturbed, site) = (state.shard.clone(), perturbed.clone(), site.clone());
+        async move {
+            let real = a.pool.score(a.id, &site, shard.clone(), prompts.clone()).await?;
+            let noisy = match &perturbed {
+                Some(p) => Some(a.pool.score(a.id, &site, p.clone(), prompts).await?),
+                None => None,
+            };
+            real.iter()
+                .enumerate()
+                .map(|(k, s)| {
+                    let p = match (&noisy, &perturbed) {
+                        (Some(n), Some(b)) => Some((n[k].as_slice(), b.labels.as_slice())),
+                        _ => None,
+                    };
+                    a.objective.score(s, &shard.labels, p).map_err(|e| e.to_string())
+                })
+                .collect::<Result<Vec<Scored>, String>>()
+        }
+    };
+    while let Some(candidates) = search.ask() {
+        if die_at == Some(search.iteration() - 1) {
             // Killed mid-search: the runtime drops this handler at its next await point.
             me.kill();
             std::future::pending::<()>().await;
         }
-        let candidates = es.ask();
         let prompts = candidates
             .iter()
             .map(|z| a.projection.project(&z.iter().map(|&v| v as f32).collect::<Vec<_>>()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
-        let scores = a.pool.score(a.id, &site, state.shard.clone(), prompts.clone()).await?;
-        let mut fitness = scores
-            .iter()
-            .map(|s| loss(s, labels, cfg.loss_type))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        if let Some(p) = &perturbed {
-            let noisy = a.pool.score(a.id, &site, p.clone(), prompts).await?;
-            for (f, s) in fitness.iter_mut().zip(&noisy) {
-                let lp = loss(s, &p.labels, cfg.loss_type).map_err(|e| e.to_string())?;
-                *f = fitness_perturbed_for(cfg.loss_type, *f, lp);
-            }
-        }
-        es.tell(&candidates, &fitness).map_err(|e| e.to_string())?;
-        sigmas.push(es.sigma());
+        let fitness: Vec<f64> = score(prompts).await?.iter().map(|s| s.fitness).collect();
+        search.tell(&candidates, &fitness).map_err(|e| e.to_string())?;
     }
-    let mean: Vec<f32> = es.mean().iter().map(|&v| v as f32).collect();
-    let prompt = a.projection.project(&mean).map_err(|e| e.to_string())?;
-    let scores = a.pool.score(a.id, &site, state.shard.clone(), vec![prompt]).await?;
-    let fitness = loss(&scores[0], labels, cfg.loss_type).map_err(|e| e.to_string())?;
-    Ok(ClientUpdate {
-        client: a.id,
-        round: dist.round,
-        mean,
-        fitness,
-        sigmas,
-        n_examples: labels.len(),
-    })
+    // The upload's fitness is the final mean's, scored as every candidate was (Eq. 7 when
+    // perturbing), so the server ranks clients by what their searches minimized.
+    let prompt = a.projection.project(&search.mean()).map_err(|e| e.to_string())?;
+    let final_score = score(vec![prompt]).await?[0];
+    search.finish(a.id, dist.round, final_score).map_err(|e| e.to_string())
 }

@@ -1,10 +1,11 @@
 //! The evaluator scores global means on the dev set (every round, for best-on-dev selection)
-//! and on the held-out test set (every `eval_every` rounds and at the end).
+//! and on the held-out test set (every `eval_every` rounds and at the end), with the task's
+//! metric (accuracy, or F1 for MRPC; the fields keep the name `acc`).
 
 use std::sync::Arc;
 
+use fedbpt::local_search::Objective;
 use fedbpt::models::Prepared;
-use fedbpt::objective::{accuracy, loss, LossType};
 use fedbpt::projection::Projection;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
@@ -29,7 +30,8 @@ pub struct EvalArgs {
     pub dev: Arc<Prepared>,
     pub test: Arc<Prepared>,
     pub projection: Arc<Projection>,
-    pub loss_type: LossType,
+    /// The task's loss and metric (what `dev_acc` and `test_acc` measure).
+    pub objective: Objective,
     /// The party whose device runs the evaluation (`eval_clients`, as the reference's site-1).
     pub party: usize,
 }
@@ -67,21 +69,25 @@ impl Actor for Evaluator {
     }
 }
 
+fn metric(s: &EvalArgs, scores: &[Vec<f32>], set: &Prepared) -> f64 {
+    s.objective.metric.eval(scores, &set.labels, set.n_classes)
+}
+
 async fn baselines(s: &EvalArgs) -> Result<(f64, f64), String> {
     let manual = s.pool.score_manual(s.party, "evaluator", s.test.clone()).await?;
     let zero = vec![0f32; s.projection.out_dim()];
     let zero_scores = s.pool.score(s.party, "evaluator", s.test.clone(), vec![zero]).await?;
-    Ok((accuracy(&manual, &s.test.labels), accuracy(&zero_scores[0], &s.test.labels)))
+    Ok((metric(s, &manual, &s.test), metric(s, &zero_scores[0], &s.test)))
 }
 
 async fn evaluate(s: &EvalArgs, z: &[f32], with_test: bool) -> Result<Evaluation, String> {
     let prompt = s.projection.project(z).map_err(|e| e.to_string())?;
     let dev = s.pool.score(s.party, "evaluator", s.dev.clone(), vec![prompt.clone()]).await?;
-    let dev_acc = accuracy(&dev[0], &s.dev.labels);
-    let dev_loss = loss(&dev[0], &s.dev.labels, s.loss_type).map_err(|e| e.to_string())?;
+    let dev_acc = metric(s, &dev[0], &s.dev);
+    let dev_loss = s.objective.score(&dev[0], &s.dev.labels, None).map_err(|e| e.to_string())?.loss;
     let test_acc = if with_test {
         let t = s.pool.score(s.party, "evaluator", s.test.clone(), vec![prompt]).await?;
-        Some(accuracy(&t[0], &s.test.labels))
+        Some(metric(s, &t[0], &s.test))
     } else {
         None
     };

@@ -8,8 +8,10 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use fedbpt::config::{Aggregation, Config};
+use fedbpt::strategy::ServerSigma;
 use fedbpt_actors::federation::{self, Env, FedSummary, RunOptions};
-use fedbpt_actors::plot::{accuracy_png, Curve};
+use fedbpt_actors::figures::{compare_figure, faults_figure, run_figure, KillRateRow, MethodRuns};
+use fedbpt_actors::plot::mean_std;
 use fedbpt_actors::profile::Profiler;
 use fedbpt_actors::server::{Checkpoint, RoundRecord};
 
@@ -88,7 +90,9 @@ fn finished_run(dir: &Path, cfg: &Config) -> Option<(FedSummary, Vec<RoundRecord
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()
         .ok()?;
-    (summary.config == *cfg && records.len() == summary.rounds).then_some((summary, records))
+    let current = summary.format == fedbpt_actors::server::CHECKPOINT_FORMAT;
+    (current && summary.config == *cfg && records.len() == summary.rounds)
+        .then_some((summary, records))
 }
 
 /// The finished run in `dir` if there is one for `cfg`, else a new run there.
@@ -106,29 +110,6 @@ fn run_or_reuse(
     run_one(rt, cfg, env, dir, label, None)
 }
 
-/// The run's curve starting at z = 0 (round 0), and the manual prompt as a flat line.
-fn with_baselines(mut c: Curve, s: &FedSummary, rounds: usize) -> Vec<Curve> {
-    c.points.insert(0, (0.0, 100.0 * s.zero_prompt_test_acc));
-    let manual = Curve {
-        name: "manual prompt".into(),
-        points: vec![
-            (0.0, 100.0 * s.zero_shot_test_acc),
-            (rounds as f64, 100.0 * s.zero_shot_test_acc),
-        ],
-    };
-    vec![c, manual]
-}
-
-fn curve(name: &str, records: &[RoundRecord]) -> Curve {
-    Curve {
-        name: name.into(),
-        points: records
-            .iter()
-            .filter_map(|r| r.test_acc.map(|a| (r.round as f64, 100.0 * a)))
-            .collect(),
-    }
-}
-
 pub fn run(
     config: Option<&Path>,
     resume: Option<&Path>,
@@ -141,8 +122,8 @@ pub fn run(
             let path = dir.join("checkpoint.json");
             let text =
                 fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            let cp: Checkpoint = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a fedbpt checkpoint", path.display()))?;
+            let cp =
+                Checkpoint::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             say(&format!("resuming {} after round {}", dir.display(), cp.round));
             (cp.config.clone(), dir.to_path_buf(), Some(cp))
         }
@@ -177,12 +158,7 @@ pub fn run(
         eprintln!("{}", p.table());
         say(&format!("wrote {} and {}", trace.display(), out.join("messages.csv").display()));
     }
-    accuracy_png(
-        &out.join("accuracy.png"),
-        &format!("{} on {} ({:?})", s.model, s.task, s.aggregation),
-        "round",
-        &with_baselines(curve("test accuracy (round 0: z = 0)", &records), &s, records.len()),
-    )?;
+    run_figure(&out.join("accuracy.png"), &s, &records)?;
     println!(
         "manual prompt {:.2}% | z=0 {:.2}% | final {:.2}% | best-on-dev {:.2}% (round {}) | up {:.0} B, down {:.0} B per client-round (FedAvg of the model: {} B) | {:.0}s -> {}",
         100.0 * s.zero_shot_test_acc,
@@ -199,12 +175,15 @@ pub fn run(
     Ok(())
 }
 
-fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len().max(1) as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n;
-    (m, var.sqrt())
-}
+/// A finished run: its summary and its records.
+type Finished = (FedSummary, Vec<RoundRecord>);
+
+/// The methods `compare` runs: name, directory stem, aggregation and server step-size rule.
+const METHODS: [(&str, &str, Aggregation, ServerSigma); 3] = [
+    ("FedAvg-BBT", "fedavg-bbt", Aggregation::Fedavg, ServerSigma::Reference),
+    ("FedBPT (client-RMS sigma)", "fedbpt-client-rms", Aggregation::Fedbpt, ServerSigma::ClientRms),
+    ("FedBPT (reference rule)", "fedbpt", Aggregation::Fedbpt, ServerSigma::Reference),
+];
 
 pub fn compare(
     config: &Path,
@@ -219,25 +198,22 @@ pub fn compare(
     });
     let rt = runtime(&base)?;
     let mut env = Env::load(&base, &mut |m| say(m))?;
-    let methods = [(Aggregation::Fedavg, "FedAvg-BBT"), (Aggregation::Fedbpt, "FedBPT")];
-    // [partition][method] -> per-seed (final, best-dev); and the manual / z=0 baselines.
-    let mut finals = vec![vec![Vec::new(); 2]; 2];
-    let mut best = vec![vec![Vec::new(); 2]; 2];
-    let mut manual = Vec::new();
-    let mut zero = Vec::new();
-    let mut curves = Vec::new();
-    for (pi, iid) in [true, false].into_iter().enumerate() {
-        for (mi, (agg, name)) in methods.iter().enumerate() {
-            let mut per_round: Vec<Vec<f64>> = Vec::new();
-            let mut rounds_x: Vec<f64> = Vec::new();
+    // [partition][method] -> per-seed runs.
+    let mut runs: Vec<Vec<Vec<Finished>>> = Vec::new();
+    for iid in [true, false] {
+        let mut per_method = Vec::new();
+        for (name, stem, agg, rule) in METHODS {
+            let mut per_seed = Vec::new();
             for &seed in seeds {
                 let mut cfg = base.clone();
                 cfg.seed = seed;
                 cfg.iid = iid;
-                cfg.aggregation = *agg;
+                cfg.aggregation = agg;
+                cfg.server_sigma = rule;
+                cfg.validate()?;
                 let part = if iid { "iid" } else { "noniid" };
                 let label = format!("{name} {part} seed {seed}");
-                let dir = out.join(format!("{}-{part}-seed{seed}", name.to_lowercase()));
+                let dir = out.join(format!("{stem}-{part}-seed{seed}"));
                 let (s, records) = run_or_reuse(&rt, &cfg, &mut env, &dir, &label)?;
                 say(&format!(
                     "{label}: final {:.2}% best-on-dev {:.2}% ({:.0}s)",
@@ -245,83 +221,162 @@ pub fn compare(
                     100.0 * s.best_dev_test_acc,
                     s.wall_s
                 ));
-                finals[pi][mi].push(s.final_test_acc);
-                best[pi][mi].push(s.best_dev_test_acc);
-                if pi == 0 && mi == 0 {
-                    manual.push(s.zero_shot_test_acc);
-                    zero.push(s.zero_prompt_test_acc);
-                }
-                let c = curve(&label, &records);
-                rounds_x = c.points.iter().map(|p| p.0).collect();
-                per_round.push(c.points.iter().map(|p| p.1).collect());
+                per_seed.push((s, records));
             }
-            let n = per_round.iter().map(|v| v.len()).min().unwrap_or(0);
-            let mean: Vec<(f64, f64)> = (0..n)
-                .map(|i| {
-                    (
-                        rounds_x[i],
-                        per_round.iter().map(|v| v[i]).sum::<f64>() / per_round.len() as f64,
-                    )
+            per_method.push(per_seed);
+        }
+        runs.push(per_method);
+    }
+    let md = compare_table(&base, &env, seeds, &runs);
+    fs::create_dir_all(&out)?;
+    fs::write(out.join("compare.md"), &md)
+        .with_context(|| format!("writing {}", out.join("compare.md").display()))?;
+    let json: Vec<serde_json::Value> = runs
+        .iter()
+        .zip(["iid", "non-iid"])
+        .flat_map(|(per_method, part)| {
+            per_method.iter().zip(METHODS).flat_map(move |(per_seed, (name, ..))| {
+                per_seed.iter().map(move |(s, r)| {
+                    serde_json::json!({
+                        "partition": part, "method": name, "seed": s.seed,
+                        "final_test_acc": s.final_test_acc, "best_dev_test_acc": s.best_dev_test_acc,
+                        "best_dev_round": s.best_dev_round,
+                        "sigma": r.iter().map(|x| x.sigma).collect::<Vec<_>>(),
+                        "dev_acc": r.iter().map(|x| x.dev_acc).collect::<Vec<_>>(),
+                        "test_acc": r.iter().map(|x| x.test_acc).collect::<Vec<_>>(),
+                        "wall_s": s.wall_s,
+                    })
+                })
+            })
+        })
+        .collect();
+    write_json_atomic(&out.join("compare.json"), &json)?;
+    let partitions: Vec<(&str, Vec<MethodRuns<'_>>)> = runs
+        .iter()
+        .zip(["iid", "non-iid"])
+        .map(|(per_method, part)| {
+            let methods = per_method
+                .iter()
+                .zip(METHODS)
+                .enumerate()
+                .map(|(color, (per_seed, (name, ..)))| MethodRuns {
+                    name,
+                    color,
+                    runs: per_seed.iter().map(|(s, r)| (s, r.as_slice())).collect(),
                 })
                 .collect();
-            curves.push(Curve {
-                name: format!("{name} ({})", if iid { "iid" } else { "non-iid" }),
-                points: mean,
-            });
-        }
-    }
-    let (m_manual, s_manual) = mean_std(&manual);
-    let (m_zero, s_zero) = mean_std(&zero);
-    let cell = |v: &[f64]| {
-        let (m, s) = mean_std(v);
+            (part, methods)
+        })
+        .collect();
+    compare_figure(
+        &out.join("compare.png"),
+        &format!(
+            "{} on {}, {} clients, mean +- 1 sd over seeds {:?}",
+            env.replicas[0].info().name,
+            env.task.name,
+            base.num_users,
+            seeds
+        ),
+        &partitions,
+    )?;
+    println!("{md}");
+    say(&format!(
+        "wrote {}, {} and {}",
+        out.join("compare.md").display(),
+        out.join("compare.json").display(),
+        out.join("compare.png").display()
+    ));
+    Ok(())
+}
+
+/// The comparison as markdown: final and best-on-dev test metric per method and partition
+/// (mean +- std over seeds), then the step size per round of each method (mean over seeds).
+fn compare_table(base: &Config, env: &Env, seeds: &[u64], runs: &[Vec<Vec<Finished>>]) -> String {
+    let cell = |v: Vec<f64>| {
+        let (m, s) = mean_std(&v);
         format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * s)
     };
-    let mut md = String::new();
-    md.push_str(&format!(
-        "Test accuracy (%) on {} with {}, {} clients, {} rounds, mean ± std over seeds {:?}; non-iid = Dirichlet alpha {}.\n\n",
+    let first = runs.first().and_then(|m| m.first()).and_then(|s| s.first());
+    let (manual, zero) =
+        first.map_or((f64::NAN, f64::NAN), |(s, _)| (s.zero_shot_test_acc, s.zero_prompt_test_acc));
+    let metric =
+        first.map_or("accuracy".to_string(), |(s, _)| format!("{:?}", s.metric).to_lowercase());
+    let mut md = format!(
+        "Test {metric} (%) on {} with {}, {} clients, {} rounds of {} local iterations x popsize {},          perturb {}, mean ± std over seeds {:?}; non-iid = Dirichlet alpha {} ({:?}).
+
+",
         env.task.name,
         env.replicas[0].info().name,
         base.num_users,
         base.num_rounds,
+        base.local_iter,
+        base.local_popsize,
+        base.perturb,
         seeds,
-        base.alpha_dir
-    ));
-    md.push_str("| method | iid final | iid best-on-dev | non-iid final | non-iid best-on-dev |\n|---|---|---|---|---|\n");
+        base.alpha_dir,
+        base.noniid_split,
+    );
+    md.push_str(
+        "| method | iid final | iid best-on-dev | non-iid final | non-iid best-on-dev |
+|---|---|---|---|---|
+",
+    );
     md.push_str(&format!(
-        "| manual prompt (zero-shot) | {0:.2} ± {1:.2} | | {0:.2} ± {1:.2} | |\n",
-        100.0 * m_manual,
-        100.0 * s_manual
+        "| manual prompt (zero-shot) | {0:.2} | | {0:.2} | |
+| z = 0 (placeholders, no search) | {1:.2} | | {1:.2} | |
+",
+        100.0 * manual,
+        100.0 * zero
     ));
-    md.push_str(&format!(
-        "| z = 0 (placeholders, no search) | {0:.2} ± {1:.2} | | {0:.2} ± {1:.2} | |\n",
-        100.0 * m_zero,
-        100.0 * s_zero
-    ));
-    for (mi, (_, name)) in methods.iter().enumerate() {
+    for (mi, (name, ..)) in METHODS.iter().enumerate() {
+        let pick = |pi: usize, f: fn(&FedSummary) -> f64| -> Vec<f64> {
+            runs.get(pi)
+                .and_then(|m| m.get(mi))
+                .map_or(Vec::new(), |v| v.iter().map(|(s, _)| f(s)).collect())
+        };
         md.push_str(&format!(
-            "| {name} | {} | {} | {} | {} |\n",
-            cell(&finals[0][mi]),
-            cell(&best[0][mi]),
-            cell(&finals[1][mi]),
-            cell(&best[1][mi])
+            "| {name} | {} | {} | {} | {} |
+",
+            cell(pick(0, |s| s.final_test_acc)),
+            cell(pick(0, |s| s.best_dev_test_acc)),
+            cell(pick(1, |s| s.final_test_acc)),
+            cell(pick(1, |s| s.best_dev_test_acc)),
         ));
     }
-    fs::create_dir_all(&out)?;
-    fs::write(out.join("compare.md"), &md)
-        .with_context(|| format!("writing {}", out.join("compare.md").display()))?;
-    accuracy_png(
-        &out.join("compare.png"),
-        &format!("{}: test accuracy per round (mean of seeds)", env.task.name),
-        "round",
-        &curves,
-    )?;
-    println!("{md}");
-    say(&format!(
-        "wrote {} and {}",
-        out.join("compare.md").display(),
-        out.join("compare.png").display()
+    md.push_str(
+        "
+Step size sent to the clients after each round (mean over seeds):
+
+",
+    );
+    let rounds = base.num_rounds;
+    md.push_str(&format!(
+        "| method | partition | {} |
+|---|---|{}
+",
+        (1..=rounds).map(|r| r.to_string()).collect::<Vec<_>>().join(" | "),
+        "---|".repeat(rounds)
     ));
-    Ok(())
+    for (pi, part) in ["iid", "non-iid"].iter().enumerate() {
+        for (mi, (name, ..)) in METHODS.iter().enumerate() {
+            let Some(per_seed) = runs.get(pi).and_then(|m| m.get(mi)) else { continue };
+            let per_round: Vec<String> = (0..rounds)
+                .map(|r| {
+                    let v: Vec<f64> = per_seed
+                        .iter()
+                        .filter_map(|(_, rec)| rec.get(r).map(|x| x.sigma))
+                        .collect();
+                    format!("{:.3}", mean_std(&v).0)
+                })
+                .collect();
+            md.push_str(&format!(
+                "| {name} | {part} | {} |
+",
+                per_round.join(" | ")
+            ));
+        }
+    }
+    md
 }
 
 /// `bench-faults`: final accuracy and wall time versus the fraction of clients killed per round,
@@ -347,7 +402,7 @@ pub fn bench_faults(
         base.num_rounds,
         seeds
     );
-    let (mut acc_curve, mut best_curve) = (Vec::new(), Vec::new());
+    let mut plot_rows = Vec::new();
     let mut rows = Vec::new();
     for &rate in rates {
         let (mut finals, mut bests, mut walls, mut replies) =
@@ -383,22 +438,17 @@ pub fn bench_faults(
             ws,
             r
         ));
-        acc_curve.push((100.0 * rate, 100.0 * f));
-        best_curve.push((100.0 * rate, 100.0 * b));
+        plot_rows.push(KillRateRow { rate, finals: finals.clone(), bests: bests.clone() });
         rows.push(serde_json::json!({"kill_fraction": rate, "final_test_acc": finals, "best_dev_test_acc": bests, "wall_s": walls}));
     }
     fs::create_dir_all(&out)?;
     fs::write(out.join("faults.md"), &md)
         .with_context(|| format!("writing {}", out.join("faults.md").display()))?;
     fs::write(out.join("faults.json"), serde_json::to_vec_pretty(&rows)?)?;
-    accuracy_png(
+    faults_figure(
         &out.join("faults.png"),
-        "test accuracy (%) vs clients killed per round (mean of seeds)",
-        "clients killed per round (%)",
-        &[
-            Curve { name: "final".into(), points: acc_curve },
-            Curve { name: "best-on-dev".into(), points: best_curve },
-        ],
+        &format!("{}, {} clients, seeds {:?}", env.task.name, base.num_users, seeds),
+        &plot_rows,
     )?;
     println!("{md}");
     Ok(())

@@ -8,11 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use fedbpt::bbt::projection_for;
-use fedbpt::config::{client_index, Aggregation, Config};
-use fedbpt::data::split::{k_shot, partition_dirichlet, partition_iid, test_split};
+use fedbpt::config::{client_index, Aggregation, Config, NoniidSplit};
+use fedbpt::data::split::{
+    k_shot, partition_client_mix, partition_dirichlet, partition_iid, test_split,
+};
 use fedbpt::data::{Dataset, Example};
 use fedbpt::experiment::{self, TEST_SPLIT_SEED};
+use fedbpt::local_search::Objective;
 use fedbpt::models::{Prepared, PromptModel};
+use fedbpt::objective::{BestOnDev, Metric};
 use fedbpt::seeds::{derive, tag};
 use fedbpt::strategy::{Aggregator, FedAvgBbt, FedBpt};
 use fedbpt::task::TaskSpec;
@@ -32,15 +36,22 @@ use crate::supervisor::{ClientSupervisor, Registry, RestartLog, SupervisorArgs};
 /// `summary.json` of a federated run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FedSummary {
+    /// The layout and method version ([`crate::server::CHECKPOINT_FORMAT`]): a finished run is
+    /// reused (by `compare`, `bench-faults`) only if it was made by this version.
+    #[serde(default)]
+    pub format: u32,
     pub model: String,
     pub task: String,
     pub aggregation: Aggregation,
     pub iid: bool,
     pub seed: u64,
+    /// What every `_acc` field measures: the task's metric (accuracy, or F1 for MRPC).
+    pub metric: Metric,
     /// The template alone: no soft prompt, no placeholders (the paper's "manual prompt").
     pub zero_shot_test_acc: f64,
-    /// Placeholders present, z = 0.
+    /// Placeholders present, z = 0 (the starting point, round 0), on the test and dev sets.
     pub zero_prompt_test_acc: f64,
+    pub zero_prompt_dev_acc: f64,
     pub final_test_acc: f64,
     pub best_dev_test_acc: f64,
     pub best_dev_acc: f64,
@@ -123,7 +134,14 @@ fn partition(cfg: &Config, ds: &Dataset) -> Result<Data> {
         partition_iid(train.len(), cfg.num_users, seed)?
     } else {
         let labels: Vec<usize> = train.iter().map(|e| e.label).collect();
-        partition_dirichlet(&labels, n_classes, cfg.num_users, cfg.alpha_dir, seed)?
+        match cfg.noniid_split {
+            NoniidSplit::ClientMix => {
+                partition_client_mix(&labels, n_classes, cfg.num_users, cfg.alpha_dir, seed)?
+            }
+            NoniidSplit::ClassShares => {
+                partition_dirichlet(&labels, n_classes, cfg.num_users, cfg.alpha_dir, seed)?
+            }
+        }
     };
     let shards = parts
         .into_iter()
@@ -191,6 +209,7 @@ async fn run_with_pool(
     // Evaluation runs on the device of `eval_clients` (validated by the config).
     let eval_party = client_index(&cfg.eval_clients, cfg.num_users).unwrap_or(0);
     let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?.clone();
+    let objective = Objective { loss: cfg.loss_type, metric: env.task.metric };
     let projection = Arc::new(projection_for(cfg, model.as_ref())?);
     let (data_ref, _) = Actor::spawn(
         Some("data-loader".into()),
@@ -228,7 +247,7 @@ async fn run_with_pool(
             dev: dev_prepared,
             test: test_prepared.clone(),
             projection: projection.clone(),
-            loss_type: cfg.loss_type,
+            objective,
             party: eval_party,
         },
     )
@@ -272,6 +291,7 @@ async fn run_with_pool(
             pool: pool.clone(),
             data: data_ref.clone(),
             projection: projection.clone(),
+            objective,
         })
         .collect();
     let registry: Registry = Default::default();
@@ -297,6 +317,8 @@ async fn run_with_pool(
             cfg.sigma,
             derive(cfg.seed, &[tag::SERVER]),
             true,
+            cfg.server_sigma,
+            cfg.local_popsize,
         )?),
         Aggregation::Fedavg => Box::new(FedAvgBbt::new(cfg.intrinsic_dim, cfg.sigma)?),
     };
@@ -313,7 +335,12 @@ async fn run_with_pool(
             evaluator: evaluator.clone(),
             events: tx,
             started,
-            initial_dev: Some((initial.dev_acc, z0)),
+            initial_dev: Some(BestOnDev {
+                metric: initial.dev_acc,
+                loss: initial.dev_loss,
+                step: 0,
+                z: z0,
+            }),
             checkpoint_dir: opts.checkpoint_dir,
             resume: opts.resume.clone(),
         },
@@ -367,13 +394,16 @@ async fn run_with_pool(
             let (score_requests, score_forwards) = pool.score_counts();
             Ok((
                 FedSummary {
+                    format: crate::server::CHECKPOINT_FORMAT,
                     model: model.info().name.clone(),
                     task: env.task.name.clone(),
                     aggregation: cfg.aggregation,
                     iid: cfg.iid,
                     seed: cfg.seed,
+                    metric: env.task.metric,
                     zero_shot_test_acc: baselines.0,
                     zero_prompt_test_acc: baselines.1,
+                    zero_prompt_dev_acc: initial.dev_acc,
                     final_test_acc,
                     best_dev_test_acc,
                     best_dev_acc,

@@ -9,6 +9,7 @@ pub mod client;
 pub mod data_loader;
 pub mod evaluator;
 pub mod federation;
+pub mod figures;
 pub mod messages;
 pub mod plot;
 pub mod pool;

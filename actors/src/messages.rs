@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use fedbpt::data::Example;
 use fedbpt::models::{Prepared, TokenNoise};
-use fedbpt::strategy::{ClientUpdate, SearchDistribution};
+use fedbpt::protocol::{ClientUpdate, SearchDistribution};
 use ractor::RpcReplyPort;
 
 use crate::profile::Stamp;

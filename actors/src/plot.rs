@@ -1,16 +1,109 @@
-//! PNG line plots of test accuracy per round. Text needs a font: DejaVu Sans from the system
-//! (`FEDBPT_FONT` names another); without one the plot is drawn without labels.
+//! PNG figures: a grid of panels, each with lines, markers and shaded spreads. Text needs a
+//! font: DejaVu Sans from the system (`FEDBPT_FONT` names another); without one the figure is
+//! drawn without labels.
 
 use std::path::Path;
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, Result};
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
-/// One curve: a name and (round, accuracy %) points.
-pub struct Curve {
+/// `(x, y)` points.
+pub type Points = Vec<(f64, f64)>;
+/// `(x, low, high)` spreads.
+pub type Band = Vec<(f64, f64, f64)>;
+
+/// How a series is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// A line through the points, with a small marker at each.
+    Line,
+    /// Markers only (values measured at some rounds, such as test accuracy).
+    Markers,
+    /// A dashed reference line (a baseline).
+    Dashed,
+}
+
+/// One named series: points, and optionally a shaded band `(x, low, high)` around them (the
+/// spread over seeds) or error bars where the style is [`Style::Markers`].
+#[derive(Debug, Clone)]
+pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    pub band: Vec<(f64, f64, f64)>,
+    pub style: Style,
+    /// Index into the palette, so that one method keeps its colour across panels.
+    pub color: usize,
+}
+
+impl Series {
+    pub fn new(
+        name: impl Into<String>,
+        style: Style,
+        color: usize,
+        points: Vec<(f64, f64)>,
+    ) -> Self {
+        Self { name: name.into(), points, band: Vec::new(), style, color }
+    }
+
+    pub fn with_band(mut self, band: Vec<(f64, f64, f64)>) -> Self {
+        self.band = band;
+        self
+    }
+}
+
+/// One chart of the figure.
+#[derive(Debug, Clone)]
+pub struct Panel {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    /// Ticks at whole numbers only (rounds).
+    pub integer_x: bool,
+    /// Logarithmic y axis (step sizes).
+    pub log_y: bool,
+    pub series: Vec<Series>,
+}
+
+impl Panel {
+    pub fn new(title: impl Into<String>, x_label: &str, y_label: &str) -> Self {
+        Self {
+            title: title.into(),
+            x_label: x_label.into(),
+            y_label: y_label.into(),
+            integer_x: true,
+            log_y: false,
+            series: Vec::new(),
+        }
+    }
+}
+
+/// Means and population standard deviations over the rows of `runs` (one `Vec` of `(x, y)` per
+/// seed), at the x values every run has. Returns the mean points and the `(x, mean - sd,
+/// mean + sd)` band.
+pub fn mean_and_band(runs: &[Points]) -> (Points, Band) {
+    let Some(first) = runs.first() else { return (Vec::new(), Vec::new()) };
+    let (mut mean, mut band) = (Vec::new(), Vec::new());
+    for &(x, _) in first {
+        let ys: Vec<f64> =
+            runs.iter().filter_map(|r| r.iter().find(|p| p.0 == x).map(|p| p.1)).collect();
+        if ys.len() != runs.len() {
+            continue;
+        }
+        let (m, sd) = mean_std(&ys);
+        mean.push((x, m));
+        band.push((x, m - sd, m + sd));
+    }
+    (mean, band)
+}
+
+/// Mean and population standard deviation (0 for fewer than two values).
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n;
+    (m, var.sqrt())
 }
 
 fn font_registered() -> bool {
@@ -34,56 +127,206 @@ fn font_registered() -> bool {
     })
 }
 
-/// Draws `curves` into a PNG at `path`.
-pub fn accuracy_png(path: &Path, title: &str, x_label: &str, curves: &[Curve]) -> Result<()> {
+/// Draws `panels` in a grid of `columns` columns (rows as needed) into a PNG at `path`, each
+/// panel 700 x 420 pixels, with `title` above them all.
+pub fn figure_png(path: &Path, title: &str, columns: usize, panels: &[Panel]) -> Result<()> {
+    let columns = columns.clamp(1, panels.len().max(1));
+    let rows = panels.len().div_ceil(columns).max(1);
     let with_text = font_registered();
-    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    let header = if with_text { 40 } else { 0 };
+    let size = ((700 * columns) as u32, (420 * rows + header) as u32);
+    let root = BitMapBackend::new(path, size).into_drawing_area();
     let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let all: Vec<(f64, f64)> = curves.iter().flat_map(|c| c.points.iter().copied()).collect();
-    if all.is_empty() {
-        root.present().map_err(|e| err(&e))?;
+    let body = if with_text {
+        root.titled(title, ("sans-serif", 24)).map_err(|e| err(&e))?
+    } else {
+        root.clone()
+    };
+    for (area, panel) in body.split_evenly((rows, columns)).iter().zip(panels) {
+        draw_panel(area, panel, with_text).map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+
+fn draw_panel(area: &Area<'_>, panel: &Panel, with_text: bool) -> Result<(), String> {
+    let xs = panel
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0).chain(s.band.iter().map(|b| b.0)));
+    let ys: Vec<f64> = panel
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1).chain(s.band.iter().flat_map(|b| [b.1, b.2])))
+        .filter(|y| y.is_finite() && (!panel.log_y || *y > 0.0))
+        .collect();
+    let (x_min, x_max) =
+        xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+    if ys.is_empty() || !x_min.is_finite() {
         return Ok(());
     }
-    let x_max = all.iter().map(|p| p.0).fold(1.0, f64::max);
-    let y_min = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min).floor() - 1.0;
-    let y_max = all.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max).ceil() + 1.0;
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(20).x_label_area_size(40).y_label_area_size(50);
+    let (x_lo, x_hi) = if x_max > x_min { (x_min, x_max) } else { (x_min - 1.0, x_max + 1.0) };
+    let pad_x = if panel.integer_x { 0.3 } else { 0.03 * (x_hi - x_lo) };
+    let (x_lo, x_hi) = (x_lo - pad_x, x_hi + pad_x);
+    let y_min = ys.iter().copied().fold(f64::INFINITY, f64::min);
+    let y_max = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut builder = ChartBuilder::on(area);
+    builder.margin(14).x_label_area_size(42).y_label_area_size(64);
     if with_text {
-        builder.caption(title, ("sans-serif", 22));
+        builder.caption(&panel.title, ("sans-serif", 18));
     }
-    let mut chart = builder.build_cartesian_2d(0f64..x_max, y_min..y_max).map_err(|e| err(&e))?;
-    let mut mesh = chart.configure_mesh();
-    if with_text {
-        mesh.x_desc(x_label).y_desc("test accuracy (%)");
-    } else {
-        mesh.disable_x_axis().disable_y_axis();
-    }
-    mesh.draw().map_err(|e| err(&e))?;
-    for (i, c) in curves.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let series = chart
-            .draw_series(LineSeries::new(c.points.clone(), color.stroke_width(2)))
-            .map_err(|e| err(&e))?;
-        if with_text {
-            series
-                .label(c.name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    let integer_ticks = |x: &f64| {
+        if (x - x.round()).abs() < 1e-9 {
+            format!("{:.0}", x)
+        } else {
+            String::new()
         }
-        chart
-            .draw_series(c.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
-            .map_err(|e| err(&e))?;
+    };
+    let x_ticks = if panel.integer_x {
+        let span = (x_max - x_min).round().max(1.0) as usize;
+        span.min(10) + 1
+    } else {
+        8
+    };
+    if panel.log_y {
+        let (lo, hi) = (y_min * 0.8, y_max * 1.25);
+        let mut chart = builder
+            .build_cartesian_2d(x_lo..x_hi, (lo..hi).log_scale())
+            .map_err(|e| e.to_string())?;
+        let mut mesh = chart.configure_mesh();
+        mesh.x_labels(x_ticks).y_labels(8);
+        if panel.integer_x {
+            mesh.x_label_formatter(&integer_ticks);
+        }
+        mesh.y_label_formatter(&|y| format!("{y:.3}"));
+        if with_text {
+            mesh.x_desc(panel.x_label.as_str()).y_desc(panel.y_label.as_str());
+        } else {
+            mesh.disable_x_axis().disable_y_axis();
+        }
+        mesh.draw().map_err(|e| e.to_string())?;
+        draw_series(&mut chart, panel, with_text)
+    } else {
+        let pad = 0.08 * (y_max - y_min).max(1e-3);
+        let mut chart = builder
+            .build_cartesian_2d(x_lo..x_hi, (y_min - pad)..(y_max + pad))
+            .map_err(|e| e.to_string())?;
+        let mut mesh = chart.configure_mesh();
+        mesh.x_labels(x_ticks).y_labels(8);
+        if panel.integer_x {
+            mesh.x_label_formatter(&integer_ticks);
+        }
+        if with_text {
+            mesh.x_desc(panel.x_label.as_str()).y_desc(panel.y_label.as_str());
+        } else {
+            mesh.disable_x_axis().disable_y_axis();
+        }
+        mesh.draw().map_err(|e| e.to_string())?;
+        draw_series(&mut chart, panel, with_text)
+    }
+}
+
+fn draw_series<'a, Y>(
+    chart: &mut ChartContext<
+        'a,
+        BitMapBackend<'a>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, Y>,
+    >,
+    panel: &Panel,
+    with_text: bool,
+) -> Result<(), String>
+where
+    Y: Ranged<ValueType = f64>,
+{
+    for s in &panel.series {
+        let color = Palette99::pick(s.color).to_rgba();
+        if !s.band.is_empty() && s.style != Style::Markers {
+            let mut outline: Vec<(f64, f64)> = s.band.iter().map(|b| (b.0, b.2)).collect();
+            outline.extend(s.band.iter().rev().map(|b| (b.0, b.1)));
+            chart
+                .draw_series(std::iter::once(Polygon::new(outline, color.mix(0.18).filled())))
+                .map_err(|e| e.to_string())?;
+        }
+        let legend = match s.style {
+            Style::Line => {
+                chart
+                    .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                    .map_err(|e| e.to_string())?;
+                chart
+                    .draw_series(LineSeries::new(s.points.clone(), color.stroke_width(2)))
+                    .map_err(|e| e.to_string())?
+            }
+            Style::Markers => {
+                for b in &s.band {
+                    chart
+                        .draw_series(std::iter::once(PathElement::new(
+                            vec![(b.0, b.1), (b.0, b.2)],
+                            color.stroke_width(2),
+                        )))
+                        .map_err(|e| e.to_string())?;
+                }
+                chart
+                    .draw_series(s.points.iter().map(|&p| {
+                        EmptyElement::at(p) + Cross::new((0, 0), 6, color.stroke_width(3))
+                    }))
+                    .map_err(|e| e.to_string())?
+            }
+            Style::Dashed => chart
+                .draw_series(DashedLineSeries::new(s.points.clone(), 8, 6, color.stroke_width(2)))
+                .map_err(|e| e.to_string())?,
+        };
+        if with_text {
+            legend.label(s.name.clone()).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        }
     }
     if with_text {
         chart
             .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
+            .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .position(SeriesLabelPosition::LowerRight)
+            .label_font(("sans-serif", 14))
             .draw()
-            .map_err(|e| err(&e))?;
+            .map_err(|e| e.to_string())?;
     }
-    root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_band_use_the_rounds_every_run_has() {
+        let runs =
+            vec![vec![(1.0, 80.0), (2.0, 82.0), (3.0, 90.0)], vec![(1.0, 84.0), (2.0, 82.0)]];
+        let (mean, band) = mean_and_band(&runs);
+        assert_eq!(mean, vec![(1.0, 82.0), (2.0, 82.0)]);
+        assert_eq!(band, vec![(1.0, 80.0, 84.0), (2.0, 82.0, 82.0)]);
+        assert_eq!(mean_and_band(&[]).0, vec![]);
+    }
+
+    #[test]
+    fn figures_are_written_even_when_panels_are_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Panel::new("accuracy", "round", "%");
+        p.series.push(
+            Series::new("dev", Style::Line, 0, vec![(0.0, 80.0), (1.0, 81.0), (2.0, 83.0)])
+                .with_band(vec![(0.0, 79.0, 81.0), (1.0, 80.0, 82.0), (2.0, 82.0, 84.0)]),
+        );
+        p.series.push(Series::new("test", Style::Markers, 1, vec![(2.0, 82.5)]));
+        p.series.push(Series::new("manual", Style::Dashed, 2, vec![(0.0, 77.0), (2.0, 77.0)]));
+        let mut s = Panel::new("sigma", "round", "sigma");
+        s.log_y = true;
+        s.series.push(Series::new("sigma", Style::Line, 0, vec![(1.0, 0.5), (2.0, 0.25)]));
+        let empty = Panel::new("nothing", "round", "");
+        let path = dir.path().join("f.png");
+        figure_png(&path, "t", 2, &[p, s, empty]).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > 1000);
+    }
 }

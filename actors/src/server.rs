@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedbpt::config::{client_index, Config, KillWhen, QuorumPolicy};
+use fedbpt::objective::BestOnDev;
+use fedbpt::protocol::ClientUpdate;
 use fedbpt::seeds::{derive, tag};
-use fedbpt::strategy::{Aggregator, ClientUpdate};
+use fedbpt::strategy::{sample_clients, Aggregator};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus};
 use rand::seq::index::sample;
@@ -32,8 +34,12 @@ pub struct RoundRecord {
     pub dev_loss: f64,
     /// Mean over the replies of each client's loss at its final local mean (none without replies).
     pub train_loss: Option<f64>,
+    /// The step size sent to the clients of the next round.
     pub sigma: f64,
     pub clients_ok: usize,
+    /// The clients sampled for this round (`clients_per_round`; empty when all take part).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients_sampled: Vec<String>,
     /// Killed by fault injection this round (before or during their local search).
     pub clients_killed: Vec<String>,
     /// Restarted by the supervisor since the previous round.
@@ -51,14 +57,39 @@ pub struct RoundRecord {
     pub wall_s: f64,
 }
 
+/// Version of [`Checkpoint`]'s layout and of the round it continues. Format 2: the FedBPT
+/// server follows the reference rule, clients upload their loss beside their fitness, and the
+/// best-on-dev record keeps its dev loss. Earlier checkpoints (no `format` key) are refused.
+pub const CHECKPOINT_FORMAT: u32 = 2;
+
 /// The server's durable state after a round: enough to continue the run bit for bit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Checkpoint {
+    #[serde(default)]
+    pub format: u32,
     pub round: usize,
     pub aggregator: serde_json::Value,
-    pub best_dev: Option<(f64, usize, Vec<f32>)>,
+    pub best_dev: Option<BestOnDev>,
     pub records: Vec<RoundRecord>,
     pub config: Config,
+}
+
+impl Checkpoint {
+    /// Reads a checkpoint's JSON, refusing other formats (earlier versions of fedbpt wrote
+    /// none) with a message that says why.
+    pub fn parse(text: &str) -> Result<Checkpoint, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not a fedbpt checkpoint: {e}"))?;
+        let format = v.get("format").and_then(|f| f.as_u64()).unwrap_or(1);
+        if format != u64::from(CHECKPOINT_FORMAT) {
+            return Err(format!(
+                "checkpoint format {format}, this fedbpt writes format {CHECKPOINT_FORMAT}: it was \
+                 written before the FedBPT server followed the reference rule (and before clients \
+                 uploaded their loss), so it cannot continue the run it began; start the run again"
+            ));
+        }
+        serde_json::from_value(v).map_err(|e| format!("not a fedbpt checkpoint: {e}"))
+    }
 }
 
 /// What the server tells its owner.
@@ -86,8 +117,8 @@ pub struct ServerArgs {
     pub evaluator: ActorRef<EvalMsg>,
     pub events: UnboundedSender<ServerEvent>,
     pub started: Instant,
-    /// Dev accuracy of the starting mean (round 0), so best-on-dev can keep it.
-    pub initial_dev: Option<(f64, Vec<f32>)>,
+    /// Dev metric and loss of the starting mean (round 0), so best-on-dev can keep it.
+    pub initial_dev: Option<BestOnDev>,
     /// Where to write `checkpoint.json` after every round.
     pub checkpoint_dir: Option<PathBuf>,
     /// Continue from this checkpoint.
@@ -96,7 +127,7 @@ pub struct ServerArgs {
 
 pub struct ServerState {
     args: ServerArgs,
-    best_dev: Option<(f64, usize, Vec<f32>)>,
+    best_dev: Option<BestOnDev>,
     records: Vec<RoundRecord>,
 }
 
@@ -110,7 +141,7 @@ impl Actor for Server {
         _me: ActorRef<ServerMsg>,
         mut args: ServerArgs,
     ) -> Result<ServerState, ActorProcessingErr> {
-        let mut best_dev = args.initial_dev.clone().map(|(acc, z)| (acc, 0, z));
+        let mut best_dev = args.initial_dev.clone();
         let mut records = Vec::new();
         if let Some(cp) = args.resume.take() {
             args.aggregator.restore(cp.aggregator)?;
@@ -146,7 +177,10 @@ impl Actor for Server {
                     } else {
                         let final_z = state.args.aggregator.global_mean();
                         let (best_dev_acc, best_dev_round, best_dev_z) =
-                            state.best_dev.clone().unwrap_or((f64::NAN, 0, final_z.clone()));
+                            match state.best_dev.clone() {
+                                Some(b) => (b.metric, b.step, b.z),
+                                None => (f64::NAN, 0, final_z.clone()),
+                            };
                         let _ = state.args.events.send(ServerEvent::Finished {
                             final_z,
                             best_dev_z,
@@ -168,6 +202,7 @@ impl Actor for Server {
 fn write_checkpoint(state: &ServerState, round: usize) -> Result<(), String> {
     let Some(dir) = &state.args.checkpoint_dir else { return Ok(()) };
     let cp = Checkpoint {
+        format: CHECKPOINT_FORMAT,
         round,
         aggregator: state.args.aggregator.snapshot().map_err(|e| e.to_string())?,
         best_dev: state.best_dev.clone(),
@@ -304,8 +339,10 @@ async fn run_round(
     let dist = args.aggregator.configure(round);
     let down_each = wire_size(&dist);
     let deadline = Duration::from_secs_f64(cfg.runtime.round_timeout_s);
+    let sampled = sample_clients(cfg.seed, round, cfg.num_users, cfg.clients_per_round);
     let mut participants = Vec::new();
-    for (i, slot) in slots.iter().enumerate() {
+    for &i in &sampled {
+        let slot = &slots[i];
         if faults.kill_before.contains(&i) {
             excluded.push(format!("{}: killed before the round", site(i)));
         } else if slot.given_up || slot.actor.is_none() {
@@ -403,7 +440,7 @@ async fn run_round(
         args.aggregator.aggregate(round, &updates).map_err(|e| e.to_string())?;
     }
     let train_loss = (!updates.is_empty())
-        .then(|| updates.iter().map(|u| u.fitness).sum::<f64>() / updates.len() as f64);
+        .then(|| updates.iter().map(|u| u.loss).sum::<f64>() / updates.len() as f64);
     let z = args.aggregator.global_mean();
     let with_test = round.is_multiple_of(cfg.eval_every) || round == cfg.num_rounds;
     let eval = match args
@@ -423,9 +460,12 @@ async fn run_round(
         Ok(CallResult::Success(r)) => r?,
         _ => return Err("the evaluator did not answer".into()),
     };
-    if state.best_dev.as_ref().is_none_or(|(acc, _, _)| eval.dev_acc > *acc) {
-        state.best_dev = Some((eval.dev_acc, round, z));
-    }
+    BestOnDev::offer(&mut state.best_dev, eval.dev_acc, eval.dev_loss, round, &z);
+    let clients_sampled = if sampled.len() < cfg.num_users {
+        sampled.iter().map(|&i| site(i)).collect()
+    } else {
+        Vec::new()
+    };
     Ok(RoundRecord {
         round,
         test_acc: eval.test_acc,
@@ -434,6 +474,7 @@ async fn run_round(
         train_loss,
         sigma: args.aggregator.sigma(),
         clients_ok: updates.len(),
+        clients_sampled,
         clients_killed: killed,
         clients_restarted: restarted,
         clients_late,

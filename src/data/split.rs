@@ -1,5 +1,5 @@
-//! Sampling: the fixed test split, k-shot train / dev sets, client partitions (iid and
-//! Dirichlet non-iid) and the token noise of FedBPT's perturbation.
+//! Sampling: duplicate removal, the fixed test split, k-shot train / dev sets, client partitions
+//! (iid, and two Dirichlet non-iid schemes) and the token noise of FedBPT's perturbation.
 //!
 //! Everything random takes a seed (or a caller-owned generator) so that every party, and every
 //! rerun, draws the same samples.
@@ -195,15 +195,208 @@ pub fn partition_dirichlet(
         }
     }
     // n >= n_clients, so while a shard is empty the largest one holds at least two.
-    while let Some(empty) = shards.iter().position(Vec::is_empty) {
-        let largest =
-            (0..n_clients).max_by_key(|&c| (shards[c].len(), std::cmp::Reverse(c))).unwrap_or(0);
-        if let Some(i) = shards[largest].pop() {
-            shards[empty].push(i);
-        }
-    }
+    fill_empty(&mut shards);
     shards.iter_mut().for_each(|s| s.sort_unstable());
     Ok(shards)
+}
+
+/// What [`dedup_examples`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deduplicated {
+    /// Texts that occurred more than once with one label, and the extra copies dropped.
+    pub repeated: usize,
+    pub copies: usize,
+    /// Texts whose copies disagree on the label, and all their copies (dropped: which label
+    /// is right cannot be known).
+    pub conflicting_texts: usize,
+    pub conflicting: usize,
+}
+
+/// Removes exact duplicates (same `text` and `text_b`), keeping the first copy, so that no text
+/// can land in two of the test, dev and training sets. Texts whose copies carry different labels
+/// are removed altogether. The order of what remains is unchanged.
+pub fn dedup_examples(examples: &mut Vec<Example>) -> Deduplicated {
+    use std::collections::HashMap;
+    let key = |e: &Example| (e.text.clone(), e.text_b.clone());
+    // For each text: its first label, whether another label was seen, and its count.
+    let mut seen: HashMap<(String, Option<String>), (usize, bool, usize)> = HashMap::new();
+    for e in examples.iter() {
+        let entry = seen.entry(key(e)).or_insert((e.label, false, 0));
+        entry.1 |= entry.0 != e.label;
+        entry.2 += 1;
+    }
+    let mut out = Deduplicated::default();
+    for &(_, conflict, count) in seen.values() {
+        if conflict {
+            out.conflicting_texts += 1;
+            out.conflicting += count;
+        } else if count > 1 {
+            out.repeated += 1;
+            out.copies += count - 1;
+        }
+    }
+    if out == Deduplicated::default() {
+        return out;
+    }
+    let mut kept: std::collections::HashSet<(String, Option<String>)> = Default::default();
+    examples.retain(|e| {
+        let k = key(e);
+        match seen.get(&k) {
+            Some(&(_, true, _)) => false,
+            _ => kept.insert(k),
+        }
+    });
+    out
+}
+
+/// The reference's non-iid partition (`Dirichlet_noniid` in NVFlare's fed-bpt
+/// `data_process.py`): each client's class mix is drawn from Dirichlet(alpha x prior class
+/// distribution); client sizes `x >= 0` are the least-norm solution of "every class's examples
+/// are used" (`sum_k mix[c][k] x_k = n_c`); client `k` then gets `floor(mix[c][k] x_k)` random
+/// examples of each class `c`, and the leftovers go to clients drawn uniformly. When no
+/// non-negative sizes can use every example (the mixes leave a class out of reach), each class
+/// is instead shared over the clients by Dirichlet(alpha / n_clients) draws, as the reference
+/// falls back to. Every client gets at least one example (the largest gives one to an empty
+/// one, which the reference does not do). Each shard's indices are sorted.
+pub fn partition_client_mix(
+    labels: &[usize],
+    n_classes: usize,
+    n_clients: usize,
+    alpha: f64,
+    seed: u64,
+) -> Result<Vec<Vec<usize>>> {
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(Error::config("alpha", format!("must be positive and finite, got {alpha}")));
+    }
+    check_clients(labels.len(), n_clients)?;
+    check_labels(labels.iter().copied(), n_classes)?;
+    let n = labels.len() as f64;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut per_class: Vec<Vec<usize>> = vec![Vec::new(); n_classes];
+    for (i, &l) in labels.iter().enumerate() {
+        per_class[l].push(i);
+    }
+    // Classes absent from the data take no part (the reference's `np.unique`).
+    let present: Vec<usize> = (0..n_classes).filter(|&c| !per_class[c].is_empty()).collect();
+    let counts: Vec<f64> = present.iter().map(|&c| per_class[c].len() as f64).collect();
+    // mix[c][k]: share of class c in client k's data.
+    let concentrations: Vec<f64> = counts.iter().map(|m| alpha * m / n).collect();
+    let per_client: Vec<Vec<f64>> =
+        (0..n_clients).map(|_| dirichlet(&concentrations, &mut rng)).collect::<Result<_>>()?;
+    let mix: Vec<Vec<f64>> =
+        (0..present.len()).map(|c| per_client.iter().map(|p| p[c]).collect()).collect();
+    let division: Vec<Vec<f64>> = match least_norm_nonnegative(&mix, &counts) {
+        Some(sizes) => {
+            mix.iter().map(|row| row.iter().zip(&sizes).map(|(r, x)| r * x).collect()).collect()
+        }
+        None => {
+            let even = vec![alpha / n_clients as f64; n_clients];
+            let per_class_size = (n / present.len() as f64).floor();
+            present
+                .iter()
+                .map(|_| {
+                    dirichlet(&even, &mut rng)
+                        .map(|p| p.into_iter().map(|s| s * per_class_size).collect())
+                })
+                .collect::<Result<_>>()?
+        }
+    };
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new(); n_clients];
+    let mut rest = Vec::new();
+    for (ci, &c) in present.iter().enumerate() {
+        let mut pool = per_class[c].clone();
+        pool.shuffle(&mut rng);
+        for (k, shard) in shards.iter_mut().enumerate() {
+            let want = (division[ci][k].max(0.0).floor() as usize).min(pool.len());
+            shard.extend(pool.drain(pool.len() - want..));
+        }
+        rest.extend(pool);
+    }
+    rest.sort_unstable();
+    for i in rest {
+        shards[rng.random_range(0..n_clients)].push(i);
+    }
+    fill_empty(&mut shards);
+    shards.iter_mut().for_each(|s| s.sort_unstable());
+    Ok(shards)
+}
+
+/// A Dirichlet draw as normalized Gamma variates; if every variate underflows to zero (tiny
+/// concentrations), the limit: all mass on one component, drawn uniformly.
+fn dirichlet(concentrations: &[f64], rng: &mut ChaCha8Rng) -> Result<Vec<f64>> {
+    let mut p = Vec::with_capacity(concentrations.len());
+    for &a in concentrations {
+        let g = Gamma::new(a, 1.0)
+            .map_err(|e| Error::config("alpha", format!("invalid Dirichlet concentration: {e}")))?;
+        p.push(g.sample(rng));
+    }
+    let total: f64 = p.iter().sum();
+    if total.is_finite() && total > 0.0 {
+        p.iter_mut().for_each(|x| *x /= total);
+    } else {
+        p.iter_mut().for_each(|x| *x = 0.0);
+        let k = rng.random_range(0..p.len());
+        p[k] = 1.0;
+    }
+    Ok(p)
+}
+
+/// The least-norm `x >= 0` with `A x = b` (`A` is `rows x cols`), or `None` when there is none.
+/// Solved in its dual, `max_l b.l - |max(0, A^T l)|^2 / 2` (concave, one variable per row), by
+/// semismooth Newton steps with backtracking; the primal is `x = max(0, A^T l)`.
+fn least_norm_nonnegative(a: &[Vec<f64>], b: &[f64]) -> Option<Vec<f64>> {
+    use nalgebra::{DMatrix, DVector};
+    let rows = a.len();
+    let cols = a.first()?.len();
+    let am = DMatrix::from_fn(rows, cols, |i, j| a[i][j]);
+    let bv = DVector::from_column_slice(b);
+    let primal = |l: &DVector<f64>| (am.transpose() * l).map(|u| u.max(0.0));
+    let dual = |l: &DVector<f64>| bv.dot(l) - 0.5 * primal(l).norm_squared();
+    let tol = 1e-9 * bv.norm().max(1.0);
+    // Start from the unconstrained least-norm solution's multipliers.
+    let mut l = (&am * am.transpose()).lu().solve(&bv).unwrap_or_else(|| DVector::zeros(rows));
+    for _ in 0..200 {
+        let x = primal(&l);
+        let r = &bv - &am * &x;
+        if r.norm() <= tol {
+            return Some(x.iter().copied().collect());
+        }
+        let u = am.transpose() * &l;
+        let active = DMatrix::from_fn(rows, cols, |i, j| if u[j] > 0.0 { am[(i, j)] } else { 0.0 });
+        let h = &active * active.transpose() + DMatrix::identity(rows, rows) * 1e-12;
+        let d = h.lu().solve(&r)?;
+        let (g0, slope) = (dual(&l), r.dot(&d));
+        let mut t = 1.0;
+        while dual(&(&l + &d * t)) < g0 + 1e-4 * t * slope && t > 1e-12 {
+            t *= 0.5;
+        }
+        if t <= 1e-12 {
+            return None;
+        }
+        l += d * t;
+        if !l.iter().all(|v| v.is_finite()) {
+            return None;
+        }
+    }
+    None
+}
+
+/// While some shard is empty, the largest (the lowest index among equals) gives it its last
+/// example. Needs at least as many examples as shards.
+fn fill_empty(shards: &mut [Vec<usize>]) {
+    while let Some(empty) = shards.iter().position(Vec::is_empty) {
+        let largest =
+            (0..shards.len()).max_by_key(|&c| (shards[c].len(), std::cmp::Reverse(c))).unwrap_or(0);
+        match shards[largest].pop() {
+            Some(i) if shards[largest].is_empty() => {
+                // The largest had a single example: nothing can be spread further.
+                shards[largest].push(i);
+                return;
+            }
+            Some(i) => shards[empty].push(i),
+            None => return,
+        }
+    }
 }
 
 /// FedBPT's perturbation: each token whose `editable` flag is set is, with probability `rate`,
@@ -455,6 +648,97 @@ mod tests {
         assert!(partition_dirichlet(&labels, 2, 0, 1.0, 0).is_err());
         assert!(partition_dirichlet(&labels, 2, 5, 1.0, 0).is_err());
         assert!(partition_dirichlet(&labels, 1, 2, 1.0, 0).is_err());
+    }
+
+    #[test]
+    fn duplicates_are_removed_and_conflicts_dropped() {
+        let mut v = vec![ex(1, 0), ex(2, 1), ex(1, 0), ex(3, 0), ex(3, 1), ex(1, 0), ex(4, 1)];
+        let pair = Example { text: "t2".into(), text_b: Some("b".into()), label: 0 };
+        v.push(pair.clone());
+        let d = dedup_examples(&mut v);
+        assert_eq!(
+            d,
+            Deduplicated { repeated: 1, copies: 2, conflicting_texts: 1, conflicting: 2 }
+        );
+        assert_eq!(texts(&v), vec!["t1", "t2", "t4", "t2"], "first copies, order kept");
+        assert_eq!(v[3], pair, "text_b is part of the key");
+        let before = v.clone();
+        assert_eq!(dedup_examples(&mut v), Deduplicated::default());
+        assert_eq!(v, before);
+    }
+
+    #[test]
+    fn least_norm_nonnegative_solves_small_programs() {
+        let close = |x: Vec<f64>, want: &[f64]| {
+            assert_eq!(x.len(), want.len());
+            for (a, b) in x.iter().zip(want) {
+                assert!((a - b).abs() < 1e-8, "{x:?} vs {want:?}");
+            }
+        };
+        close(least_norm_nonnegative(&[vec![1.0, 1.0]], &[2.0]).unwrap(), &[1.0, 1.0]);
+        let a = vec![vec![0.9, 0.1], vec![0.1, 0.9]];
+        close(least_norm_nonnegative(&a, &[1.0, 1.0]).unwrap(), &[1.0, 1.0]);
+        // The unconstrained least-norm solution is [1/3, 2/3, -1/3]: the bound binds.
+        let a = vec![vec![1.0, 0.0, 1.0], vec![0.0, 1.0, -1.0]];
+        close(least_norm_nonnegative(&a, &[0.0, 1.0]).unwrap(), &[0.0, 1.0, 0.0]);
+        // Only x = (-6, 8) solves it: no non-negative sizes use every example.
+        let a = vec![vec![0.9, 0.8], vec![0.1, 0.2]];
+        assert!(least_norm_nonnegative(&a, &[1.0, 1.0]).is_none());
+    }
+
+    fn mean_skew_and_size_spread(shards: &[Vec<usize>], labels: &[usize]) -> (f64, f64) {
+        let skew = shards
+            .iter()
+            .map(|s| {
+                let p = s.iter().filter(|&&i| labels[i] == 1).count() as f64 / s.len() as f64;
+                (p - 0.5).abs()
+            })
+            .sum::<f64>()
+            / shards.len() as f64;
+        let sizes: Vec<f64> = shards.iter().map(|s| s.len() as f64).collect();
+        let m = sizes.iter().sum::<f64>() / sizes.len() as f64;
+        let sd = (sizes.iter().map(|x| (x - m).powi(2)).sum::<f64>() / sizes.len() as f64).sqrt();
+        (skew, sd / m)
+    }
+
+    #[test]
+    fn client_mix_partition_covers_and_skews_as_the_reference() {
+        // Two balanced classes, 10 clients, alpha 1: each client's mix ~ Beta(0.5, 0.5), whose
+        // mean |p - 1/2| is 1/pi = 0.32; per-class shares give about 0.24 and far less even sizes.
+        let labels: Vec<usize> = (0..400).map(|i| i % 2).collect();
+        let (mut mix, mut shares) = ((0.0, 0.0), (0.0, 0.0));
+        let seeds = 40;
+        for seed in 0..seeds {
+            let a = partition_client_mix(&labels, 2, 10, 1.0, seed).unwrap();
+            assert_cover(&a, 400);
+            let b = partition_dirichlet(&labels, 2, 10, 1.0, seed).unwrap();
+            let (sa, za) = mean_skew_and_size_spread(&a, &labels);
+            let (sb, zb) = mean_skew_and_size_spread(&b, &labels);
+            mix = (mix.0 + sa / seeds as f64, mix.1 + za / seeds as f64);
+            shares = (shares.0 + sb / seeds as f64, shares.1 + zb / seeds as f64);
+        }
+        assert!((0.27..0.37).contains(&mix.0), "client-mix skew {}", mix.0);
+        assert!(mix.0 > shares.0 + 0.04, "client-mix {} vs class-shares {}", mix.0, shares.0);
+        assert!(mix.1 < shares.1, "sizes: client-mix spread {} vs {}", mix.1, shares.1);
+        assert_eq!(
+            partition_client_mix(&labels, 2, 10, 1.0, 3).unwrap(),
+            partition_client_mix(&labels, 2, 10, 1.0, 3).unwrap()
+        );
+        assert_ne!(
+            partition_client_mix(&labels, 2, 10, 1.0, 3).unwrap(),
+            partition_client_mix(&labels, 2, 10, 1.0, 4).unwrap()
+        );
+        // Large alpha approaches iid; four classes and tiny alpha still cover everything.
+        let flat = partition_client_mix(&labels, 2, 10, 1e4, 1).unwrap();
+        assert!(mean_skew_and_size_spread(&flat, &labels).0 < 0.08);
+        let four: Vec<usize> = (0..200).map(|i| i % 4).collect();
+        for seed in 0..20 {
+            assert_cover(&partition_client_mix(&four, 4, 12, 0.05, seed).unwrap(), 200);
+        }
+        assert_cover(&partition_client_mix(&labels[..12], 2, 12, 1.0, 0).unwrap(), 12);
+        assert!(partition_client_mix(&labels, 2, 0, 1.0, 0).is_err());
+        assert!(partition_client_mix(&labels, 2, 10, 0.0, 0).is_err());
+        assert!(partition_client_mix(&labels, 1, 10, 1.0, 0).is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
@@ -26,6 +26,7 @@ use super::{
     downcast, ops, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings,
     ScoreJob, TokenNoise,
 };
+use crate::data::split::noise_tokens;
 use crate::data::Example;
 use crate::task::{render, Piece, TaskSpec};
 use crate::{Error, Result};
@@ -109,15 +110,39 @@ impl Embeddings {
 
     /// `[b, t]` right-padded ids -> `[b, t, h]` post-LayerNorm embeddings. Positions count from
     /// the offset for every row; padded slots get positions too but nothing attends to them.
-    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        let (_b, t) = ids.dims2()?;
+    /// `words` = (flat positions `b * t + i`, `[k, h]` vectors) replaces those positions' word
+    /// embeddings before position, type and LayerNorm: BBT's `cat` mode, whose prompt vectors
+    /// are input embeddings.
+    fn forward(
+        &self,
+        ids: &Tensor,
+        words: Option<(&[u32], &Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
         let start = self.position_offset as u32;
         let positions = Tensor::arange(start, start + t as u32, ids.device())?;
+        let mut word = self.word.forward(ids)?;
+        if let Some((at, vectors)) = words {
+            word = replace_rows(&word.reshape((b * t, ()))?, at, vectors)?.reshape(word.shape())?;
+        }
         // Same summation order as candle's BertEmbeddings: (word + type) + position.
-        let xs = self.word.forward(ids)?.broadcast_add(&self.token_type)?;
+        let xs = word.broadcast_add(&self.token_type)?;
         let xs = xs.broadcast_add(&self.position.forward(&positions)?)?;
         self.layer_norm.forward(&xs)
     }
+}
+
+/// `flat` `[n, h]` with rows `at` replaced by the rows of `vectors` (other rows bit-identical).
+fn replace_rows(flat: &Tensor, at: &[u32], vectors: &Tensor) -> candle_core::Result<Tensor> {
+    let n = flat.dim(0)?;
+    let mut keep = vec![1f32; n];
+    for &k in at {
+        keep[k as usize] = 0.0;
+    }
+    let keep = Tensor::from_vec(keep, (n, 1), flat.device())?;
+    let idx = Tensor::new(at, flat.device())?;
+    let placed = flat.zeros_like()?.index_add(&idx, vectors, 0)?;
+    flat.broadcast_mul(&keep)? + placed
 }
 
 /// BERT's `cls.predictions` or RoBERTa's `lm_head`: dense, activation, LayerNorm, decoder.
@@ -459,15 +484,6 @@ impl TextSide {
                 piece.1.pop();
             }
         }
-        if let Some((rng, rate)) = rng.as_mut() {
-            for (_, ids) in parts.iter_mut().filter(|p| p.0 == Kind::Data) {
-                for id in ids.iter_mut() {
-                    if rng.random::<f32>() < *rate {
-                        *id = rng.random_range(0..self.vocab_size as u32);
-                    }
-                }
-            }
-        }
         let mut prompted: Vec<(u32, Kind)> = Vec::with_capacity(total);
         let mut manual: Vec<(u32, Kind)> = Vec::with_capacity(total);
         let special = |ids: &[u32]| ids.iter().map(|&id| (id, Kind::Special)).collect::<Vec<_>>();
@@ -491,6 +507,17 @@ impl TextSide {
         }
         prompted.extend(special(&self.trailing));
         manual.extend(special(&self.trailing));
+        if let Some((rng, rate)) = rng.as_mut() {
+            // Every attended token may be replaced, special and template tokens included, as the
+            // reference perturbs every attended token; not the placeholders (they carry the
+            // prompt) nor the mask (the position that is scored). Perturbed batches are only
+            // scored with prompts, so the manual variant stays as it is.
+            let editable: Vec<bool> =
+                prompted.iter().map(|t| !matches!(t.1, Kind::Placeholder | Kind::Mask)).collect();
+            let mut ids: Vec<u32> = prompted.iter().map(|t| t.0).collect();
+            noise_tokens(&mut ids, &editable, *rate, self.vocab_size as u32, rng);
+            prompted.iter_mut().zip(ids).for_each(|(t, id)| t.0 = id);
+        }
         let mut prompted = Row::new(&prompted);
         if prompted.prompt_start.is_none() {
             // n = 0: an empty block right after the first special token.
@@ -624,36 +651,41 @@ impl Backbone {
             ids[i * t..i * t + r.ids.len()].copy_from_slice(&r.ids);
         }
         let ids = Tensor::from_vec(ids, (b, t), dev)?;
-        let mut xs = self.embeddings.forward(&ids)?;
         let n = self.settings.n_prompt_tokens;
-        if let (Some((prompts, which)), true) = (prompt, n > 0) {
-            let h = self.info.hidden_size;
-            let mut idx = Vec::with_capacity(b * n);
-            for (i, r) in rows.iter().enumerate() {
-                let start = r
-                    .prompt_start
-                    .ok_or_else(|| Error::Model("row without placeholders got a prompt".into()))?;
-                idx.extend((0..n).map(|j| (i * t + start + j) as u32));
-            }
-            let src = prompts.index_select(&Tensor::new(which, dev)?, 0)?.reshape((b * n, h))?;
-            let idx_t = Tensor::new(idx.as_slice(), dev)?;
-            let flat = xs.reshape((b * t, h))?;
-            // Zeros with the prompt rows at the placeholders: adding it leaves every other
-            // position bit-identical.
-            let placed = flat.zeros_like()?.index_add(&idx_t, &src, 0)?;
-            let flat = match self.settings.mode {
-                PromptMode::Add => (flat + placed)?,
-                PromptMode::Cat => {
-                    let mut keep = vec![1f32; b * t];
-                    for &k in &idx {
-                        keep[k as usize] = 0.0;
-                    }
-                    let keep = Tensor::from_vec(keep, (b * t, 1), dev)?;
-                    (flat.broadcast_mul(&keep)? + placed)?
+        // The placeholders' flat positions and the prompt vectors that go there.
+        let placed = match (prompt, n > 0) {
+            (Some((prompts, which)), true) => {
+                let h = self.info.hidden_size;
+                let mut idx = Vec::with_capacity(b * n);
+                for (i, r) in rows.iter().enumerate() {
+                    let start = r.prompt_start.ok_or_else(|| {
+                        Error::Model("row without placeholders got a prompt".into())
+                    })?;
+                    idx.extend((0..n).map(|j| (i * t + start + j) as u32));
                 }
-            };
-            xs = flat.reshape((b, t, h))?;
-        }
+                let src =
+                    prompts.index_select(&Tensor::new(which, dev)?, 0)?.reshape((b * n, h))?;
+                Some((idx, src))
+            }
+            _ => None,
+        };
+        let xs = match (&placed, self.settings.mode) {
+            // BBT's `add`: onto the embedding layer's output (after its LayerNorm).
+            (Some((idx, src)), PromptMode::Add) => {
+                let xs = self.embeddings.forward(&ids, None)?;
+                let flat = xs.reshape((b * t, ()))?;
+                // Zeros with the prompt rows at the placeholders: adding it leaves every other
+                // position bit-identical.
+                let idx_t = Tensor::new(idx.as_slice(), dev)?;
+                let added = flat.zeros_like()?.index_add(&idx_t, src, 0)?;
+                (flat + added)?.reshape(xs.shape())?
+            }
+            // BBT's `cat`: the prompt vectors are input embeddings, before position and LayerNorm.
+            (Some((idx, src)), PromptMode::Cat) => {
+                self.embeddings.forward(&ids, Some((idx.as_slice(), src)))?
+            }
+            (None, _) => self.embeddings.forward(&ids, None)?,
+        };
         let lengths: Vec<usize> = rows.iter().map(|r| r.ids.len()).collect();
         Ok(self.encoder.forward(&xs, &lengths)?)
     }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
@@ -24,6 +24,7 @@ use super::{
     downcast, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings, ScoreJob,
     TokenNoise,
 };
+use crate::data::split::noise_tokens;
 use crate::data::Example;
 use crate::task::{render, Piece, TaskSpec};
 use crate::{Error, Result};
@@ -581,6 +582,13 @@ impl CausalLm {
     }
 
     /// Token ids of `text` (no special tokens).
+    /// Token ids of every example of a prepared batch as it runs with placeholders: the text
+    /// part and, in suffix placement, the shared tail (placeholders left out).
+    pub fn input_ids(&self, batch: &Prepared) -> Result<Vec<Vec<u32>>> {
+        let b = downcast::<CausalBatch>(batch, "llama")?;
+        Ok(b.examples.iter().map(|e| [e.head.as_slice(), &e.tail].concat()).collect())
+    }
+
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
         self.encode(text)
     }
@@ -912,21 +920,17 @@ impl PromptModel for CausalLm {
                 Placement::Prefix => pieces.len(),
             };
             let mut head = Vec::new();
-            let mut editable = Vec::new();
             let mut data_tokens = 0usize;
             for p in &pieces[..split] {
                 match p {
                     Piece::Literal(s) => {
-                        let ids = self.encode(s)?;
-                        editable.extend(std::iter::repeat_n(false, ids.len()));
-                        head.extend(ids);
+                        head.extend(self.encode(s)?);
                     }
                     Piece::Data(s) => {
                         let mut ids = self.encode(s)?;
                         let room = self.max_text_tokens.saturating_sub(data_tokens);
                         ids.truncate(room);
                         data_tokens += ids.len();
-                        editable.extend(std::iter::repeat_n(true, ids.len()));
                         head.extend(ids);
                     }
                     Piece::Prompt => {}
@@ -949,11 +953,17 @@ impl PromptModel for CausalLm {
                 }
             }
             if let (Some(rng), Some(n)) = (rng.as_mut(), noise) {
-                for (id, &e) in head.iter_mut().zip(&editable) {
-                    if e && rng.random::<f32>() < n.rate {
-                        *id = rng.random_range(0..self.cfg.vocab_size as u32);
+                // Every token before the prompt may be replaced, template text included, as
+                // the reference perturbs every attended token; not the placeholders (which
+                // carry the prompt) and not the token that is scored (prefix placement: the
+                // last one; suffix placement scores after the shared tail, left intact).
+                let mut editable = vec![true; head.len()];
+                if placement == Placement::Prefix {
+                    if let Some(last) = editable.last_mut() {
+                        *last = false;
                     }
                 }
+                noise_tokens(&mut head, &editable, n.rate, self.cfg.vocab_size as u32, rng);
             }
             match (&shared_tail, placement) {
                 (None, Placement::Suffix) => shared_tail = Some(tail.clone()),

@@ -17,6 +17,8 @@ pub mod bert_encoder;
 pub mod bf16;
 pub mod llama;
 pub mod ops;
+#[cfg(feature = "stand-in")]
+pub mod stand_in;
 
 /// How the soft prompt enters the input embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -1,0 +1,374 @@
+use super::*;
+use crate::local_search::{LocalSearch, Scored};
+
+fn update(client: usize, round: usize, mean: Vec<f32>, fitness: f64) -> ClientUpdate {
+    ClientUpdate { client, round, mean, fitness, loss: fitness, sigmas: vec![0.5; 4] }
+}
+
+fn fedbpt(dim: usize, sigma0: f64, rule: ServerSigma) -> FedBpt {
+    FedBpt::new(dim, sigma0, 0, true, rule, 5).unwrap()
+}
+
+#[test]
+fn fedavg_averages_exactly() {
+    let mut agg = FedAvgBbt::new(3, 1.0).unwrap();
+    let ups = [
+        update(0, 0, vec![1.0, 2.0, 3.0], 0.3),
+        update(1, 0, vec![3.0, -2.0, 0.0], 0.1),
+        update(2, 0, vec![2.0, 3.0, 0.0], 0.9),
+    ];
+    agg.aggregate(0, &ups).unwrap();
+    assert_eq!(agg.global_mean(), vec![2.0, 1.0, 1.0]);
+    let dist = agg.configure(1);
+    assert_eq!(dist.round, 1);
+    assert_eq!(dist.mean, vec![2.0, 1.0, 1.0]);
+    assert_eq!(dist.covariance, None);
+    assert!((agg.sigma() - 0.5).abs() < 1e-15);
+}
+
+/// One round of the reference rule computed by hand from the tutorial's formulas: two client
+/// means in 3 dimensions, the second 30 away along axis 0 (clipped), identity covariance.
+#[test]
+fn reference_round_matches_the_hand_computation() {
+    let n = 3.0f64;
+    let mut agg = fedbpt(3, 1.0, ServerSigma::Reference);
+    let near = ClientUpdate {
+        client: 0,
+        round: 1,
+        mean: vec![0.2, 0.0, 0.0],
+        fitness: 0.5,
+        loss: 0.6,
+        sigmas: vec![1.0, 0.8],
+    };
+    let far = ClientUpdate {
+        client: 1,
+        round: 1,
+        mean: vec![30.0, 0.0, 0.0],
+        fitness: 0.7,
+        loss: 0.7,
+        sigmas: vec![1.0, 0.6],
+    };
+    // Listed worse first: ranking is by fitness, not by arrival.
+    agg.aggregate(1, &[far.clone(), near.clone()]).unwrap();
+
+    // Eq. 6 over the 2 replies, mu_local = 2 (popsize 5).
+    let s6 = ((1.0 + 0.64 + 1.0 + 0.36) / (2.0 * 2.0f64)).sqrt();
+    // Weights of 2 candidates, all of them parents: ln(2.5) - ln(i), normalized.
+    let raw = [2.5f64.ln(), 2.5f64.ln() - 2f64.ln()];
+    let w = [raw[0] / (raw[0] + raw[1]), raw[1] / (raw[0] + raw[1])];
+    let mueff = 1.0 / (w[0] * w[0] + w[1] * w[1]);
+    // Steps in units of s6; the far one is clipped to sqrt(3) + 6/5.
+    let limit = n.sqrt() + 2.0 * n / (n + 2.0);
+    let y_near = f64::from(0.2f32) / s6;
+    let y_far = (30.0 / s6).min(limit);
+    assert!(30.0 / s6 > limit, "the far mean must be clipped");
+    let yw = w[0] * y_near + w[1] * y_far;
+    let mean0 = s6 * yw;
+    let m = agg.global_mean();
+    assert!((f64::from(m[0]) - mean0).abs() < 1e-6, "{} vs {mean0}", m[0]);
+    assert_eq!(&m[1..], &[0.0, 0.0]);
+
+    // Step-size path and factor.
+    let cs = (mueff + 2.0) / (n + mueff + 5.0);
+    let damps = 1.0 + 2.0 * (((mueff - 1.0) / (n + 1.0)).sqrt() - 1.0).max(0.0) + cs;
+    let chi_n = n.sqrt() * (1.0 - 1.0 / (4.0 * n) + 1.0 / (21.0 * n * n));
+    let ps = (cs * (2.0 - cs) * mueff).sqrt() * yw;
+    let factor = ((cs / damps) * (ps / chi_n - 1.0)).min(1.0).exp();
+    // The sent sigma was 1.0: next round's is the factor times it, not s6 and not a mean of
+    // the clients' sigmas.
+    assert!((agg.sigma() - factor).abs() < 1e-12, "{} vs {factor}", agg.sigma());
+    assert_eq!(agg.configure(2).sigma, agg.sigma());
+
+    // Covariance along axis 0: rank-one (h_sigma holds at this path length) plus rank-mu.
+    let cc = (4.0 + mueff / n) / (n + 4.0 + 2.0 * mueff / n);
+    let c1 = 2.0 / ((n + 1.3).powi(2) + mueff);
+    let cmu = (1.0 - c1).min(2.0 * (mueff - 2.0 + 1.0 / mueff) / ((n + 2.0).powi(2) + mueff));
+    let bias = (1.0 - (1.0 - cs).powi(2)).sqrt();
+    assert!(ps / bias / chi_n < 1.4 + 2.0 / (n + 1.0), "h_sigma");
+    let pc = (cc * (2.0 - cc) * mueff).sqrt() * yw;
+    let c00 =
+        (1.0 - c1 - cmu) + c1 * pc * pc + cmu * (w[0] * y_near * y_near + w[1] * y_far * y_far);
+    let c = agg.strategy().covariance();
+    assert!((c[(0, 0)] - c00).abs() < 1e-12, "{} vs {c00}", c[(0, 0)]);
+    assert!((c[(1, 1)] - (1.0 - c1 - cmu)).abs() < 1e-12);
+    assert_eq!(c[(0, 1)], 0.0);
+
+    // The factor carries: round 2's sigma is round 2's factor times the sigma sent in round 2.
+    let sent2 = agg.sigma();
+    let mut twin = agg.clone();
+    let mut second = near.clone();
+    second.round = 2;
+    second.mean = agg.global_mean();
+    second.sigmas = vec![sent2, sent2];
+    agg.aggregate(2, &[second.clone()]).unwrap();
+    let s6_2 = (2.0 * sent2 * sent2 / 2.0).sqrt();
+    twin.es.set_sigma(s6_2).unwrap();
+    let (xs, fs) = population(&[second]);
+    twin.es.tell_injected(&xs, &fs).unwrap();
+    let expected = twin.es.sigma() / s6_2 * sent2;
+    assert!((agg.sigma() - expected).abs() < 1e-15, "{} vs {expected}", agg.sigma());
+}
+
+#[test]
+fn eq6_divides_by_the_replies_that_arrived() {
+    let mut one = update(3, 0, vec![0.0; 2], 1.0);
+    one.sigmas = vec![0.6, 0.8];
+    // One reply of ten configured: (0.36 + 0.64) / (1 * 2), not / (10 * 2).
+    assert!((eq6_sigma(&[one.clone()], 2).unwrap().unwrap() - 0.5f64.sqrt()).abs() < 1e-15);
+    let mut two = one.clone();
+    two.client = 4;
+    assert_eq!(eq6_sigma(&[one.clone(), two], 2).unwrap(), eq6_sigma(&[one.clone()], 2).unwrap());
+    one.sigmas.clear();
+    assert_eq!(eq6_sigma(&[one], 2).unwrap(), None);
+}
+
+/// Eight rounds in which every client moves the same way, each reporting a local sigma that
+/// shrank: the reference's sigma grows with the progress, the client-RMS sigma decays anyway.
+#[test]
+fn reference_sigma_follows_progress_client_rms_follows_the_clients() {
+    let dim = 10;
+    let mut reference = fedbpt(dim, 0.5, ServerSigma::Reference);
+    let mut client_rms = fedbpt(dim, 0.5, ServerSigma::ClientRms);
+    for round in 1..=8 {
+        for agg in [&mut reference, &mut client_rms] {
+            let sent = agg.sigma();
+            let m = agg.global_mean();
+            let ups: Vec<ClientUpdate> = (0..4)
+                .map(|k| {
+                    let mut mean = m.clone();
+                    mean[0] += (3.0 * sent) as f32;
+                    mean[1 + k] += (0.1 * sent) as f32;
+                    ClientUpdate {
+                        client: k,
+                        round,
+                        mean,
+                        fitness: k as f64,
+                        loss: k as f64,
+                        sigmas: vec![sent, 0.9 * sent, 0.8 * sent, 0.7 * sent],
+                    }
+                })
+                .collect();
+            agg.aggregate(round, &ups).unwrap();
+        }
+    }
+    assert!(reference.sigma() > 0.5, "reference sigma {}", reference.sigma());
+    assert!(client_rms.sigma() < 0.2, "client-rms sigma {}", client_rms.sigma());
+}
+
+#[test]
+fn client_rms_sigma_is_rms_of_reported_sigmas() {
+    let mut ups = vec![update(0, 5, vec![0.0; 2], 1.0), update(1, 5, vec![0.0; 2], 2.0)];
+    ups[0].sigmas = vec![1.0, 2.0, 3.0];
+    ups[1].sigmas = vec![4.0];
+    let mut silent = update(2, 5, vec![1.0; 2], 0.5);
+    silent.sigmas.clear();
+    ups.push(silent);
+    let expected = ((1.0 + 4.0 + 9.0 + 16.0) / 4.0f64).sqrt();
+    let mut bpt = fedbpt(2, 1.0, ServerSigma::ClientRms);
+    bpt.aggregate(5, &ups).unwrap();
+    assert!((bpt.sigma() - expected).abs() < 1e-12);
+    let mut avg = FedAvgBbt::new(2, 1.0).unwrap();
+    avg.aggregate(5, &ups).unwrap();
+    assert!((avg.sigma() - expected).abs() < 1e-12);
+
+    // Nobody reported a sigma: keep it.
+    let mut quiet = update(0, 6, vec![0.0; 2], 1.0);
+    quiet.sigmas.clear();
+    bpt.aggregate(6, &[quiet]).unwrap();
+    assert!((bpt.sigma() - expected).abs() < 1e-12);
+}
+
+#[test]
+fn fedbpt_moves_toward_better_clients() {
+    for rule in [ServerSigma::Reference, ServerSigma::ClientRms] {
+        let mut agg = fedbpt(4, 1.0, rule);
+        let mut better = vec![0.0; 4];
+        better[0] = 1.0;
+        let mut worse = vec![0.0; 4];
+        worse[0] = -1.0;
+        agg.aggregate(0, &[update(7, 0, worse, 2.0), update(3, 0, better, 1.0)]).unwrap();
+        let m = agg.global_mean();
+        assert!(m[0] > 0.0, "mean {m:?}");
+        assert!(m[1..].iter().all(|v| *v == 0.0));
+        let dist = agg.configure(1);
+        let cov = dist.covariance.expect("send_covariance").unpack().unwrap();
+        assert_eq!(cov.shape(), (4, 4));
+        // The client step was along axis 0: that is where the covariance grew.
+        assert!(cov[(0, 0)] > cov[(1, 1)]);
+    }
+}
+
+#[test]
+fn fewer_replies_than_clients() {
+    let mut bpt = fedbpt(3, 1.0, ServerSigma::Reference);
+    let mut avg = FedAvgBbt::new(3, 1.0).unwrap();
+    for round in 0..5 {
+        // Ten clients configured, between one and three reply.
+        let ups: Vec<ClientUpdate> = (0..1 + round % 3)
+            .map(|k| update(k, round, vec![0.1 * k as f32; 3], k as f64))
+            .collect();
+        bpt.aggregate(round, &ups).unwrap();
+        avg.aggregate(round, &ups).unwrap();
+    }
+    assert_eq!(bpt.strategy().generation(), 5);
+    assert!(bpt.global_mean().iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn rejects_bad_updates() {
+    let mut bpt = fedbpt(3, 1.0, ServerSigma::Reference);
+    let mut avg = FedAvgBbt::new(3, 1.0).unwrap();
+    let good = update(0, 2, vec![0.0; 3], 1.0);
+    let mut bad_dim = good.clone();
+    bad_dim.mean.pop();
+    let mut nan_mean = good.clone();
+    nan_mean.mean[1] = f32::NAN;
+    let mut nan_fit = good.clone();
+    nan_fit.fitness = f64::NAN;
+    let mut nan_loss = good.clone();
+    nan_loss.loss = f64::INFINITY;
+    let mut bad_sigma = good.clone();
+    bad_sigma.sigmas[2] = f64::INFINITY;
+    let mut stale = good.clone();
+    stale.round = 1;
+    let cases: Vec<Vec<ClientUpdate>> = vec![
+        vec![],
+        vec![bad_dim],
+        vec![nan_mean],
+        vec![nan_fit],
+        vec![nan_loss],
+        vec![bad_sigma],
+        vec![stale],
+        vec![good.clone(), good.clone()],
+    ];
+    for ups in &cases {
+        assert!(bpt.aggregate(2, ups).is_err(), "{ups:?}");
+        assert!(avg.aggregate(2, ups).is_err(), "{ups:?}");
+    }
+    // Nothing was folded.
+    assert_eq!(bpt.strategy().generation(), 0);
+    assert_eq!(bpt.sigma(), 1.0);
+    assert_eq!(avg.global_mean(), vec![0.0; 3]);
+    assert!(FedBpt::new(0, 1.0, 0, false, ServerSigma::Reference, 5).is_err());
+    assert!(FedAvgBbt::new(3, 0.0).is_err());
+}
+
+#[test]
+fn snapshot_restore_gives_identical_configure() {
+    let mut a = fedbpt(5, 0.8, ServerSigma::Reference);
+    for round in 0..3 {
+        let ups: Vec<ClientUpdate> = (0..4)
+            .map(|k| update(k, round, vec![0.3 * k as f32 - 0.4; 5], (k as f64 - 1.5).abs()))
+            .collect();
+        a.aggregate(round, &ups).unwrap();
+    }
+    let snap = a.snapshot().unwrap();
+    let mut b = fedbpt(5, 1.0, ServerSigma::Reference);
+    b.restore(snap.clone()).unwrap();
+    assert_eq!(a.configure(3), b.configure(3));
+    // And they keep agreeing.
+    let ups: Vec<ClientUpdate> =
+        (0..3).map(|k| update(k, 3, vec![k as f32; 5], k as f64)).collect();
+    a.aggregate(3, &ups).unwrap();
+    b.aggregate(3, &ups).unwrap();
+    assert_eq!(a.configure(4), b.configure(4));
+
+    let mut avg = FedAvgBbt::new(5, 1.0).unwrap();
+    avg.aggregate(0, &[update(0, 0, vec![1.0; 5], 0.0)]).unwrap();
+    let mut avg2 = FedAvgBbt::new(5, 1.0).unwrap();
+    avg2.restore(avg.snapshot().unwrap()).unwrap();
+    assert_eq!(avg.configure(1), avg2.configure(1));
+
+    // Wrong rule, step-size rule or dimension.
+    assert!(avg2.restore(snap.clone()).is_err());
+    assert!(fedbpt(5, 1.0, ServerSigma::ClientRms).restore(snap.clone()).is_err());
+    assert!(fedbpt(6, 1.0, ServerSigma::Reference).restore(snap).is_err());
+}
+
+#[test]
+fn sampling_is_seeded_per_round() {
+    let a = sample_clients(42, 3, 1000, 10);
+    assert_eq!(a.len(), 10);
+    assert!(a.windows(2).all(|w| w[0] < w[1]), "sorted and distinct: {a:?}");
+    assert!(a.iter().all(|&c| c < 1000));
+    assert_eq!(sample_clients(42, 3, 1000, 10), a, "same seed and round, same clients");
+    assert_ne!(sample_clients(42, 4, 1000, 10), a, "another round, other clients");
+    assert_ne!(sample_clients(43, 3, 1000, 10), a, "another seed, other clients");
+    // Over many rounds every client is drawn about equally often.
+    let mut hits = vec![0usize; 20];
+    for round in 0..2000 {
+        for c in sample_clients(7, round, 20, 5) {
+            hits[c] += 1;
+        }
+    }
+    assert!(hits.iter().all(|&h| (400..600).contains(&h)), "{hits:?}");
+    // FedOne: one client per round.
+    assert_eq!(sample_clients(1, 1, 100, 1).len(), 1);
+    assert_eq!(sample_clients(1, 1, 4, 0), vec![0, 1, 2, 3]);
+    assert_eq!(sample_clients(1, 1, 4, 9), vec![0, 1, 2, 3]);
+}
+
+/// Four clients, each minimizing a sphere centred on its own optimum (each 0.71 away from
+/// their average, the federated optimum, which lies 6.3 away from the start). Each round
+/// every client runs 4 local iterations of popsize 6 from the server's distribution; returns
+/// the global mean's distance to the average optimum before and after 30 rounds.
+fn federated_sphere(agg: &mut dyn Aggregator) -> (f64, f64) {
+    let dim = 10;
+    let optima: Vec<Vec<f64>> = (0..4)
+        .map(|k| (0..dim).map(|i| 2.0 + 0.2 * (((k + i) % 4) as f64 - 1.5)).collect())
+        .collect();
+    let target: Vec<f64> =
+        (0..dim).map(|i| optima.iter().map(|o| o[i]).sum::<f64>() / 4.0).collect();
+    let dist_to_target = |m: &[f32]| -> f64 {
+        m.iter().zip(&target).map(|(a, b)| (f64::from(*a) - b).powi(2)).sum::<f64>().sqrt()
+    };
+    let start = dist_to_target(&agg.global_mean());
+    for round in 0..30 {
+        let dist = agg.configure(round);
+        let mut ups = Vec::new();
+        for (k, o) in optima.iter().enumerate() {
+            let f = |x: &[f64]| x.iter().zip(o).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
+            let seed = (round * 4 + k) as u64;
+            let mut search = LocalSearch::start(&dist, 6, 4, seed).unwrap();
+            while let Some(xs) = search.ask() {
+                let fs: Vec<f64> = xs.iter().map(|x| f(x)).collect();
+                search.tell(&xs, &fs).unwrap();
+            }
+            let mean: Vec<f64> = search.mean().iter().map(|&v| f64::from(v)).collect();
+            let fit = f(&mean);
+            ups.push(search.finish(k, round, Scored { fitness: fit, loss: fit }).unwrap());
+        }
+        agg.aggregate(round, &ups).unwrap();
+    }
+    (start, dist_to_target(&agg.global_mean()))
+}
+
+#[test]
+fn federated_sphere_converges() {
+    // FedBPT ranks client means by their own (heterogeneous) losses, so it settles within
+    // the clients' spread, nearer the clients it favours; FedAvg-BBT lands closer.
+    for rule in [ServerSigma::Reference, ServerSigma::ClientRms] {
+        let mut bpt = fedbpt(10, 1.0, rule);
+        let (start, end) = federated_sphere(&mut bpt);
+        assert!(end < 0.15 * start, "fedbpt {rule:?}: {start} -> {end}");
+    }
+    let mut avg = FedAvgBbt::new(10, 1.0).unwrap();
+    let (start, end) = federated_sphere(&mut avg);
+    assert!(end < 0.05 * start, "fedavg-bbt: {start} -> {end}");
+    assert!(avg.sigma() < 0.1, "sigma should shrink near the optimum: {}", avg.sigma());
+}
+
+#[test]
+fn client_update_fits_the_upload_budget() {
+    let local_iter = 8;
+    let u = ClientUpdate {
+        client: 9,
+        round: 199,
+        mean: vec![0.123; 500],
+        fitness: 0.5432,
+        loss: 0.61,
+        sigmas: vec![0.9; local_iter],
+    };
+    let bytes = bincode::serde::encode_to_vec(&u, bincode::config::standard()).unwrap();
+    assert!(bytes.len() <= 500 * 4 + 8 * local_iter + 64, "{} bytes", bytes.len());
+}
