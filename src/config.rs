@@ -9,7 +9,7 @@ use crate::data::sources::Columns;
 use crate::models::llama::WeightFormat;
 use crate::models::{Placement, PromptMode};
 use crate::objective::LossType;
-use crate::strategy::ServerSigma;
+use crate::strategy::{QuorumPolicy, ServerSigma};
 use crate::task::TaskSpec;
 use crate::{Error, Result};
 
@@ -136,17 +136,6 @@ pub struct Straggler {
     pub rounds: Vec<usize>,
 }
 
-/// What the server does with a round short of its quorum.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum QuorumPolicy {
-    /// Keep the global distribution and go on.
-    #[default]
-    Skip,
-    /// Run the round again (up to `max_round_retries` times), then skip.
-    Retry,
-}
-
 /// The `[faults]` section: fault-injection experiments and the supervision that answers them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -192,33 +181,56 @@ pub fn client_index(name: &str, num_users: usize) -> Option<usize> {
 }
 
 impl Faults {
-    fn validate(&self, num_users: usize) -> Result<()> {
+    fn validate(&self, num_users: usize, num_rounds: usize) -> Result<()> {
         let check = |key: &str, name: &str| {
             client_index(name, num_users).map(|_| ()).ok_or_else(|| {
                 Error::config(key, format!("`{name}` is not a client (site-1 .. site-{num_users})"))
             })
         };
+        // A fault for a round that never comes would be silently ignored.
+        let in_run = |key: &str, round: usize| {
+            if (1..=num_rounds).contains(&round) {
+                Ok(())
+            } else {
+                Err(Error::config(
+                    key,
+                    format!("round {round} never comes: rounds are 1 .. {num_rounds}"),
+                ))
+            }
+        };
         for k in &self.kill {
             check("faults.kill.client", &k.client)?;
+            in_run("faults.kill.round", k.round)?;
         }
         for p in &self.panic {
             check("faults.panic.client", &p.client)?;
+            in_run("faults.panic.round", p.round)?;
         }
         for d in &self.drop_reply {
             check("faults.drop_reply.client", &d.client)?;
+            in_run("faults.drop_reply.round", d.round)?;
         }
         for s in &self.stragglers {
             check("faults.stragglers.client", &s.client)?;
-            if !(s.delay_s.is_finite()
-                && s.delay_s >= 0.0
-                && s.jitter_s.is_finite()
-                && s.jitter_s >= 0.0)
-            {
+            for &r in &s.rounds {
+                in_run("faults.stragglers.rounds", r)?;
+            }
+            let ok = |v: f64| v.is_finite() && (0.0..=MAX_SECONDS).contains(&v);
+            if !(ok(s.delay_s) && ok(s.jitter_s)) {
                 return Err(Error::config(
                     "faults.stragglers",
-                    "delay_s and jitter_s must be >= 0",
+                    format!("delay_s and jitter_s must be in [0, {MAX_SECONDS}] seconds"),
                 ));
             }
+        }
+        if self.restart_backoff_ms > MAX_BACKOFF_MS {
+            return Err(Error::config(
+                "faults.restart_backoff_ms",
+                format!(
+                    "{} exceeds {MAX_BACKOFF_MS} (it doubles with each restart)",
+                    self.restart_backoff_ms
+                ),
+            ));
         }
         if !(0.0..=1.0).contains(&self.kill_fraction) {
             return Err(Error::config("faults.kill_fraction", "must be in [0, 1]"));
@@ -226,6 +238,17 @@ impl Faults {
         Ok(())
     }
 }
+
+/// Longest wait any timeout or delay may ask for: a week. Longer values are mistakes, and
+/// beyond about 1.8e19 seconds a `Duration` cannot hold them at all.
+pub const MAX_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
+/// Largest restart backoff, milliseconds (it doubles up to 1,024 times).
+pub const MAX_BACKOFF_MS: u64 = 600_000;
+/// Most threads of either pool: more only thrash (and tens of thousands hang the machine).
+pub const MAX_THREADS: usize = 1024;
+/// Largest intrinsic dimension: every CMA-ES holds `d x d` covariance and eigenbasis matrices
+/// in f64 (1.6 GB at d = 10,000), one per running search.
+pub const MAX_INTRINSIC_DIM: usize = 10_000;
 
 /// Every knob of a run. Names follow the reference job where it has one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -392,10 +415,23 @@ impl Config {
             }
             table.insert(parts[parts.len() - 1].to_string(), value);
         }
-        let cfg: Config = toml::Value::Table(doc)
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::config("", e.message().to_string()))?;
-        cfg.validate()?;
+        let cfg: Config = toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| {
+            // The text parsed alone, so the overrides are at fault: name them.
+            let given = overrides.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ");
+            Error::config("", format!("--set {given}: {}", e.message().trim()))
+        })?;
+        cfg.validate().map_err(|e| match e {
+            Error::Config { key, msg } => {
+                match overrides
+                    .iter()
+                    .find(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+                {
+                    Some(o) => Error::Config { key, msg: format!("{msg} (from --set `{o}`)") },
+                    None => Error::Config { key, msg },
+                }
+            }
+            other => other,
+        })?;
         Ok(cfg)
     }
 
@@ -421,6 +457,38 @@ impl Config {
         pos("runtime.workers_per_device", self.runtime.workers_per_device)?;
         pos("runtime.max_batch_examples", self.runtime.max_batch_examples)?;
         pos("runtime.tokio_threads", self.runtime.tokio_threads)?;
+        pos("test_size", self.test_size)?;
+        let at_most = |key: &str, v: usize, max: usize, why: &str| {
+            if v > max {
+                Err(Error::config(key, format!("{v} exceeds {max}: {why}")))
+            } else {
+                Ok(())
+            }
+        };
+        at_most(
+            "runtime.tokio_threads",
+            self.runtime.tokio_threads,
+            MAX_THREADS,
+            "too many threads",
+        )?;
+        at_most(
+            "runtime.compute_threads",
+            self.runtime.compute_threads,
+            MAX_THREADS,
+            "too many threads",
+        )?;
+        at_most(
+            "runtime.workers_per_device",
+            self.runtime.workers_per_device,
+            MAX_THREADS,
+            "too many forward workers",
+        )?;
+        at_most(
+            "intrinsic_dim",
+            self.intrinsic_dim,
+            MAX_INTRINSIC_DIM,
+            "each search holds d x d f64 matrices",
+        )?;
         if self.popsize < 2 {
             return Err(Error::config("popsize", "must be >= 2"));
         }
@@ -460,13 +528,17 @@ impl Config {
                 ),
             ));
         }
-        if !(self.runtime.round_timeout_s.is_finite() && self.runtime.round_timeout_s > 0.0) {
-            return Err(Error::config("runtime.round_timeout_s", "must be finite and > 0"));
+        let t = self.runtime.round_timeout_s;
+        if !(t.is_finite() && t > 0.0 && t <= MAX_SECONDS) {
+            return Err(Error::config(
+                "runtime.round_timeout_s",
+                format!("{t} must be > 0 and at most {MAX_SECONDS} seconds (a week)"),
+            ));
         }
         if self.runtime.devices.is_empty() {
             return Err(Error::config("runtime.devices", "needs at least one device"));
         }
-        self.faults.validate(self.num_users)?;
+        self.faults.validate(self.num_users, self.num_rounds)?;
         if client_index(&self.eval_clients, self.num_users).is_none() {
             return Err(Error::config(
                 "eval_clients",
@@ -525,6 +597,60 @@ mod tests {
         assert!(!c.iid);
         assert!(Config::from_toml_str("", &["nokey=1".into()]).is_err());
         assert!(Config::from_toml_str("", &["seed".into()]).is_err());
+    }
+
+    #[test]
+    fn set_errors_name_the_override() {
+        let e = Config::from_toml_str("", &["k_shot=many".into()]).unwrap_err().to_string();
+        assert!(e.contains("k_shot=many"), "{e}");
+        let e = Config::from_toml_str("", &["perturb_rate=2".into()]).unwrap_err().to_string();
+        assert!(e.contains("perturb_rate") && e.contains("--set `perturb_rate=2`"), "{e}");
+    }
+
+    #[test]
+    fn sizes_that_would_exhaust_the_machine_are_refused() {
+        for (set, key) in [
+            ("intrinsic_dim=1000000", "intrinsic_dim"),
+            ("runtime.tokio_threads=100000", "runtime.tokio_threads"),
+            ("runtime.compute_threads=100000", "runtime.compute_threads"),
+            ("runtime.workers_per_device=100000", "runtime.workers_per_device"),
+            ("runtime.round_timeout_s=1e300", "runtime.round_timeout_s"),
+            ("faults.restart_backoff_ms=18446744073709551615", "faults.restart_backoff_ms"),
+            ("test_size=0", "test_size"),
+        ] {
+            let e = Config::from_toml_str("", &[set.into()]).unwrap_err().to_string();
+            assert!(e.contains(key), "{set}: {e}");
+        }
+        let e = Config::from_toml_str(
+            "[faults]\nstragglers = [{ client = \"site-1\", delay_s = 1e30 }]",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("faults.stragglers"), "{e}");
+    }
+
+    #[test]
+    fn faults_for_rounds_that_never_come_are_refused() {
+        let text = "num_rounds = 3\n[faults]\nkill = [{ client = \"site-1\", round = 4 }]";
+        let e = Config::from_toml_str(text, &[]).unwrap_err().to_string();
+        assert!(e.contains("faults.kill.round") && e.contains("round 4 never comes"), "{e}");
+        let text = "num_rounds = 3\n[faults]\npanic = [{ client = \"site-1\", round = 0 }]";
+        assert!(Config::from_toml_str(text, &[]).is_err());
+        let text = "num_rounds = 3\n[faults]\nstragglers = [{ client = \"site-1\", rounds = [9] }]";
+        assert!(Config::from_toml_str(text, &[]).is_err());
+        let ok = "num_rounds = 3\n[faults]\ndrop_reply = [{ client = \"site-2\", round = 3 }]";
+        assert!(Config::from_toml_str(ok, &[]).is_ok());
+    }
+
+    #[test]
+    fn sampling_and_quorum_must_fit_together() {
+        assert!(Config::from_toml_str("num_users = 4\nclients_per_round = 5", &[]).is_err());
+        let e = Config::from_toml_str("clients_per_round = 2\nmin_clients = 3", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("min_clients"), "{e}");
+        assert!(Config::from_toml_str("clients_per_round = 2\nmin_clients = 2", &[]).is_ok());
     }
 
     #[test]

@@ -7,16 +7,33 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use crate::assets;
-use crate::config::{BackendKind, Config};
+use crate::config::{Aggregation, BackendKind, Config};
 use crate::data::split::{dedup_examples, k_shot, test_split, Split};
 use crate::data::{sources, Dataset};
 use crate::models::bert::{MaskedLm, SentenceEncoder};
 use crate::models::llama::{CausalLm, WeightFormat};
 use crate::models::{PromptModel, PromptSettings};
+use crate::seeds::{derive, tag};
+use crate::strategy::{Aggregator, FedAvgBbt, FedBpt};
 use crate::{Error, Result};
 
 /// Seed of the fixed test split: the same test set for every run seed.
 pub const TEST_SPLIT_SEED: u64 = 20_231_003;
+
+/// The server's aggregation rule as configured, at its starting state.
+pub fn aggregator_for(cfg: &Config) -> Result<Box<dyn Aggregator>> {
+    Ok(match cfg.aggregation {
+        Aggregation::Fedbpt => Box::new(FedBpt::new(
+            cfg.intrinsic_dim,
+            cfg.sigma,
+            derive(cfg.seed, &[tag::SERVER]),
+            true,
+            cfg.server_sigma,
+            cfg.local_popsize,
+        )?),
+        Aggregation::Fedavg => Box::new(FedAvgBbt::new(cfg.intrinsic_dim, cfg.sigma)?),
+    })
+}
 
 /// Prompt settings from the config.
 pub fn prompt_settings(cfg: &Config) -> PromptSettings {
@@ -244,13 +261,17 @@ fn read_dataset(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Dataset>
                 sources::load_glue_tsv(&d.path, kind)
             }
             "csv" | "jsonl" => {
-                let cols = d.columns.as_ref().ok_or_else(|| {
+                let mut cols = d.columns.clone().ok_or_else(|| {
                     Error::config("data.columns", "csv and jsonl need [data.columns]")
                 })?;
+                // String labels are the task's class names unless the file says otherwise.
+                if cols.label_names.is_none() {
+                    cols.label_names = Some(cfg.task_spec()?.label_names);
+                }
                 if d.format == "csv" {
-                    sources::load_csv(&d.path, cols)
+                    sources::load_csv(&d.path, &cols)
                 } else {
-                    sources::load_jsonl(&d.path, cols)
+                    sources::load_jsonl(&d.path, &cols)
                 }
             }
             other => Err(Error::config(
@@ -280,13 +301,29 @@ fn read_dataset(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Dataset>
     }
 }
 
+/// The test set's size for a corpus of `n` examples: `test_size`, but at most half the corpus
+/// (the rest feeds the k-shot sets), with a warning when that clamps it.
+pub fn test_size_for(cfg: &Config, n: usize) -> (usize, Option<String>) {
+    let size = cfg.test_size.min(n / 2);
+    let warning = (size < cfg.test_size).then(|| {
+        format!(
+            "test_size = {} is more than half of the {n} examples: the test set has {size}",
+            cfg.test_size
+        )
+    });
+    (size, warning)
+}
+
 /// The fixed test split and the seeded k-shot train/dev sets.
 pub fn load_split(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<(Dataset, Split)> {
     let ds = load_dataset(cfg, progress)?;
     for w in &ds.warnings {
         progress(&format!("data warning: {w}"));
     }
-    let test_size = cfg.test_size.min(ds.examples.len() / 2);
+    let (test_size, clamped) = test_size_for(cfg, ds.examples.len());
+    if let Some(w) = clamped {
+        progress(&format!("warning: {w}"));
+    }
     let (rest, test) = test_split(&ds, test_size, TEST_SPLIT_SEED)?;
     let (train, dev) = k_shot(&rest, ds.label_names.len(), cfg.k_shot, cfg.seed)?;
     Ok((ds, Split { train, dev, test }))

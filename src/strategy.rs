@@ -48,6 +48,50 @@ pub trait Aggregator: Send {
     fn restore(&mut self, v: serde_json::Value) -> Result<()>;
 }
 
+/// What the server does with a round short of its quorum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QuorumPolicy {
+    /// Keep the global distribution and go on.
+    #[default]
+    Skip,
+    /// Run the round again (up to `max_round_retries` times), then skip.
+    Retry,
+}
+
+/// What the server does after one attempt at a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundDecision {
+    /// Enough replies: fold them.
+    Aggregate,
+    /// Too few: run the round again with the clients that are up by then.
+    Retry,
+    /// Too few, and no retry left: keep the global distribution and go on.
+    Skip,
+}
+
+/// The round's rule: how many replies a round needs and what happens without them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuorumRule {
+    /// Replies needed to aggregate (at least 1).
+    pub min_clients: usize,
+    pub policy: QuorumPolicy,
+    pub max_retries: usize,
+}
+
+impl QuorumRule {
+    /// The decision after an attempt that got `replies` replies, `retries_done` retries in.
+    pub fn decide(&self, replies: usize, retries_done: usize) -> RoundDecision {
+        if replies >= self.min_clients.max(1) {
+            RoundDecision::Aggregate
+        } else if self.policy == QuorumPolicy::Retry && retries_done < self.max_retries {
+            RoundDecision::Retry
+        } else {
+            RoundDecision::Skip
+        }
+    }
+}
+
 /// How the FedBPT server sets the step size it sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -125,11 +169,19 @@ impl FedBpt {
     }
 }
 
-/// The client means as candidates and their fitness, in the order given.
+/// The client means as candidates and their fitness, by client index: replies arrive in any
+/// order, and the aggregate must not depend on it.
 fn population(updates: &[ClientUpdate]) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let sorted = by_client(updates);
     let candidates =
-        updates.iter().map(|u| u.mean.iter().map(|&v| f64::from(v)).collect()).collect();
-    (candidates, updates.iter().map(|u| u.fitness).collect())
+        sorted.iter().map(|u| u.mean.iter().map(|&v| f64::from(v)).collect()).collect();
+    (candidates, sorted.iter().map(|u| u.fitness).collect())
+}
+
+fn by_client(updates: &[ClientUpdate]) -> Vec<&ClientUpdate> {
+    let mut sorted: Vec<&ClientUpdate> = updates.iter().collect();
+    sorted.sort_by_key(|u| u.client);
+    sorted
 }
 
 impl Aggregator for FedBpt {
@@ -218,7 +270,7 @@ impl Aggregator for FedAvgBbt {
         let sigma = rms_sigma(updates)?;
         let k = updates.len() as f64;
         let mut mean = vec![0.0; self.mean.len()];
-        for u in updates {
+        for u in by_client(updates) {
             for (m, &v) in mean.iter_mut().zip(&u.mean) {
                 *m += f64::from(v);
             }
@@ -254,7 +306,7 @@ impl Aggregator for FedAvgBbt {
 /// Paper Eq. 6 over the replies that arrived: `sqrt(sum_k sum_j sigma_kj^2 / (K * mu_local))`.
 /// `None` if no reply reported a sigma.
 pub fn eq6_sigma(updates: &[ClientUpdate], local_parents: usize) -> Result<Option<f64>> {
-    let sum_sq: f64 = updates.iter().flat_map(|u| &u.sigmas).map(|s| s * s).sum();
+    let sum_sq: f64 = by_client(updates).into_iter().flat_map(|u| &u.sigmas).map(|s| s * s).sum();
     if updates.iter().all(|u| u.sigmas.is_empty()) {
         return Ok(None);
     }
@@ -266,8 +318,10 @@ pub fn eq6_sigma(updates: &[ClientUpdate], local_parents: usize) -> Result<Optio
 /// `sqrt(sum_k sum_j sigma_kj^2 / sum_k n_k)` with `n_k` the number of sigmas client `k`
 /// reported. `None` (keep the current sigma) if no reply reported any.
 pub fn rms_sigma(updates: &[ClientUpdate]) -> Result<Option<f64>> {
-    let (sum_sq, count) =
-        updates.iter().flat_map(|u| &u.sigmas).fold((0.0, 0usize), |(s, c), v| (s + v * v, c + 1));
+    let (sum_sq, count) = by_client(updates)
+        .into_iter()
+        .flat_map(|u| &u.sigmas)
+        .fold((0.0, 0usize), |(s, c), v| (s + v * v, c + 1));
     if count == 0 {
         return Ok(None);
     }

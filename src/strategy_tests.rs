@@ -372,3 +372,39 @@ fn client_update_fits_the_upload_budget() {
     let bytes = bincode::serde::encode_to_vec(&u, bincode::config::standard()).unwrap();
     assert!(bytes.len() <= 500 * 4 + 8 * local_iter + 64, "{} bytes", bytes.len());
 }
+
+#[test]
+fn quorum_rule_aggregates_retries_then_skips() {
+    let rule = QuorumRule { min_clients: 3, policy: QuorumPolicy::Retry, max_retries: 2 };
+    assert_eq!(rule.decide(3, 0), RoundDecision::Aggregate);
+    assert_eq!(rule.decide(5, 2), RoundDecision::Aggregate);
+    assert_eq!(rule.decide(2, 0), RoundDecision::Retry);
+    assert_eq!(rule.decide(2, 1), RoundDecision::Retry);
+    assert_eq!(rule.decide(2, 2), RoundDecision::Skip, "retries used up");
+    let skip = QuorumRule { policy: QuorumPolicy::Skip, ..rule };
+    assert_eq!(skip.decide(2, 0), RoundDecision::Skip);
+    // A quorum of 0 still needs one reply: there is nothing to fold without one.
+    let none = QuorumRule { min_clients: 0, policy: QuorumPolicy::Skip, max_retries: 0 };
+    assert_eq!(none.decide(0, 0), RoundDecision::Skip);
+    assert_eq!(none.decide(1, 0), RoundDecision::Aggregate);
+}
+
+#[test]
+fn aggregation_does_not_depend_on_arrival_order() {
+    let ups: Vec<ClientUpdate> = (0..4)
+        .map(|k| update(k, 1, vec![0.1 * k as f32, -0.2 * k as f32, 0.05], (k as f64 - 1.2).abs()))
+        .collect();
+    let mut shuffled = ups.clone();
+    shuffled.reverse();
+    shuffled.swap(0, 2);
+    for rule in [ServerSigma::Reference, ServerSigma::ClientRms] {
+        let (mut a, mut b) = (fedbpt(3, 0.5, rule), fedbpt(3, 0.5, rule));
+        a.aggregate(1, &ups).unwrap();
+        b.aggregate(1, &shuffled).unwrap();
+        assert_eq!(a.configure(2), b.configure(2));
+    }
+    let (mut a, mut b) = (FedAvgBbt::new(3, 0.5).unwrap(), FedAvgBbt::new(3, 0.5).unwrap());
+    a.aggregate(1, &ups).unwrap();
+    b.aggregate(1, &shuffled).unwrap();
+    assert_eq!(a.configure(2), b.configure(2));
+}

@@ -184,6 +184,30 @@ impl TaskSpec {
         check("task.mlm.label_words", self.mlm.label_words.len())?;
         check("task.causal.label_words", self.causal.label_words.len())?;
         check("task.encoder.label_descriptions", self.encoder.label_descriptions.len())?;
+        // Two classes with the same word (or an empty one) score alike: a constant prediction.
+        for (key, words) in [
+            ("task.mlm.label_words", &self.mlm.label_words),
+            ("task.causal.label_words", &self.causal.label_words),
+            ("task.encoder.label_descriptions", &self.encoder.label_descriptions),
+        ] {
+            if let Some(i) = words.iter().position(|w| w.trim().is_empty()) {
+                return Err(Error::config(key, format!("entry {i} is empty")));
+            }
+            if let Some((i, w)) = words.iter().enumerate().find(|(i, w)| words[..*i].contains(w)) {
+                return Err(Error::config(
+                    key,
+                    format!("entry {i} ({w:?}) repeats an earlier one: the classes could not be told apart"),
+                ));
+            }
+        }
+        if let Some((i, n)) =
+            self.label_names.iter().enumerate().find(|(i, n)| self.label_names[..*i].contains(n))
+        {
+            return Err(Error::config(
+                "task.label_names",
+                format!("entry {i} ({n:?}) appears twice"),
+            ));
+        }
         for (key, t) in [
             ("task.mlm.template", &self.mlm.template),
             ("task.causal.template", &self.causal.template),
@@ -309,5 +333,20 @@ mod tests {
             TaskSpec::builtin(name).unwrap().validate().unwrap();
         }
         assert!(TaskSpec::builtin("nope").is_err());
+    }
+
+    #[test]
+    fn verbalizers_that_cannot_tell_classes_apart_are_refused() {
+        let mut t = TaskSpec::builtin("mr").unwrap();
+        t.causal.label_words = vec![" good".into(), " good".into()];
+        let e = t.validate().unwrap_err().to_string();
+        assert!(e.contains("task.causal.label_words") && e.contains("repeats"), "{e}");
+        let mut t = TaskSpec::builtin("mr").unwrap();
+        t.encoder.label_descriptions = vec!["It was great.".into(), " ".into()];
+        let e = t.validate().unwrap_err().to_string();
+        assert!(e.contains("task.encoder.label_descriptions") && e.contains("empty"), "{e}");
+        let mut t = TaskSpec::builtin("mr").unwrap();
+        t.label_names = vec!["a".into(), "a".into()];
+        assert!(t.validate().is_err());
     }
 }

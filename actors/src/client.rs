@@ -2,6 +2,7 @@
 //! search distribution. It never owns a model: every forward goes through the pool.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use fedbpt::config::Config;
 use fedbpt::data::Example;
@@ -12,7 +13,7 @@ use fedbpt::protocol::{ClientUpdate, SearchDistribution};
 use fedbpt::seeds::{derive, tag};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::messages::{wire_size, ClientFault, ClientMsg, DataMsg};
+use crate::messages::{now_ms, wire_size, ClientFault, ClientMsg, DataMsg};
 use crate::pool::ForwardPool;
 use crate::profile::{self, MessageInfo};
 
@@ -71,7 +72,7 @@ impl Actor for Client {
         state: &mut ClientState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ClientMsg::Train { dist, fault, stamp, reply } => {
+            ClientMsg::Train { dist, fault, deadline_ms, stamp, reply } => {
                 let site = format!("site-{}", state.args.id + 1);
                 let _span = profile::handling(stamp, || MessageInfo {
                     sender: "server".into(),
@@ -80,6 +81,11 @@ impl Actor for Client {
                     round: Some(dist.round),
                     bytes: wire_size(&dist),
                 });
+                if now_ms() >= deadline_ms {
+                    // It waited out its round behind an earlier one: nobody awaits the reply.
+                    drop(reply);
+                    return Ok(());
+                }
                 if fault == Some(ClientFault::Panic) {
                     panic!(
                         "injected fault: panic in site-{}, round {}",
@@ -89,12 +95,21 @@ impl Actor for Client {
                 }
                 let die_at = (fault == Some(ClientFault::DieMidSearch))
                     .then_some(state.args.cfg.local_iter / 2);
-                let r = train(state, &dist, die_at, &me).await.map(|u| (u, profile::stamp()));
+                let r = train(state, &dist, die_at, deadline_ms, &me)
+                    .await
+                    .map(|u| (u, profile::stamp()));
                 match fault {
                     Some(ClientFault::DropReply) => drop(reply),
                     Some(ClientFault::Delay(d)) => {
-                        tokio::time::sleep(d).await;
-                        let _ = reply.send(r);
+                        // Held back, but not for long past the round's deadline (by then the
+                        // server has marked it late): a straggler's next round must not wait
+                        // behind this one.
+                        let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+                        let grace = Duration::from_millis(100);
+                        tokio::time::sleep(d.min(left + grace)).await;
+                        if d < left {
+                            let _ = reply.send(r);
+                        }
                     }
                     _ => {
                         let _ = reply.send(r);
@@ -110,6 +125,7 @@ async fn train(
     state: &ClientState,
     dist: &SearchDistribution,
     die_at: Option<usize>,
+    deadline_ms: u64,
     me: &ActorRef<ClientMsg>,
 ) -> Result<ClientUpdate, String> {
     let a = &state.args;
@@ -150,6 +166,15 @@ async fn train(
         }
     };
     while let Some(candidates) = search.ask() {
+        if now_ms() >= deadline_ms {
+            // A forward in flight cannot be interrupted, but the next one need not start.
+            return Err(format!(
+                "round {}: deadline passed after {} of {} local iterations",
+                dist.round,
+                search.iteration() - 1,
+                cfg.local_iter
+            ));
+        }
         if die_at == Some(search.iteration() - 1) {
             // Killed mid-search: the runtime drops this handler at its next await point.
             me.kill();

@@ -39,7 +39,11 @@ fn progress(rounds: usize, label: &str) -> ProgressBar {
     bar
 }
 
-/// Runs one federation, writing `metrics.jsonl` as rounds land.
+/// Runs one federation into `out`. Nothing there is replaced before the run finishes: rounds
+/// land in `metrics.jsonl.partial`, which becomes `metrics.jsonl` beside the new `summary.json`
+/// and `accuracy.png` at the end, so a run that fails (in validation, loading, restore or a
+/// round) leaves a finished run in `out` as it was. Only `checkpoint.json` follows the new run
+/// from its first round on, so that `--resume` can continue it.
 fn run_one(
     rt: &tokio::runtime::Runtime,
     cfg: &Config,
@@ -49,9 +53,8 @@ fn run_one(
     resume: Option<Checkpoint>,
 ) -> Result<(FedSummary, Vec<RoundRecord>)> {
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = fs::File::create(&metrics_path)
-        .with_context(|| format!("creating {}", metrics_path.display()))?;
+    let partial = out.join("metrics.jsonl.partial");
+    let mut metrics: Option<fs::File> = None;
     let bar = progress(cfg.num_rounds, &format!("{label}: preparing"));
     let mut write_err = None;
     let opts = RunOptions { checkpoint_dir: Some(out.to_path_buf()), resume };
@@ -65,17 +68,30 @@ fn run_one(
         ));
         if write_err.is_none() {
             let line = serde_json::to_string(r).unwrap_or_default();
-            if let Err(e) = writeln!(metrics, "{line}").and_then(|_| metrics.flush()) {
-                write_err = Some(e);
+            let file = match metrics.take() {
+                Some(f) => Ok(f),
+                None => fs::File::create(&partial),
+            };
+            match file.and_then(|mut f| writeln!(f, "{line}").and_then(|_| f.flush()).map(|_| f)) {
+                Ok(f) => metrics = Some(f),
+                Err(e) => write_err = Some(e),
             }
         }
     }));
     bar.finish_and_clear();
     if let Some(e) = write_err {
-        anyhow::bail!("writing {}: {e}", metrics_path.display());
+        anyhow::bail!("writing {}: {e}", partial.display());
     }
     let (summary, records) = result?;
+    drop(metrics);
     write_json_atomic(&out.join("summary.json"), &summary)?;
+    let final_path = out.join("metrics.jsonl");
+    fs::rename(&partial, &final_path)
+        .with_context(|| format!("renaming {} to {}", partial.display(), final_path.display()))?;
+    let png = out.join("accuracy.png");
+    let tmp = out.join("accuracy.png.tmp.png");
+    run_figure(&tmp, &summary, &records)?;
+    fs::rename(&tmp, &png).with_context(|| format!("renaming to {}", png.display()))?;
     Ok((summary, records))
 }
 
@@ -122,6 +138,7 @@ pub fn run(
             let path = dir.join("checkpoint.json");
             let text =
                 fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            // Parsed and checked against its own configuration before anything loads.
             let cp =
                 Checkpoint::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             say(&format!("resuming {} after round {}", dir.display(), cp.round));
@@ -148,7 +165,7 @@ pub fn run(
     let profiler = trace.map(|_| Profiler::start());
     let result = run_one(&rt, &cfg, &mut env, &out, "run", checkpoint);
     Profiler::stop();
-    let (s, records) = result?;
+    let (s, _records) = result?;
     if let (Some(p), Some(trace)) = (profiler, trace) {
         if let Some(parent) = trace.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -158,7 +175,6 @@ pub fn run(
         eprintln!("{}", p.table());
         say(&format!("wrote {} and {}", trace.display(), out.join("messages.csv").display()));
     }
-    run_figure(&out.join("accuracy.png"), &s, &records)?;
     println!(
         "manual prompt {:.2}% | z=0 {:.2}% | final {:.2}% | best-on-dev {:.2}% (round {}) | up {:.0} B, down {:.0} B per client-round (FedAvg of the model: {} B) | {:.0}s -> {}",
         100.0 * s.zero_shot_test_acc,

@@ -18,7 +18,6 @@ use fedbpt::local_search::Objective;
 use fedbpt::models::{Prepared, PromptModel};
 use fedbpt::objective::{BestOnDev, Metric};
 use fedbpt::seeds::{derive, tag};
-use fedbpt::strategy::{Aggregator, FedAvgBbt, FedBpt};
 use fedbpt::task::TaskSpec;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorCell};
@@ -31,7 +30,7 @@ use crate::messages::{DataMsg, EvalMsg, ServerMsg};
 use crate::pool::ForwardPool;
 use crate::profile;
 use crate::server::{Checkpoint, RoundRecord, Server, ServerArgs, ServerEvent};
-use crate::supervisor::{ClientSupervisor, Registry, RestartLog, SupervisorArgs};
+use crate::supervisor::{stop_and_wait, ClientSupervisor, SupervisorArgs};
 
 /// `summary.json` of a federated run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,6 +102,9 @@ impl Env {
         for w in &dataset.warnings {
             progress(&format!("data warning: {w}"));
         }
+        if let Some(w) = experiment::test_size_for(cfg, dataset.examples.len()).1 {
+            progress(&format!("warning: {w}"));
+        }
         let task = cfg.task_spec()?;
         if task.n_classes() != dataset.label_names.len() {
             bail!(
@@ -125,7 +127,7 @@ struct Data {
 }
 
 fn partition(cfg: &Config, ds: &Dataset) -> Result<Data> {
-    let test_size = cfg.test_size.min(ds.examples.len() / 2);
+    let (test_size, _) = experiment::test_size_for(cfg, ds.examples.len());
     let (rest, test) = test_split(ds, test_size, TEST_SPLIT_SEED)?;
     let n_classes = ds.label_names.len();
     let (train, dev) = k_shot(&rest, n_classes, cfg.k_shot, cfg.seed)?;
@@ -294,15 +296,11 @@ async fn run_with_pool(
             objective,
         })
         .collect();
-    let registry: Registry = Default::default();
-    let restarted: RestartLog = Default::default();
     let (supervisor, _) = Actor::spawn(
         Some("client-supervisor".into()),
         ClientSupervisor,
         SupervisorArgs {
             clients,
-            registry: registry.clone(),
-            restarted: restarted.clone(),
             restart_limit: cfg.faults.restart_limit,
             backoff: Duration::from_millis(cfg.faults.restart_backoff_ms),
         },
@@ -311,17 +309,7 @@ async fn run_with_pool(
     .context("starting the clients")?;
     spawned.push(supervisor.get_cell());
 
-    let aggregator: Box<dyn Aggregator> = match cfg.aggregation {
-        Aggregation::Fedbpt => Box::new(FedBpt::new(
-            cfg.intrinsic_dim,
-            cfg.sigma,
-            derive(cfg.seed, &[tag::SERVER]),
-            true,
-            cfg.server_sigma,
-            cfg.local_popsize,
-        )?),
-        Aggregation::Fedavg => Box::new(FedAvgBbt::new(cfg.intrinsic_dim, cfg.sigma)?),
-    };
+    let aggregator = experiment::aggregator_for(cfg)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (server, _) = Actor::spawn(
         Some("server".into()),
@@ -329,8 +317,6 @@ async fn run_with_pool(
         ServerArgs {
             cfg: cfg.clone(),
             aggregator,
-            registry,
-            restarted,
             supervisor,
             evaluator: evaluator.clone(),
             events: tx,
@@ -429,14 +415,6 @@ async fn run_with_pool(
         Err(e) => Err(e),
     };
     result
-}
-
-/// Stops an actor and waits until it is gone (and its name free); kills it if it does not stop.
-pub(crate) async fn stop_and_wait(cell: ActorCell) {
-    let grace = Some(std::time::Duration::from_secs(10));
-    if cell.stop_and_wait(None, grace).await.is_err() {
-        let _ = cell.kill_and_wait(grace).await;
-    }
 }
 
 async fn test_acc(evaluator: &ractor::ActorRef<EvalMsg>, z: Vec<f32>) -> Result<f64> {

@@ -70,7 +70,7 @@ pub fn run_figure(path: &Path, s: &FedSummary, records: &[RoundRecord]) -> Resul
         s.clients,
         if s.iid { "iid" } else { "non-iid" }
     );
-    figure_png(path, &title, 3, &[acc, sigma, loss])
+    figure_png(path, &title, 1, (900, 330), &[acc, sigma, loss])
 }
 
 /// One run's series of some quantity per round.
@@ -128,7 +128,7 @@ pub fn compare_figure(
     }
     let columns = partitions.len();
     let panels: Vec<Panel> = test_row.into_iter().chain(dev_row).chain(sigma_row).collect();
-    figure_png(path, title, columns, &panels)
+    figure_png(path, title, columns, (720, 400), &panels)
 }
 
 /// Per-seed results at one kill rate, for [`faults_figure`] (fractions).
@@ -164,5 +164,5 @@ pub fn faults_figure(path: &Path, title: &str, rows: &[KillRateRow]) -> Result<(
     p.integer_x = false;
     p.series.extend(series("final", 0, |r| &r.finals));
     p.series.extend(series("best-on-dev", 1, |r| &r.bests));
-    figure_png(path, title, 1, &[p])
+    figure_png(path, title, 1, (900, 520), &[p])
 }

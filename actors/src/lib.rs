@@ -8,11 +8,13 @@
 pub mod client;
 pub mod data_loader;
 pub mod evaluator;
+pub mod fault_plan;
 pub mod federation;
 pub mod figures;
 pub mod messages;
 pub mod plot;
 pub mod pool;
 pub mod profile;
+pub mod round;
 pub mod server;
 pub mod supervisor;

@@ -45,11 +45,13 @@ enum Command {
     },
     /// A simulated federation (FedBPT or FedAvg-BBT) on the actor runtime.
     Run {
-        /// The run's configuration (not needed with --resume).
+        /// The run's configuration (not with --resume).
         #[arg(required_unless_present = "resume")]
         config: Option<PathBuf>,
-        /// Continue the run in DIR from its last checkpoint (after a crash or kill -9).
-        #[arg(long, value_name = "DIR", conflicts_with = "config")]
+        /// Continue the run in DIR from its last checkpoint (after a crash or kill -9), with the
+        /// checkpoint's own configuration and directory: --set and --out would be ignored, so
+        /// they are refused beside it.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "out", "overrides"])]
         resume: Option<PathBuf>,
         #[arg(long)]
         out: Option<PathBuf>,
@@ -250,9 +252,11 @@ fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> 
         cfg.n_prompt_tokens,
         cfg.budget
     ));
+    // As for `run`: iterations land in a new file that replaces metrics.jsonl only when the
+    // search finished, so a failing run leaves a finished one in `out` untouched.
     let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = fs::File::create(&metrics_path)
-        .with_context(|| format!("creating {}", metrics_path.display()))?;
+    let partial = out.join("metrics.jsonl.partial");
+    let mut metrics: Option<fs::File> = None;
     let bar = ProgressBar::new(cfg.budget as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} evals {msg}")
@@ -270,16 +274,24 @@ fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> 
         ));
         if write_err.is_none() {
             let line = serde_json::to_string(rec).unwrap_or_default();
-            if let Err(e) = writeln!(metrics, "{line}").and_then(|_| metrics.flush()) {
-                write_err = Some(e);
+            let file = match metrics.take() {
+                Some(f) => Ok(f),
+                None => fs::File::create(&partial),
+            };
+            match file.and_then(|mut f| writeln!(f, "{line}").and_then(|_| f.flush()).map(|_| f)) {
+                Ok(f) => metrics = Some(f),
+                Err(e) => write_err = Some(e),
             }
         }
     })?;
     bar.finish_and_clear();
     if let Some(e) = write_err {
-        bail!("writing {}: {e}", metrics_path.display());
+        bail!("writing {}: {e}", partial.display());
     }
+    drop(metrics);
     write_json_atomic(&out.join("summary.json"), &summary)?;
+    fs::rename(&partial, &metrics_path)
+        .with_context(|| format!("renaming {} to {}", partial.display(), metrics_path.display()))?;
     println!(
         "manual prompt {:.2}% | z=0 {:.2}% | final {:.2}% | best-on-dev {:.2}% (dev {:.2}%) | {} evaluations in {:.0}s -> {}",
         100.0 * summary.zero_shot_test_acc,

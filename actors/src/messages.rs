@@ -6,7 +6,7 @@ use std::sync::Arc;
 use fedbpt::data::Example;
 use fedbpt::models::{Prepared, TokenNoise};
 use fedbpt::protocol::{ClientUpdate, SearchDistribution};
-use ractor::RpcReplyPort;
+use ractor::{ActorRef, RpcReplyPort};
 
 use crate::profile::Stamp;
 use serde::Serialize;
@@ -70,19 +70,41 @@ pub enum ClientFault {
 
 /// To a client.
 pub enum ClientMsg {
-    /// Run the local search of one round from the server's distribution.
+    /// Run the local search of one round from the server's distribution, and give up at
+    /// `deadline_ms` (milliseconds since the Unix epoch, the server's round deadline): a search
+    /// still running then is abandoned between iterations, and a request that waited past it is
+    /// dropped, so a late client does not carry a stale round into the next one.
     Train {
         dist: SearchDistribution,
         fault: Option<ClientFault>,
+        deadline_ms: u64,
         stamp: Stamp,
         reply: Reply<(ClientUpdate, Stamp)>,
     },
 }
 
+/// Milliseconds since the Unix epoch, now (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The clients as the supervisor knows them.
+#[derive(Clone, Debug, Default)]
+pub struct Roster {
+    /// A handle per client; `None` once its restart limit was reached.
+    pub clients: Vec<Option<ActorRef<ClientMsg>>>,
+    /// Clients restarted since the previous roster, in increasing order.
+    pub restarted: Vec<usize>,
+}
+
 /// To the client supervisor.
 pub enum SupervisorMsg {
-    /// Answers once no restart is pending: every client is running or given up.
-    Settled { stamp: Stamp, reply: RpcReplyPort<()> },
+    /// The roster. With `wait`, answered once no restart is pending (every client running or
+    /// given up); without, at once.
+    Roster { wait: bool, stamp: Stamp, reply: RpcReplyPort<Roster> },
 }
 
 /// What the evaluator reports for one global mean.

@@ -61,7 +61,8 @@ pub struct Panel {
     pub y_label: String,
     /// Ticks at whole numbers only (rounds).
     pub integer_x: bool,
-    /// Logarithmic y axis (step sizes).
+    /// Logarithmic y axis (step sizes) when the values span more than a factor of 8; a linear
+    /// one otherwise (a log axis over a narrow range has no ticks to read).
     pub log_y: bool,
     pub series: Vec<Series>,
 }
@@ -128,13 +129,19 @@ fn font_registered() -> bool {
 }
 
 /// Draws `panels` in a grid of `columns` columns (rows as needed) into a PNG at `path`, each
-/// panel 700 x 420 pixels, with `title` above them all.
-pub fn figure_png(path: &Path, title: &str, columns: usize, panels: &[Panel]) -> Result<()> {
+/// panel `panel` = (width, height) pixels, with `title` above them all.
+pub fn figure_png(
+    path: &Path,
+    title: &str,
+    columns: usize,
+    panel: (u32, u32),
+    panels: &[Panel],
+) -> Result<()> {
     let columns = columns.clamp(1, panels.len().max(1));
     let rows = panels.len().div_ceil(columns).max(1);
     let with_text = font_registered();
     let header = if with_text { 40 } else { 0 };
-    let size = ((700 * columns) as u32, (420 * rows + header) as u32);
+    let size = (panel.0 * columns as u32, panel.1 * rows as u32 + header);
     let root = BitMapBackend::new(path, size).into_drawing_area();
     let err = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -191,7 +198,7 @@ fn draw_panel(area: &Area<'_>, panel: &Panel, with_text: bool) -> Result<(), Str
     } else {
         8
     };
-    if panel.log_y {
+    if panel.log_y && y_max > 8.0 * y_min {
         let (lo, hi) = (y_min * 0.8, y_max * 1.25);
         let mut chart = builder
             .build_cartesian_2d(x_lo..x_hi, (lo..hi).log_scale())
@@ -326,7 +333,7 @@ mod tests {
         s.series.push(Series::new("sigma", Style::Line, 0, vec![(1.0, 0.5), (2.0, 0.25)]));
         let empty = Panel::new("nothing", "round", "");
         let path = dir.path().join("f.png");
-        figure_png(&path, "t", 2, &[p, s, empty]).unwrap();
+        figure_png(&path, "t", 2, (700, 420), &[p, s, empty]).unwrap();
         assert!(std::fs::metadata(&path).unwrap().len() > 1000);
     }
 }

@@ -1,28 +1,21 @@
-//! The server: owns the aggregation rule, runs rounds (send the search distribution, gather the
-//! replies that arrive before the deadline, aggregate over them when the quorum is met), asks
-//! the evaluator to score the global mean, injects the configured faults, writes a checkpoint
-//! after every round, and reports one record per round.
+//! The server: owns the aggregation rule and the run's records, runs the rounds one after the
+//! other (each in [`crate::round`]), writes a checkpoint after every round, and reports one
+//! record per round to its owner.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use fedbpt::config::{client_index, Config, KillWhen, QuorumPolicy};
+use fedbpt::config::Config;
 use fedbpt::objective::BestOnDev;
-use fedbpt::protocol::ClientUpdate;
-use fedbpt::seeds::{derive, tag};
-use fedbpt::strategy::{sample_clients, Aggregator};
-use ractor::rpc::CallResult;
-use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus};
-use rand::seq::index::sample;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use fedbpt::strategy::Aggregator;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::messages::{wire_size, ClientFault, ClientMsg, EvalMsg, ServerMsg, SupervisorMsg};
-use crate::profile::{self, MessageInfo, Stamp};
-use crate::supervisor::{take_restarted, Registry, RestartLog};
+use crate::messages::{EvalMsg, ServerMsg, SupervisorMsg};
+use crate::profile::{self, MessageInfo};
+use crate::round::{run_round, RoundContext};
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -88,7 +81,47 @@ impl Checkpoint {
                  uploaded their loss), so it cannot continue the run it began; start the run again"
             ));
         }
-        serde_json::from_value(v).map_err(|e| format!("not a fedbpt checkpoint: {e}"))
+        let cp: Checkpoint =
+            serde_json::from_value(v).map_err(|e| format!("not a fedbpt checkpoint: {e}"))?;
+        cp.check()?;
+        Ok(cp)
+    }
+
+    /// Whether the checkpoint is one its own configuration could have written: a valid config
+    /// with rounds left, one record per round done, and an aggregator state and best-on-dev
+    /// vector of the configured rule and dimension. Runs before any actor starts.
+    pub fn check(&self) -> Result<(), String> {
+        let cfg = &self.config;
+        cfg.validate().map_err(|e| format!("its configuration: {e}"))?;
+        if self.round == 0 || self.round > cfg.num_rounds {
+            return Err(format!("round {} is not in 1 .. {}", self.round, cfg.num_rounds));
+        }
+        if self.round == cfg.num_rounds {
+            return Err(format!("the run it checkpoints has finished ({} rounds)", self.round));
+        }
+        if self.records.len() != self.round
+            || self.records.iter().enumerate().any(|(i, r)| r.round != i + 1)
+        {
+            let rounds: Vec<usize> = self.records.iter().map(|r| r.round).collect();
+            return Err(format!("records for rounds {rounds:?} after round {}", self.round));
+        }
+        if let Some(b) = &self.best_dev {
+            if b.z.len() != cfg.intrinsic_dim {
+                return Err(format!(
+                    "best-on-dev vector of dimension {}, intrinsic_dim is {}",
+                    b.z.len(),
+                    cfg.intrinsic_dim
+                ));
+            }
+            if b.step > self.round {
+                return Err(format!(
+                    "best-on-dev from round {} after round {}",
+                    b.step, self.round
+                ));
+            }
+        }
+        let mut aggregator = fedbpt::experiment::aggregator_for(cfg).map_err(|e| e.to_string())?;
+        aggregator.restore(self.aggregator.clone()).map_err(|e| format!("aggregator state: {e}"))
     }
 }
 
@@ -111,8 +144,6 @@ pub struct Server;
 pub struct ServerArgs {
     pub cfg: Arc<Config>,
     pub aggregator: Box<dyn Aggregator>,
-    pub registry: Registry,
-    pub restarted: RestartLog,
     pub supervisor: ActorRef<SupervisorMsg>,
     pub evaluator: ActorRef<EvalMsg>,
     pub events: UnboundedSender<ServerEvent>,
@@ -158,7 +189,7 @@ impl Actor for Server {
         state: &mut ServerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ServerMsg::RunRound { round, stamp } => match run_round(state, round, stamp).await {
+            ServerMsg::RunRound { round, stamp } => match round_of(state, round, stamp).await {
                 Ok(record) => {
                     state.records.push(record.clone());
                     if let Err(e) = write_checkpoint(state, round) {
@@ -216,97 +247,11 @@ fn write_checkpoint(state: &ServerState, round: usize) -> Result<(), String> {
     std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn site(i: usize) -> String {
-    format!("site-{}", i + 1)
-}
-
-/// Waits until every client that is not given up runs (restarts finished).
-async fn settle(
-    supervisor: &ActorRef<SupervisorMsg>,
-    registry: &Registry,
-    timeout: Duration,
-) -> Result<(), String> {
-    let give_up_at = Instant::now() + timeout;
-    loop {
-        match supervisor
-            .call(|reply| SupervisorMsg::Settled { stamp: profile::stamp(), reply }, None)
-            .await
-        {
-            Ok(CallResult::Success(())) => {}
-            _ => return Err("the client supervisor is gone".into()),
-        }
-        let all_up = registry.read().map_err(|_| "client registry poisoned")?.iter().all(|s| {
-            s.given_up || s.actor.as_ref().is_some_and(|a| a.get_status() == ActorStatus::Running)
-        });
-        if all_up || Instant::now() > give_up_at {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The faults of one round: kills before the round, and per-client faults inside it.
-struct RoundFaults {
-    kill_before: Vec<usize>,
-    inside: Vec<Option<ClientFault>>,
-}
-
-fn plan_faults(cfg: &Config, round: usize) -> RoundFaults {
-    let n = cfg.num_users;
-    let f = &cfg.faults;
-    let mut kill_before = Vec::new();
-    let mut inside = vec![None; n];
-    for k in f.kill.iter().filter(|k| k.round == round) {
-        if let Some(i) = client_index(&k.client, n) {
-            match k.when {
-                KillWhen::Before => kill_before.push(i),
-                KillWhen::During => inside[i] = Some(ClientFault::DieMidSearch),
-            }
-        }
-    }
-    if f.kill_fraction > 0.0 {
-        let mut rng = ChaCha8Rng::seed_from_u64(derive(cfg.seed, &[tag::FAULTS, round as u64]));
-        let k = ((f.kill_fraction * n as f64).round() as usize).min(n);
-        kill_before.extend(sample(&mut rng, n, k));
-    }
-    for p in f.panic.iter().filter(|p| p.round == round) {
-        if let Some(i) = client_index(&p.client, n) {
-            inside[i] = Some(ClientFault::Panic);
-        }
-    }
-    for d in f.drop_reply.iter().filter(|d| d.round == round) {
-        if let Some(i) = client_index(&d.client, n) {
-            inside[i] = Some(ClientFault::DropReply);
-        }
-    }
-    for s in &f.stragglers {
-        if !s.rounds.is_empty() && !s.rounds.contains(&round) {
-            continue;
-        }
-        if let Some(i) = client_index(&s.client, n) {
-            let mut rng = ChaCha8Rng::seed_from_u64(derive(
-                cfg.seed,
-                &[tag::STRAGGLER, i as u64, round as u64],
-            ));
-            let jitter = if s.jitter_s > 0.0 { rng.random_range(0.0..s.jitter_s) } else { 0.0 };
-            inside[i] = Some(ClientFault::Delay(Duration::from_secs_f64(s.delay_s + jitter)));
-        }
-    }
-    kill_before.sort_unstable();
-    kill_before.dedup();
-    RoundFaults { kill_before, inside }
-}
-
-enum Outcome {
-    Ok(Box<ClientUpdate>, Stamp),
-    Late,
-    Failed(String),
-}
-
-async fn run_round(
+/// Runs `round` on the server's state, inside the span of its `RunRound` message.
+async fn round_of(
     state: &mut ServerState,
     round: usize,
-    stamp: Stamp,
+    stamp: profile::Stamp,
 ) -> Result<RoundRecord, String> {
     let sender = if round == 1 || state.records.is_empty() { "main" } else { "server" };
     let _span = profile::handling(stamp, || MessageInfo {
@@ -316,173 +261,14 @@ async fn run_round(
         round: Some(round),
         bytes: 0,
     });
-    let cfg = state.args.cfg.clone();
-    let (supervisor, registry) = (state.args.supervisor.clone(), state.args.registry.clone());
-    let settle_timeout = Duration::from_secs_f64(cfg.runtime.round_timeout_s);
-    settle(&supervisor, &registry, settle_timeout).await?;
-    let args = &mut state.args;
-    let restarted: Vec<String> = {
-        let mut r = take_restarted(&args.restarted);
-        r.sort_unstable();
-        r.into_iter().map(site).collect()
+    let a = &mut state.args;
+    let mut ctx = RoundContext {
+        cfg: &a.cfg,
+        aggregator: a.aggregator.as_mut(),
+        supervisor: &a.supervisor,
+        evaluator: &a.evaluator,
+        started: a.started,
+        best_dev: &mut state.best_dev,
     };
-    let faults = plan_faults(&cfg, round);
-    let mut killed: Vec<String> = Vec::new();
-    let mut excluded: Vec<String> = Vec::new();
-    let slots = args.registry.read().map_err(|_| "client registry poisoned")?.clone();
-    for &i in &faults.kill_before {
-        if let Some(a) = &slots[i].actor {
-            let _ = a.get_cell().kill_and_wait(Some(Duration::from_secs(10))).await;
-            killed.push(site(i));
-        }
-    }
-    let dist = args.aggregator.configure(round);
-    let down_each = wire_size(&dist);
-    let deadline = Duration::from_secs_f64(cfg.runtime.round_timeout_s);
-    let sampled = sample_clients(cfg.seed, round, cfg.num_users, cfg.clients_per_round);
-    let mut participants = Vec::new();
-    for &i in &sampled {
-        let slot = &slots[i];
-        if faults.kill_before.contains(&i) {
-            excluded.push(format!("{}: killed before the round", site(i)));
-        } else if slot.given_up || slot.actor.is_none() {
-            excluded.push(format!("{}: restart limit reached", site(i)));
-        } else if let Some(a) = &slot.actor {
-            participants.push((i, a.clone()));
-        }
-    }
-    for (i, f) in faults.inside.iter().enumerate() {
-        if *f == Some(ClientFault::DieMidSearch) && participants.iter().any(|(p, _)| *p == i) {
-            killed.push(site(i));
-        }
-    }
-    killed.sort();
-
-    let mut retries = 0;
-    let (updates, late, failed, bytes_down) = loop {
-        let mut tasks = tokio::task::JoinSet::new();
-        for (i, client) in &participants {
-            let (i, client, dist, fault) = (*i, client.clone(), dist.clone(), faults.inside[*i]);
-            // A retried round runs without the injected faults: they were this round's events.
-            let fault = if retries == 0 { fault } else { None };
-            tasks.spawn(async move {
-                let r = match client
-                    .call(
-                        |reply| ClientMsg::Train { dist, fault, stamp: profile::stamp(), reply },
-                        Some(deadline),
-                    )
-                    .await
-                {
-                    Ok(CallResult::Success(Ok((u, stamp)))) => Outcome::Ok(Box::new(u), stamp),
-                    Ok(CallResult::Success(Err(e))) => Outcome::Failed(e),
-                    Ok(CallResult::Timeout) => Outcome::Late,
-                    Ok(CallResult::SenderError) => {
-                        Outcome::Failed("stopped or dropped its reply".into())
-                    }
-                    Err(e) => Outcome::Failed(format!("unreachable: {e}")),
-                };
-                (i, r)
-            });
-        }
-        let mut updates: Vec<ClientUpdate> = Vec::new();
-        let mut late = Vec::new();
-        let mut failed = Vec::new();
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok((i, Outcome::Ok(u, stamp))) if u.round == round => {
-                    profile::received(
-                        stamp,
-                        MessageInfo {
-                            sender: site(i),
-                            receiver: "server".into(),
-                            message: "ClientUpdate",
-                            round: Some(round),
-                            bytes: wire_size(&*u),
-                        },
-                    );
-                    updates.push(*u)
-                }
-                Ok((i, Outcome::Ok(u, _))) => {
-                    failed.push(format!("{}: reply for round {} discarded", site(i), u.round))
-                }
-                Ok((i, Outcome::Late)) => late.push(i),
-                Ok((i, Outcome::Failed(e))) => failed.push(format!("{}: {e}", site(i))),
-                Err(e) => failed.push(format!("a reply task failed: {e}")),
-            }
-        }
-        let bytes_down = down_each * participants.len();
-        let quorum = updates.len() >= cfg.min_clients.max(1);
-        if quorum
-            || cfg.faults.quorum_policy == QuorumPolicy::Skip
-            || retries >= cfg.faults.max_round_retries
-        {
-            break (updates, late, failed, bytes_down);
-        }
-        retries += 1;
-        settle(&supervisor, &registry, settle_timeout).await?;
-    };
-    // Arrival order varies; aggregation must not.
-    let mut updates = updates;
-    updates.sort_by_key(|u| u.client);
-    let mut late = late;
-    late.sort_unstable();
-    let clients_late: Vec<String> = late.iter().map(|&i| site(i)).collect();
-    excluded.extend(
-        clients_late
-            .iter()
-            .map(|s| format!("{s}: no reply within {:.0} s", deadline.as_secs_f64())),
-    );
-    excluded.extend(failed);
-    excluded.sort();
-    let bytes_up: usize = updates.iter().map(wire_size).sum();
-    let aggregated = updates.len() >= cfg.min_clients.max(1);
-    if aggregated {
-        args.aggregator.aggregate(round, &updates).map_err(|e| e.to_string())?;
-    }
-    let train_loss = (!updates.is_empty())
-        .then(|| updates.iter().map(|u| u.loss).sum::<f64>() / updates.len() as f64);
-    let z = args.aggregator.global_mean();
-    let with_test = round.is_multiple_of(cfg.eval_every) || round == cfg.num_rounds;
-    let eval = match args
-        .evaluator
-        .call(
-            |reply| EvalMsg::Evaluate {
-                z: z.clone(),
-                with_test,
-                from: "server",
-                stamp: profile::stamp(),
-                reply,
-            },
-            None,
-        )
-        .await
-    {
-        Ok(CallResult::Success(r)) => r?,
-        _ => return Err("the evaluator did not answer".into()),
-    };
-    BestOnDev::offer(&mut state.best_dev, eval.dev_acc, eval.dev_loss, round, &z);
-    let clients_sampled = if sampled.len() < cfg.num_users {
-        sampled.iter().map(|&i| site(i)).collect()
-    } else {
-        Vec::new()
-    };
-    Ok(RoundRecord {
-        round,
-        test_acc: eval.test_acc,
-        dev_acc: eval.dev_acc,
-        dev_loss: eval.dev_loss,
-        train_loss,
-        sigma: args.aggregator.sigma(),
-        clients_ok: updates.len(),
-        clients_sampled,
-        clients_killed: killed,
-        clients_restarted: restarted,
-        clients_late,
-        clients_excluded: excluded,
-        aggregated,
-        retries,
-        bytes_up,
-        bytes_down,
-        wall_s: args.started.elapsed().as_secs_f64(),
-    })
+    run_round(&mut ctx, round).await
 }

@@ -2,44 +2,84 @@
 //! or panicked), with a restart limit and a doubling backoff. A restarted client fetches its
 //! shard from the data loader again and rejoins at the next round. ractor's default supervisor
 //! would stop when a child dies; this one overrides `handle_supervisor_evt`.
+//!
+//! It owns the clients' handles; the server learns them from a [`Roster`] it asks for each
+//! round, so the same server works whoever keeps the clients.
 
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SupervisionEvent,
+};
 
 use crate::client::{Client, ClientArgs};
-use crate::messages::{ClientMsg, SupervisorMsg};
+use crate::messages::{ClientMsg, Roster, SupervisorMsg};
 use crate::profile::{self, MessageInfo};
 
 /// One client's place in the federation.
 #[derive(Clone)]
-pub struct ClientSlot {
-    pub actor: Option<ActorRef<ClientMsg>>,
-    pub restarts: usize,
+struct ClientSlot {
+    actor: Option<ActorRef<ClientMsg>>,
+    restarts: usize,
     /// Restart limit reached: excluded from then on.
-    pub given_up: bool,
+    given_up: bool,
 }
 
-/// Shared view of the clients: the server reads it each round.
-pub type Registry = Arc<RwLock<Vec<ClientSlot>>>;
-
-/// Restarts since the last [`take_restarted`] call, by client index.
-pub type RestartLog = Arc<RwLock<Vec<usize>>>;
+impl ClientSlot {
+    /// Running, or given up: nothing pending.
+    fn settled(&self) -> bool {
+        self.given_up || self.actor.as_ref().is_some_and(|a| a.get_status() == ActorStatus::Running)
+    }
+}
 
 pub struct ClientSupervisor;
 
 pub struct SupervisorArgs {
     pub clients: Vec<ClientArgs>,
-    pub registry: Registry,
-    pub restarted: RestartLog,
     pub restart_limit: usize,
     pub backoff: Duration,
 }
 
 pub struct SupervisorState {
     args: SupervisorArgs,
+    slots: Vec<ClientSlot>,
+    /// Restarted since the last roster.
+    restarted: Vec<usize>,
+    /// Roster requests waiting for the pending restarts.
+    waiting: Vec<RpcReplyPort<Roster>>,
     stopping: bool,
+}
+
+impl SupervisorState {
+    fn settled(&self) -> bool {
+        self.slots.iter().all(ClientSlot::settled)
+    }
+
+    /// The roster now; the restart log starts over.
+    fn roster(&mut self) -> Roster {
+        let mut restarted = std::mem::take(&mut self.restarted);
+        restarted.sort_unstable();
+        restarted.dedup();
+        Roster {
+            clients: self
+                .slots
+                .iter()
+                .map(|s| if s.given_up { None } else { s.actor.clone() })
+                .collect(),
+            restarted,
+        }
+    }
+
+    /// Answers the waiting roster requests once nothing is pending.
+    fn answer_waiting(&mut self) {
+        if self.waiting.is_empty() || !self.settled() {
+            return;
+        }
+        let roster = self.roster();
+        for reply in std::mem::take(&mut self.waiting) {
+            let _ = reply.send(roster.clone());
+        }
+    }
 }
 
 fn name(id: usize) -> String {
@@ -62,28 +102,38 @@ impl Actor for ClientSupervisor {
                 Actor::spawn_linked(Some(name(c.id)), Client, c.clone(), me.get_cell()).await?;
             slots.push(ClientSlot { actor: Some(actor), restarts: 0, given_up: false });
         }
-        *args.registry.write().map_err(|_| "client registry poisoned")? = slots;
-        Ok(SupervisorState { args, stopping: false })
+        Ok(SupervisorState {
+            args,
+            slots,
+            restarted: Vec::new(),
+            waiting: Vec::new(),
+            stopping: false,
+        })
     }
 
     async fn handle(
         &self,
         _me: ActorRef<SupervisorMsg>,
         msg: SupervisorMsg,
-        _state: &mut SupervisorState,
+        state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             // Supervision events outrank messages, so by the time this runs every death already
-            // reported has been handled (and its restart awaited).
-            SupervisorMsg::Settled { stamp, reply } => {
+            // reported has been handled (and its restart awaited). A death not reported yet
+            // shows as a handle that is not running: the answer then waits for its event.
+            SupervisorMsg::Roster { wait, stamp, reply } => {
                 let _span = profile::handling(stamp, || MessageInfo {
                     sender: "server".into(),
                     receiver: "client-supervisor".into(),
-                    message: "Settled",
+                    message: "Roster",
                     round: None,
                     bytes: 0,
                 });
-                let _ = reply.send(());
+                if wait && !state.settled() {
+                    state.waiting.push(reply);
+                } else {
+                    let _ = reply.send(state.roster());
+                }
             }
         }
         Ok(())
@@ -100,50 +150,22 @@ impl Actor for ClientSupervisor {
             SupervisionEvent::ActorFailed(cell, _) => Some(cell),
             _ => None,
         };
-        let Some(cell) = dead else { return Ok(()) };
+        // A restarted client reports itself started after its spawn returned: that, too, may
+        // settle the roster.
+        let Some(cell) = dead else {
+            state.answer_waiting();
+            return Ok(());
+        };
         if state.stopping {
             return Ok(());
         }
-        let registry = state.args.registry.clone();
-        let index = {
-            let slots = registry.read().map_err(|_| "client registry poisoned")?;
-            slots.iter().position(|s| s.actor.as_ref().is_some_and(|a| a.get_id() == cell.get_id()))
-        };
+        let index = state
+            .slots
+            .iter()
+            .position(|s| s.actor.as_ref().is_some_and(|a| a.get_id() == cell.get_id()));
         let Some(i) = index else { return Ok(()) };
-        let restarts = registry.read().map_err(|_| "client registry poisoned")?[i].restarts;
-        if restarts >= state.args.restart_limit {
-            let mut slots = registry.write().map_err(|_| "client registry poisoned")?;
-            slots[i].actor = None;
-            slots[i].given_up = true;
-            tracing::warn!(
-                "{}: restart limit {} reached, excluded",
-                name(i),
-                state.args.restart_limit
-            );
-            return Ok(());
-        }
-        tokio::time::sleep(state.args.backoff * 2u32.saturating_pow(restarts.min(10) as u32)).await;
-        let args = state.args.clients[i].clone();
-        // A fresh name per incarnation: the dead one's may not be unregistered yet.
-        let incarnation = format!("{}#{}", name(i), restarts + 1);
-        let actor = match Actor::spawn_linked(Some(incarnation), Client, args, me.get_cell()).await
-        {
-            Ok((actor, _)) => actor,
-            Err(e) => {
-                let mut slots = registry.write().map_err(|_| "client registry poisoned")?;
-                slots[i].actor = None;
-                slots[i].given_up = true;
-                tracing::warn!("{}: restart failed ({e}), excluded", name(i));
-                return Ok(());
-            }
-        };
-        {
-            let mut slots = registry.write().map_err(|_| "client registry poisoned")?;
-            slots[i].actor = Some(actor);
-            slots[i].restarts += 1;
-        }
-        state.args.restarted.write().map_err(|_| "restart log poisoned")?.push(i);
-        tracing::info!("{}: restarted ({} so far)", name(i), restarts + 1);
+        restart(&me, state, i).await;
+        state.answer_waiting();
         Ok(())
     }
 
@@ -153,21 +175,48 @@ impl Actor for ClientSupervisor {
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         state.stopping = true;
-        let clients: Vec<ActorCell> = match state.args.registry.read() {
-            Ok(slots) => {
-                slots.iter().filter_map(|s| s.actor.as_ref().map(|a| a.get_cell())).collect()
-            }
-            Err(_) => Vec::new(),
-        };
+        let clients: Vec<ActorCell> =
+            state.slots.iter().filter_map(|s| s.actor.as_ref().map(|a| a.get_cell())).collect();
         // Waited for, so that their names (`site-N`) are free when this returns.
         for c in clients {
-            crate::federation::stop_and_wait(c).await;
+            stop_and_wait(c).await;
         }
         Ok(())
     }
 }
 
-/// Drains the restart log.
-pub fn take_restarted(log: &RestartLog) -> Vec<usize> {
-    log.write().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+/// Restarts client `i` after its backoff, or gives it up (restart limit, failed restart).
+async fn restart(me: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, i: usize) {
+    let restarts = state.slots[i].restarts;
+    if restarts >= state.args.restart_limit {
+        state.slots[i].actor = None;
+        state.slots[i].given_up = true;
+        tracing::warn!("{}: restart limit {} reached, excluded", name(i), state.args.restart_limit);
+        return;
+    }
+    tokio::time::sleep(state.args.backoff * 2u32.saturating_pow(restarts.min(10) as u32)).await;
+    let args = state.args.clients[i].clone();
+    // A fresh name per incarnation: the dead one's may not be unregistered yet.
+    let incarnation = format!("{}#{}", name(i), restarts + 1);
+    match Actor::spawn_linked(Some(incarnation), Client, args, me.get_cell()).await {
+        Ok((actor, _)) => {
+            state.slots[i].actor = Some(actor);
+            state.slots[i].restarts += 1;
+            state.restarted.push(i);
+            tracing::info!("{}: restarted ({} so far)", name(i), restarts + 1);
+        }
+        Err(e) => {
+            state.slots[i].actor = None;
+            state.slots[i].given_up = true;
+            tracing::warn!("{}: restart failed ({e}), excluded", name(i));
+        }
+    }
+}
+
+/// Stops an actor and waits until it is gone (and its name free); kills it if it does not stop.
+pub async fn stop_and_wait(cell: ActorCell) {
+    let grace = Some(std::time::Duration::from_secs(10));
+    if cell.stop_and_wait(None, grace).await.is_err() {
+        let _ = cell.kill_and_wait(grace).await;
+    }
 }

@@ -1,5 +1,6 @@
 //! A small federation end to end on the real default model (SmolLM2, fetched on first use):
 //! every round completes, the traffic is what the method promises, and runs are reproducible.
+//! The message-flow trace is checked on the stand-in backend (same runtime, no model cost).
 
 use fedbpt::config::Config;
 use fedbpt_actors::federation::{self, Env};
@@ -122,7 +123,7 @@ fn trace_and_message_table_account_for_every_server_client_byte() {
     let trace = tmp.path().join("trace.json");
     let mut cmd = std::process::Command::new(bin);
     cmd.args(["run", "../configs/quickstart.toml", "--out"]).arg(&out).arg("--trace").arg(&trace);
-    for s in TINY {
+    for s in TINY.iter().chain(&["model_name=stand-in", "weights=\"f32\"", "n_prompt_tokens=2"]) {
         cmd.args(["--set", s]);
     }
     assert!(cmd.status().unwrap().success());

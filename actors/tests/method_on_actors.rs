@@ -18,7 +18,7 @@ use fedbpt::task::TaskSpec;
 use fedbpt_actors::client::{Client, ClientArgs};
 use fedbpt_actors::data_loader::{DataLoader, DataState};
 use fedbpt_actors::federation::{self, Env};
-use fedbpt_actors::messages::ClientMsg;
+use fedbpt_actors::messages::{now_ms, ClientMsg};
 use fedbpt_actors::pool::ForwardPool;
 use fedbpt_actors::profile;
 use fedbpt_actors::server::Checkpoint;
@@ -92,7 +92,13 @@ fn a_perturbing_client_uploads_the_eq7_ratio_of_its_final_mean() {
             SearchDistribution { round: 3, mean: vec![0.1; 10], sigma: 0.5, covariance: None };
         let reply = client
             .call(
-                |reply| ClientMsg::Train { dist, fault: None, stamp: profile::stamp(), reply },
+                |reply| ClientMsg::Train {
+                    dist,
+                    fault: None,
+                    deadline_ms: now_ms() + 60_000,
+                    stamp: profile::stamp(),
+                    reply,
+                },
                 None,
             )
             .await

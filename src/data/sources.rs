@@ -71,8 +71,9 @@ pub struct Columns {
     pub text_b: Option<String>,
     /// Column of the label: a class index or a class name.
     pub label: String,
-    /// Class names in index order. Without them, integer labels are indices (named `"0"`,
-    /// `"1"`, ...) and string labels are mapped to the sorted distinct strings.
+    /// Class names in index order (the run passes the task's names when the file gives none).
+    /// Without them, integer labels are indices (named `"0"`, `"1"`, ...) and string labels are
+    /// an error.
     pub label_names: Option<Vec<String>>,
 }
 
@@ -456,22 +457,36 @@ fn finish_raw(
             (0..n).map(|i| i.to_string()).collect()
         }
         None => {
-            let distinct: BTreeSet<&str> = rows.iter().map(|r| r.label.text.as_str()).collect();
-            distinct.into_iter().map(str::to_string).collect()
+            // Mapping strings in some fixed order (say, sorted) would flip every label of a file
+            // whose names sort differently from the task's classes, silently.
+            let distinct: BTreeSet<&str> = rows
+                .iter()
+                .filter(|r| r.label.index.is_none())
+                .map(|r| r.label.text.as_str())
+                .collect();
+            let shown: Vec<&str> = distinct.into_iter().take(5).collect();
+            return Err(Error::config(
+                "data.columns.label_names",
+                format!(
+                    "{}: string labels ({}) need class names in index order; \
+                     give [data.columns] label_names",
+                    path.display(),
+                    shown.join(", ")
+                ),
+            ));
         }
     };
-    // Integer labels are indices unless label_names were derived from the strings; a name match
-    // wins over an index so that names such as "1", "2" keep their meaning.
+    // Integer labels are indices; a name match wins over an index so that names such as "1",
+    // "2" keep their meaning.
     let by_name: BTreeMap<&str, usize> =
         label_names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
-    let strings_only = cols.label_names.is_none() && rows.iter().any(|r| r.label.index.is_none());
     let n = label_names.len();
     let mut examples = Vec::with_capacity(rows.len());
     for r in rows {
         let label = match (by_name.get(r.label.text.as_str()), r.label.index) {
             (Some(&i), _) => i,
-            (None, Some(i)) if i < n && !strings_only => i,
-            (None, Some(i)) if !strings_only => {
+            (None, Some(i)) if i < n => i,
+            (None, Some(i)) => {
                 return Err(Error::row(
                     path,
                     r.line,
@@ -753,7 +768,10 @@ mod tests {
             "d.csv",
             b"id,text,label\r\n1,\"Hello, \"\"world\"\"\",pos\r\n\r\n2,\"two\nlines\",neg\r\n3,plain,pos",
         );
-        let ds = load_csv(&p, &cols(None)).unwrap();
+        let e = load_csv(&p, &cols(None)).unwrap_err().to_string();
+        assert!(e.contains("d.csv") && e.contains("label_names") && e.contains("pos"), "{e}");
+        // Names given in the task's order: `neg` is class 0 whatever the order in the file.
+        let ds = load_csv(&p, &cols(Some(&["neg", "pos"]))).unwrap();
         assert_eq!(ds.name, "d");
         assert_eq!(ds.label_names, ["neg", "pos"]);
         let got: Vec<(&str, usize)> =
@@ -811,8 +829,7 @@ mod tests {
         );
         let ds = load_jsonl(&p, &cols(Some(&["neg", "pos"]))).unwrap();
         assert_eq!(ds.examples.iter().map(|e| e.label).collect::<Vec<_>>(), [1, 0]);
-        let ds = load_jsonl(&p, &cols(None)).unwrap();
-        assert_eq!(ds.label_names, ["1", "neg"]);
+        assert!(load_jsonl(&p, &cols(None)).is_err(), "a string label needs names");
 
         let c = cols(Some(&["neg", "pos"]));
         let p = write(

@@ -145,8 +145,11 @@ fn replace_rows(flat: &Tensor, at: &[u32], vectors: &Tensor) -> candle_core::Res
     flat.broadcast_mul(&keep)? + placed
 }
 
-/// BERT's `cls.predictions` or RoBERTa's `lm_head`: dense, activation, LayerNorm, decoder.
-struct MlmHead {
+/// The head of a [`MaskedLm`]: BERT's `cls.predictions` or RoBERTa's `lm_head` (dense,
+/// activation, LayerNorm, decoder), scoring classes by the logits of their label words at the
+/// template's `{mask}`. Loads checkpoints with the key layout `bert.*` + `cls.predictions.*` (BERT)
+/// or `roberta.*` + `lm_head.*` (RoBERTa, positions from `pad_token_id + 1`).
+pub struct MlmHead {
     dense: Linear,
     act: HiddenAct,
     layer_norm: LayerNorm,
@@ -156,7 +159,7 @@ struct MlmHead {
 }
 
 impl MlmHead {
-    fn load(
+    fn load_weights(
         vb: VarBuilder,
         layout: Layout,
         config: &Config,
@@ -253,17 +256,19 @@ struct Rows {
     manual: Vec<Row>,
 }
 
-/// A batch prepared by [`MaskedLm`].
-struct MlmBatch {
+/// A batch prepared by a [`PromptedBert`]: its rows and what its head scores them against.
+struct Batch<C> {
     rows: Rows,
-    label_ids: Vec<u32>,
+    classes: C,
 }
 
-/// A batch prepared by [`SentenceEncoder`].
-struct EncoderBatch {
-    rows: Rows,
+/// A batch with the prompts to score on it (`None`: the manual variant, once).
+type BatchJob<'a, C> = (&'a Batch<C>, Option<&'a [&'a [f32]]>);
+
+/// What a [`SentenceEncoder`] batch scores its rows against.
+struct LabelDescriptions {
     /// `[classes, h]`, unit rows: pooled label descriptions.
-    labels: Tensor,
+    pooled: Tensor,
     temperature: f32,
 }
 
@@ -553,6 +558,8 @@ impl TextSide {
 
 /// A safetensors checkpoint, memory-mapped, with its tensor names and parameter count.
 struct Checkpoint {
+    /// The file, for errors about its contents.
+    path: PathBuf,
     vb: VarBuilder<'static>,
     names: HashSet<String>,
     n_params: usize,
@@ -576,7 +583,7 @@ fn open_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
         names.insert(name);
     }
     let vb = VarBuilder::from_backend(Box::new(st), DType::F32, device.clone());
-    Ok(Checkpoint { vb, names, n_params })
+    Ok(Checkpoint { path: path.to_path_buf(), vb, names, n_params })
 }
 
 /// Standard deviation of all entries of `[rows, cols]` (f64 accumulation over row sums).
@@ -608,8 +615,7 @@ impl Backbone {
         position_offset: usize,
         family: &str,
     ) -> Result<Self> {
-        let weights = dir.join("model.safetensors");
-        let wrap = |e: candle_core::Error| Error::file(&weights, e.to_string());
+        let wrap = |e: candle_core::Error| Error::file(&ckpt.path, e.to_string());
         let vb = if prefix.is_empty() {
             ckpt.vb.clone()
         } else {
@@ -843,90 +849,101 @@ fn pool_unit(hidden: &Tensor, rows: &[&Row]) -> Result<Tensor> {
     Ok(pooled.broadcast_div(&norm)?)
 }
 
-/// A masked LM (BERT or RoBERTa family with its MLM head) scoring classes by the MLM logits of
-/// the label words at the template's `{mask}`.
-pub struct MaskedLm {
-    body: Backbone,
-    head: MlmHead,
+/// What sets the two backends apart: which checkpoints a head loads, what its batches carry
+/// besides the rows, and how the final hidden states become class scores.
+///
+/// Private on purpose: its methods use this module's internals, and the only heads are
+/// [`MlmHead`] and [`EncoderHead`].
+trait ScoringHead: Sized + Send + Sync + 'static {
+    /// The backend's name, for errors about a batch prepared by another backend.
+    const BACKEND: &'static str;
+    /// What a prepared batch scores its rows against.
+    type Classes: Send + Sync + 'static;
+
+    /// Finds the body's keys in `ckpt` and loads the body, then the head.
+    fn load(
+        dir: &Path,
+        settings: PromptSettings,
+        config: &Config,
+        ckpt: &Checkpoint,
+    ) -> Result<(Backbone, Self)>;
+
+    /// Checks `task` against this head and tokenizes `examples`; returns their labels and the
+    /// batch.
+    fn prepare(
+        body: &Backbone,
+        task: &TaskSpec,
+        examples: &[Example],
+        noise: Option<TokenNoise>,
+    ) -> Result<(Vec<usize>, Batch<Self::Classes>)>;
+
+    /// One feature row per row of a chunk (`[b, k]` from hidden states `[b, t, h]`).
+    fn features(hidden: &Tensor, rows: &[&Row]) -> Result<Tensor>;
+
+    /// Class scores `[b, classes]` of feature rows that all belong to one batch.
+    fn class_scores(&self, features: &Tensor, classes: &Self::Classes) -> Result<Tensor>;
 }
 
-impl MaskedLm {
+/// A BERT-family model taking a soft prompt at its placeholders, with scoring head `H`:
+/// [`MaskedLm`] or [`SentenceEncoder`].
+pub struct PromptedBert<H> {
+    body: Backbone,
+    head: H,
+}
+
+/// A masked LM (BERT or RoBERTa family with its MLM head) scoring classes by the MLM logits of
+/// the label words at the template's `{mask}`.
+pub type MaskedLm = PromptedBert<MlmHead>;
+
+/// A sentence encoder without LM head (MiniLM-style) scoring classes by the cosine between the
+/// mean-pooled prompted input and each mean-pooled label description, over the temperature.
+pub type SentenceEncoder = PromptedBert<EncoderHead>;
+
+// The bound names a private trait: only this module's heads can be plugged in.
+#[allow(private_bounds)]
+impl<H: ScoringHead> PromptedBert<H> {
     /// Loads `config.json`, `model.safetensors` (f32, memory-mapped) and `tokenizer.json` from
-    /// a Hugging Face directory. The key layout decides the family: `bert.*` + `cls.predictions.*`
-    /// (BERT) or `roberta.*` + `lm_head.*` (RoBERTa, positions from `pad_token_id + 1`).
+    /// a Hugging Face directory. The head decides which key layouts it accepts (see [`MlmHead`]
+    /// and [`EncoderHead`]).
     pub fn load(dir: &Path, settings: PromptSettings, device: &Device) -> Result<Self> {
         let config = read_config(&dir.join("config.json"))?;
-        let weights = dir.join("model.safetensors");
-        let ckpt = open_checkpoint(&weights, device)?;
-        let has = |k: &str| ckpt.names.contains(k);
-        let (layout, prefix, offset, family) = if has("bert.embeddings.word_embeddings.weight")
-            && has("cls.predictions.transform.dense.weight")
-        {
-            (Layout::Bert, "bert.", 0, "bert")
-        } else if has("roberta.embeddings.word_embeddings.weight") && has("lm_head.dense.weight") {
-            (Layout::Roberta, "roberta.", config.pad_token_id + 1, "roberta")
-        } else {
-            return Err(Error::file(
-                &weights,
-                "no masked-LM layout: expected bert.* with cls.predictions.* (BERT) or roberta.* with lm_head.* (RoBERTa)",
-            ));
-        };
-        let body = Backbone::load(dir, settings, &config, &ckpt, prefix, offset, family)?;
-        let head = MlmHead::load(
-            ckpt.vb.clone(),
-            layout,
-            &config,
-            body.embeddings.word.embeddings(),
-            &ckpt.names,
-        )
-        .map_err(|e| Error::file(&weights, e.to_string()))?;
+        let ckpt = open_checkpoint(&dir.join("model.safetensors"), device)?;
+        let (body, head) = H::load(dir, settings, &config, &ckpt)?;
         Ok(Self { body, head })
     }
 
-    /// Multiplies the encoder's linear layers in bf16 from now on (see [`super::bf16`]); the
-    /// MLM head stays f32.
+    /// Multiplies the encoder's linear layers in bf16 from now on (see [`super::bf16`]); an MLM
+    /// head stays f32.
     pub fn use_bf16(&mut self) -> Result<()> {
         Ok(self.body.encoder.use_bf16()?)
     }
 
     /// Token ids of a prepared batch, with or without the placeholders (for inspection).
     pub fn input_ids(&self, batch: &Prepared, with_placeholders: bool) -> Result<Vec<Vec<u32>>> {
-        let b = downcast::<MlmBatch>(batch, "MaskedLm")?;
-        Ok(Backbone::input_ids(&b.rows, with_placeholders))
+        Ok(Backbone::input_ids(&Self::batch(batch)?.rows, with_placeholders))
+    }
+
+    fn batch(batch: &Prepared) -> Result<&Batch<H::Classes>> {
+        downcast::<Batch<H::Classes>>(batch, H::BACKEND)
     }
 
     fn score(&self, batch: &Prepared, prompts: Option<&[&[f32]]>) -> Result<Vec<Vec<Vec<f32>>>> {
-        let b = downcast::<MlmBatch>(batch, "MaskedLm")?;
-        only_job(self.score_jobs(&[(b, prompts)])?)
+        only_job(self.score_jobs(&[(Self::batch(batch)?, prompts)])?)
     }
 
     /// `[job][prompt][example][class]`, all jobs' rows sharing passes.
-    fn score_jobs(
-        &self,
-        jobs: &[(&MlmBatch, Option<&[&[f32]]>)],
-    ) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
-        let dev = &self.body.device;
-        let ids = jobs
-            .iter()
-            .map(|(b, _)| Tensor::new(b.label_ids.as_slice(), dev))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+    fn score_jobs(&self, jobs: &[BatchJob<'_, H::Classes>]) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
         let run: Vec<RunJob> =
             jobs.iter().map(|&(b, p)| RunJob { rows: &b.rows, prompts: p }).collect();
         self.body.run_jobs(&run, |hidden, rows, job_of| {
-            let (bsz, t, h) = hidden.dims3()?;
-            let at: Vec<u32> = rows
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (i * t + r.mask_pos.unwrap_or(0)) as u32)
-                .collect();
-            let at = Tensor::from_vec(at, bsz, hidden.device())?;
-            let xs = hidden.reshape((bsz * t, h))?.index_select(&at, 0)?;
-            per_job(job_of, &xs, |j, x| Ok(self.head.logits(x, &ids[j])?))
+            per_job(job_of, &H::features(hidden, rows)?, |j, features| {
+                self.head.class_scores(features, &jobs[j].0.classes)
+            })
         })
     }
 }
 
-impl PromptModel for MaskedLm {
+impl<H: ScoringHead> PromptModel for PromptedBert<H> {
     fn info(&self) -> &ModelInfo {
         &self.body.info
     }
@@ -941,35 +958,13 @@ impl PromptModel for MaskedLm {
         examples: &[Example],
         noise: Option<TokenNoise>,
     ) -> Result<Prepared> {
-        let n_classes = task.n_classes();
-        if task.mlm.label_words.len() != n_classes {
-            return Err(Error::Task(format!(
-                "{} label words for {n_classes} classes",
-                task.mlm.label_words.len()
-            )));
-        }
-        let label_ids = task
-            .mlm
-            .label_words
-            .iter()
-            .map(|w| self.body.text.single_token(w))
-            .collect::<Result<Vec<_>>>()?;
-        let labels = Backbone::check_labels(examples, n_classes)?;
-        let rows = self.body.text.encode_all(
-            &task.mlm.template,
-            examples,
-            self.body.settings.placement,
-            noise,
-        )?;
-        if rows.manual.iter().any(|r| r.mask_pos.is_none()) {
-            return Err(Error::Task(format!("template {:?} has no {{mask}}", task.mlm.template)));
-        }
-        let tokens_per_pass = rows.prompted.iter().map(|r| r.ids.len()).sum();
+        let (labels, batch) = H::prepare(&self.body, task, examples, noise)?;
+        let tokens_per_pass = batch.rows.prompted.iter().map(|r| r.ids.len()).sum();
         Ok(Prepared {
             labels,
-            n_classes,
+            n_classes: task.n_classes(),
             tokens_per_pass,
-            inner: Box::new(MlmBatch { rows, label_ids }),
+            inner: Box::new(batch),
         })
     }
 
@@ -989,87 +984,131 @@ impl PromptModel for MaskedLm {
     fn scores_jobs(&self, jobs: &[ScoreJob<'_>]) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
         let jobs = jobs
             .iter()
-            .map(|j| Ok((downcast::<MlmBatch>(j.batch, "MaskedLm")?, Some(j.prompts))))
+            .map(|j| Ok((Self::batch(j.batch)?, Some(j.prompts))))
             .collect::<Result<Vec<_>>>()?;
         self.score_jobs(&jobs)
     }
 }
 
-/// A sentence encoder without LM head (MiniLM-style) scoring classes by the cosine between the
-/// mean-pooled prompted input and each mean-pooled label description, over the temperature.
-pub struct SentenceEncoder {
-    body: Backbone,
+impl ScoringHead for MlmHead {
+    const BACKEND: &'static str = "MaskedLm";
+    /// The label words' token ids, `[classes]`.
+    type Classes = Tensor;
+
+    fn load(
+        dir: &Path,
+        settings: PromptSettings,
+        config: &Config,
+        ckpt: &Checkpoint,
+    ) -> Result<(Backbone, Self)> {
+        let has = |k: &str| ckpt.names.contains(k);
+        let (layout, prefix, offset, family) = if has("bert.embeddings.word_embeddings.weight")
+            && has("cls.predictions.transform.dense.weight")
+        {
+            (Layout::Bert, "bert.", 0, "bert")
+        } else if has("roberta.embeddings.word_embeddings.weight") && has("lm_head.dense.weight") {
+            (Layout::Roberta, "roberta.", config.pad_token_id + 1, "roberta")
+        } else {
+            return Err(Error::file(
+                &ckpt.path,
+                "no masked-LM layout: expected bert.* with cls.predictions.* (BERT) or roberta.* with lm_head.* (RoBERTa)",
+            ));
+        };
+        let body = Backbone::load(dir, settings, config, ckpt, prefix, offset, family)?;
+        let head = Self::load_weights(
+            ckpt.vb.clone(),
+            layout,
+            config,
+            body.embeddings.word.embeddings(),
+            &ckpt.names,
+        )
+        .map_err(|e| Error::file(&ckpt.path, e.to_string()))?;
+        Ok((body, head))
+    }
+
+    fn prepare(
+        body: &Backbone,
+        task: &TaskSpec,
+        examples: &[Example],
+        noise: Option<TokenNoise>,
+    ) -> Result<(Vec<usize>, Batch<Tensor>)> {
+        let n_classes = task.n_classes();
+        if task.mlm.label_words.len() != n_classes {
+            return Err(Error::Task(format!(
+                "{} label words for {n_classes} classes",
+                task.mlm.label_words.len()
+            )));
+        }
+        let label_ids = task
+            .mlm
+            .label_words
+            .iter()
+            .map(|w| body.text.single_token(w))
+            .collect::<Result<Vec<_>>>()?;
+        let labels = Backbone::check_labels(examples, n_classes)?;
+        let rows =
+            body.text.encode_all(&task.mlm.template, examples, body.settings.placement, noise)?;
+        if rows.manual.iter().any(|r| r.mask_pos.is_none()) {
+            return Err(Error::Task(format!("template {:?} has no {{mask}}", task.mlm.template)));
+        }
+        // On the device once here rather than at every scoring call.
+        let label_ids = Tensor::new(label_ids.as_slice(), &body.device)?;
+        Ok((labels, Batch { rows, classes: label_ids }))
+    }
+
+    /// The hidden state at each row's `{mask}` (`prepare` made sure every row has one).
+    fn features(hidden: &Tensor, rows: &[&Row]) -> Result<Tensor> {
+        let (bsz, t, h) = hidden.dims3()?;
+        let at: Vec<u32> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i * t + r.mask_pos.unwrap_or(0)) as u32)
+            .collect();
+        let at = Tensor::from_vec(at, bsz, hidden.device())?;
+        Ok(hidden.reshape((bsz * t, h))?.index_select(&at, 0)?)
+    }
+
+    fn class_scores(&self, features: &Tensor, label_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.logits(features, label_ids)?)
+    }
 }
 
-impl SentenceEncoder {
-    /// Loads `config.json`, `model.safetensors` and `tokenizer.json` from a directory. Keys may
-    /// carry no prefix (`embeddings.*`, `encoder.*`, as sentence-transformers saves them) or a
-    /// `bert.` / `roberta.` one.
-    pub fn load(dir: &Path, settings: PromptSettings, device: &Device) -> Result<Self> {
-        let config = read_config(&dir.join("config.json"))?;
-        let weights = dir.join("model.safetensors");
-        let ckpt = open_checkpoint(&weights, device)?;
+/// The head of a [`SentenceEncoder`]: no weights of its own, the cosine between the mean-pooled
+/// input and each mean-pooled label description over the task's temperature. Loads checkpoints
+/// whose keys carry no prefix (`embeddings.*`, `encoder.*`, as sentence-transformers saves them)
+/// or a `bert.` / `roberta.` one.
+pub struct EncoderHead;
+
+impl ScoringHead for EncoderHead {
+    const BACKEND: &'static str = "SentenceEncoder";
+    type Classes = LabelDescriptions;
+
+    fn load(
+        dir: &Path,
+        settings: PromptSettings,
+        config: &Config,
+        ckpt: &Checkpoint,
+    ) -> Result<(Backbone, Self)> {
         let prefix = ["", "bert.", "roberta."]
             .into_iter()
             .find(|p| ckpt.names.contains(&format!("{p}embeddings.word_embeddings.weight")))
-            .ok_or_else(|| Error::file(&weights, "no embeddings.word_embeddings.weight (with or without a bert./roberta. prefix)"))?;
+            .ok_or_else(|| Error::file(&ckpt.path, "no embeddings.word_embeddings.weight (with or without a bert./roberta. prefix)"))?;
         let roberta = prefix == "roberta."
             || matches!(
                 config.model_type.as_deref(),
                 Some("roberta" | "xlm-roberta" | "camembert")
             );
         let offset = if roberta { config.pad_token_id + 1 } else { 0 };
-        let body = Backbone::load(dir, settings, &config, &ckpt, prefix, offset, "minilm-encoder")?;
-        Ok(Self { body })
-    }
-
-    /// Multiplies the encoder's linear layers in bf16 from now on (see [`super::bf16`]).
-    pub fn use_bf16(&mut self) -> Result<()> {
-        Ok(self.body.encoder.use_bf16()?)
-    }
-
-    /// Token ids of a prepared batch, with or without the placeholders (for inspection).
-    pub fn input_ids(&self, batch: &Prepared, with_placeholders: bool) -> Result<Vec<Vec<u32>>> {
-        let b = downcast::<EncoderBatch>(batch, "SentenceEncoder")?;
-        Ok(Backbone::input_ids(&b.rows, with_placeholders))
-    }
-
-    fn score(&self, batch: &Prepared, prompts: Option<&[&[f32]]>) -> Result<Vec<Vec<Vec<f32>>>> {
-        let b = downcast::<EncoderBatch>(batch, "SentenceEncoder")?;
-        only_job(self.score_jobs(&[(b, prompts)])?)
-    }
-
-    /// `[job][prompt][example][class]`, all jobs' rows sharing passes.
-    fn score_jobs(
-        &self,
-        jobs: &[(&EncoderBatch, Option<&[&[f32]]>)],
-    ) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
-        let run: Vec<RunJob> =
-            jobs.iter().map(|&(b, p)| RunJob { rows: &b.rows, prompts: p }).collect();
-        self.body.run_jobs(&run, |hidden, rows, job_of| {
-            per_job(job_of, &pool_unit(hidden, rows)?, |j, pooled| {
-                let b = jobs[j].0;
-                Ok(pooled.matmul(&b.labels.t()?)?.affine(1.0 / b.temperature as f64, 0.0)?)
-            })
-        })
-    }
-}
-
-impl PromptModel for SentenceEncoder {
-    fn info(&self) -> &ModelInfo {
-        &self.body.info
-    }
-
-    fn settings(&self) -> &PromptSettings {
-        &self.body.settings
+        let body = Backbone::load(dir, settings, config, ckpt, prefix, offset, "minilm-encoder")?;
+        Ok((body, Self))
     }
 
     fn prepare(
-        &self,
+        body: &Backbone,
         task: &TaskSpec,
         examples: &[Example],
         noise: Option<TokenNoise>,
-    ) -> Result<Prepared> {
+    ) -> Result<(Vec<usize>, Batch<LabelDescriptions>)> {
         let n_classes = task.n_classes();
         let enc = &task.encoder;
         if enc.label_descriptions.len() != n_classes {
@@ -1091,44 +1130,21 @@ impl PromptModel for SentenceEncoder {
             .iter()
             .map(|d| Example { text: d.clone(), text_b: None, label: 0 })
             .collect();
-        let desc_rows = self.body.text.encode_all("{text}", &descs, Placement::Prefix, None)?;
-        let pooled = self.body.run(&desc_rows, None, pool_unit)?.pop().unwrap_or_default();
-        let h = self.body.info.hidden_size;
+        let desc_rows = body.text.encode_all("{text}", &descs, Placement::Prefix, None)?;
+        let pooled = body.run(&desc_rows, None, pool_unit)?.pop().unwrap_or_default();
+        let h = body.info.hidden_size;
         let flat: Vec<f32> = pooled.into_iter().flatten().collect();
-        let label_emb = Tensor::from_vec(flat, (n_classes, h), &self.body.device)?;
-        let rows = self.body.text.encode_all(
-            &enc.template,
-            examples,
-            self.body.settings.placement,
-            noise,
-        )?;
-        let tokens_per_pass = rows.prompted.iter().map(|r| r.ids.len()).sum();
-        Ok(Prepared {
-            labels,
-            n_classes,
-            tokens_per_pass,
-            inner: Box::new(EncoderBatch { rows, labels: label_emb, temperature: enc.temperature }),
-        })
+        let pooled = Tensor::from_vec(flat, (n_classes, h), &body.device)?;
+        let rows = body.text.encode_all(&enc.template, examples, body.settings.placement, noise)?;
+        let classes = LabelDescriptions { pooled, temperature: enc.temperature };
+        Ok((labels, Batch { rows, classes }))
     }
 
-    fn scores(&self, batch: &Prepared, prompt: Option<&[f32]>) -> Result<Vec<Vec<f32>>> {
-        let prompts = prompt.map(|p| vec![p]);
-        Ok(self.score(batch, prompts.as_deref())?.pop().unwrap_or_default())
+    fn features(hidden: &Tensor, rows: &[&Row]) -> Result<Tensor> {
+        pool_unit(hidden, rows)
     }
 
-    /// All prompts in one stacked forward per chunk (rows = prompts x examples).
-    fn scores_many(&self, batch: &Prepared, prompts: &[&[f32]]) -> Result<Vec<Vec<Vec<f32>>>> {
-        if prompts.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.score(batch, Some(prompts))
-    }
-    /// All jobs' (prompt, example) rows in shared length-sorted passes.
-    fn scores_jobs(&self, jobs: &[ScoreJob<'_>]) -> Result<Vec<Vec<Vec<Vec<f32>>>>> {
-        let jobs = jobs
-            .iter()
-            .map(|j| Ok((downcast::<EncoderBatch>(j.batch, "SentenceEncoder")?, Some(j.prompts))))
-            .collect::<Result<Vec<_>>>()?;
-        self.score_jobs(&jobs)
+    fn class_scores(&self, pooled: &Tensor, labels: &LabelDescriptions) -> Result<Tensor> {
+        Ok(pooled.matmul(&labels.pooled.t()?)?.affine(1.0 / labels.temperature as f64, 0.0)?)
     }
 }

@@ -1,0 +1,296 @@
+//! One round of the federation, in the order the server runs it:
+//!
+//! 1. the roster: the clients that are up once pending restarts finished, and who restarted;
+//! 2. this round's faults ([`crate::fault_plan`]) and the kills before the round;
+//! 3. the sampled clients and the search distribution they start from;
+//! 4. attempts: send the distribution, gather the replies before the deadline, and let the
+//!    round's rule ([`QuorumRule`]) decide to aggregate, retry (with a fresh roster: restarted
+//!    clients have new handles) or skip;
+//! 5. the aggregation, the evaluation of the global mean, best-on-dev, and the round's record.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use fedbpt::config::Config;
+use fedbpt::objective::BestOnDev;
+use fedbpt::protocol::{ClientUpdate, SearchDistribution};
+use fedbpt::strategy::{sample_clients, Aggregator, QuorumRule, RoundDecision};
+use ractor::rpc::CallResult;
+use ractor::ActorRef;
+
+use crate::fault_plan::{plan_faults, RoundFaults};
+use crate::messages::{
+    now_ms, wire_size, ClientFault, ClientMsg, EvalMsg, Evaluation, Roster, SupervisorMsg,
+};
+use crate::profile::{self, MessageInfo, Stamp};
+use crate::server::RoundRecord;
+
+/// What a round reads and changes of the server's state.
+pub struct RoundContext<'a> {
+    pub cfg: &'a Config,
+    pub aggregator: &'a mut dyn Aggregator,
+    pub supervisor: &'a ActorRef<SupervisorMsg>,
+    pub evaluator: &'a ActorRef<EvalMsg>,
+    pub started: Instant,
+    pub best_dev: &'a mut Option<BestOnDev>,
+}
+
+pub(crate) fn site(i: usize) -> String {
+    format!("site-{}", i + 1)
+}
+
+/// Runs `round` to its record.
+pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<RoundRecord, String> {
+    let cfg = ctx.cfg;
+    let deadline = Duration::from_secs_f64(cfg.runtime.round_timeout_s);
+    // 1. The clients that are up.
+    let mut roster = settled_roster(ctx.supervisor, deadline).await?;
+    let restarted: Vec<String> = roster.restarted.iter().map(|&i| site(i)).collect();
+    // 2. Faults, and the kills before the round.
+    let faults = plan_faults(cfg, round);
+    let mut killed = kill_before(&roster, &faults).await;
+    // 3. Who takes part, from where.
+    let sampled = sample_clients(cfg.seed, round, cfg.num_users, cfg.clients_per_round);
+    let dist = ctx.aggregator.configure(round);
+    // Clients that will kill themselves mid-search are counted as killed this round.
+    for (&i, fault) in &faults.inside {
+        let takes_part = sampled.binary_search(&i).is_ok()
+            && roster.clients.get(i).is_some_and(Option::is_some)
+            && !faults.kill_before.contains(&i);
+        if *fault == ClientFault::DieMidSearch && takes_part {
+            killed.push(site(i));
+        }
+    }
+    killed.sort();
+    // 4. Attempts until the rule decides.
+    let rule = QuorumRule {
+        min_clients: cfg.min_clients,
+        policy: cfg.faults.quorum_policy,
+        max_retries: cfg.faults.max_round_retries,
+    };
+    let mut retries = 0;
+    let (attempt, decision) = loop {
+        // A retried round runs without the injected faults: they were this round's events.
+        let first = retries == 0;
+        let (participants, excluded) = participants(&roster, &sampled, &faults, first);
+        let faults_now = if first { Some(&faults) } else { None };
+        let attempt = gather(&participants, &dist, faults_now, deadline, excluded).await;
+        match rule.decide(attempt.updates.len(), retries) {
+            RoundDecision::Retry => {
+                retries += 1;
+                roster = settled_roster(ctx.supervisor, deadline).await?;
+            }
+            decision => break (attempt, decision),
+        }
+    };
+    // 5. Aggregate, evaluate, record.
+    let aggregated = decision == RoundDecision::Aggregate;
+    if aggregated {
+        ctx.aggregator.aggregate(round, &attempt.updates).map_err(|e| e.to_string())?;
+    }
+    let z = ctx.aggregator.global_mean();
+    let with_test = round.is_multiple_of(cfg.eval_every) || round == cfg.num_rounds;
+    let eval = evaluate(ctx.evaluator, &z, with_test).await?;
+    BestOnDev::offer(ctx.best_dev, eval.dev_acc, eval.dev_loss, round, &z);
+    let updates = attempt.updates;
+    let train_loss = (!updates.is_empty())
+        .then(|| updates.iter().map(|u| u.loss).sum::<f64>() / updates.len() as f64);
+    let clients_sampled = if sampled.len() < cfg.num_users {
+        sampled.iter().map(|&i| site(i)).collect()
+    } else {
+        Vec::new()
+    };
+    Ok(RoundRecord {
+        round,
+        test_acc: eval.test_acc,
+        dev_acc: eval.dev_acc,
+        dev_loss: eval.dev_loss,
+        train_loss,
+        sigma: ctx.aggregator.sigma(),
+        clients_ok: updates.len(),
+        clients_sampled,
+        clients_killed: killed,
+        clients_restarted: restarted,
+        clients_late: attempt.late.iter().map(|&i| site(i)).collect(),
+        clients_excluded: attempt.excluded,
+        aggregated,
+        retries,
+        bytes_up: updates.iter().map(wire_size).sum(),
+        bytes_down: wire_size(&dist) * attempt.contacted,
+        wall_s: ctx.started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The roster once restarts finished (at most `timeout`; then the roster as it stands).
+async fn settled_roster(
+    supervisor: &ActorRef<SupervisorMsg>,
+    timeout: Duration,
+) -> Result<Roster, String> {
+    let ask = |wait: bool| {
+        supervisor.call(
+            move |reply| SupervisorMsg::Roster { wait, stamp: profile::stamp(), reply },
+            Some(timeout),
+        )
+    };
+    match ask(true).await {
+        Ok(CallResult::Success(r)) => Ok(r),
+        Ok(CallResult::Timeout) => match ask(false).await {
+            Ok(CallResult::Success(r)) => Ok(r),
+            _ => Err("the client supervisor did not answer".into()),
+        },
+        _ => Err("the client supervisor is gone".into()),
+    }
+}
+
+/// Kills the clients the plan kills before the round; returns their names.
+async fn kill_before(roster: &Roster, faults: &RoundFaults) -> Vec<String> {
+    let mut killed = Vec::new();
+    for &i in &faults.kill_before {
+        if let Some(Some(a)) = roster.clients.get(i) {
+            let _ = a.get_cell().kill_and_wait(Some(Duration::from_secs(10))).await;
+            killed.push(site(i));
+        }
+    }
+    killed
+}
+
+/// The sampled clients this attempt contacts, and the reasons the others are left out. The
+/// first attempt leaves out the clients killed before it; a retry contacts them (restarted).
+fn participants(
+    roster: &Roster,
+    sampled: &[usize],
+    faults: &RoundFaults,
+    first: bool,
+) -> (Vec<(usize, ActorRef<ClientMsg>)>, Vec<String>) {
+    let mut contacted = Vec::new();
+    let mut excluded = Vec::new();
+    for &i in sampled {
+        match roster.clients.get(i) {
+            _ if first && faults.kill_before.contains(&i) => {
+                excluded.push(format!("{}: killed before the round", site(i)))
+            }
+            Some(Some(a)) => contacted.push((i, a.clone())),
+            _ => excluded.push(format!("{}: restart limit reached", site(i))),
+        }
+    }
+    (contacted, excluded)
+}
+
+/// The replies of one attempt.
+struct Attempt {
+    /// In increasing client order.
+    updates: Vec<ClientUpdate>,
+    /// No reply within the deadline, in increasing order.
+    late: Vec<usize>,
+    /// Left out or failed, with why, sorted.
+    excluded: Vec<String>,
+    /// Clients the distribution was sent to.
+    contacted: usize,
+}
+
+enum Outcome {
+    Ok(Box<ClientUpdate>, Stamp),
+    Late,
+    Failed(String),
+}
+
+/// Sends `dist` to every participant and gathers what comes back before `deadline`.
+async fn gather(
+    participants: &[(usize, ActorRef<ClientMsg>)],
+    dist: &SearchDistribution,
+    faults: Option<&RoundFaults>,
+    deadline: Duration,
+    mut excluded: Vec<String>,
+) -> Attempt {
+    let round = dist.round;
+    let deadline_ms = now_ms().saturating_add(deadline.as_millis() as u64);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, client) in participants {
+        let (i, client, dist) = (*i, client.clone(), dist.clone());
+        let fault = faults.and_then(|f| f.inside(i));
+        tasks.spawn(async move {
+            let r = match client
+                .call(
+                    |reply| ClientMsg::Train {
+                        dist,
+                        fault,
+                        deadline_ms,
+                        stamp: profile::stamp(),
+                        reply,
+                    },
+                    Some(deadline),
+                )
+                .await
+            {
+                Ok(CallResult::Success(Ok((u, stamp)))) => Outcome::Ok(Box::new(u), stamp),
+                Ok(CallResult::Success(Err(e))) => Outcome::Failed(e),
+                Ok(CallResult::Timeout) => Outcome::Late,
+                Ok(CallResult::SenderError) => {
+                    Outcome::Failed("stopped or dropped its reply".into())
+                }
+                Err(e) => Outcome::Failed(format!("unreachable: {e}")),
+            };
+            (i, r)
+        });
+    }
+    let mut updates: Vec<ClientUpdate> = Vec::new();
+    let mut late = BTreeSet::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((i, Outcome::Ok(u, stamp))) if u.round == round => {
+                profile::received(
+                    stamp,
+                    MessageInfo {
+                        sender: site(i),
+                        receiver: "server".into(),
+                        message: "ClientUpdate",
+                        round: Some(round),
+                        bytes: wire_size(&*u),
+                    },
+                );
+                updates.push(*u)
+            }
+            Ok((i, Outcome::Ok(u, _))) => {
+                excluded.push(format!("{}: reply for round {} discarded", site(i), u.round))
+            }
+            Ok((i, Outcome::Late)) => {
+                late.insert(i);
+            }
+            Ok((i, Outcome::Failed(e))) => excluded.push(format!("{}: {e}", site(i))),
+            Err(e) => excluded.push(format!("a reply task failed: {e}")),
+        }
+    }
+    // Arrival order varies; the record must not.
+    updates.sort_by_key(|u| u.client);
+    excluded.extend(
+        late.iter()
+            .map(|&i| format!("{}: no reply within {:.0} s", site(i), deadline.as_secs_f64())),
+    );
+    excluded.sort();
+    Attempt { updates, late: late.into_iter().collect(), excluded, contacted: participants.len() }
+}
+
+/// Dev metrics (and test, when asked) of the global mean.
+async fn evaluate(
+    evaluator: &ActorRef<EvalMsg>,
+    z: &[f32],
+    with_test: bool,
+) -> Result<Evaluation, String> {
+    let z = z.to_vec();
+    match evaluator
+        .call(
+            |reply| EvalMsg::Evaluate {
+                z,
+                with_test,
+                from: "server",
+                stamp: profile::stamp(),
+                reply,
+            },
+            None,
+        )
+        .await
+    {
+        Ok(CallResult::Success(r)) => r,
+        _ => Err("the evaluator did not answer".into()),
+    }
+}
