@@ -249,6 +249,8 @@ pub const MAX_THREADS: usize = 1024;
 /// Largest intrinsic dimension: every CMA-ES holds `d x d` covariance and eigenbasis matrices
 /// in f64 (1.6 GB at d = 10,000), one per running search.
 pub const MAX_INTRINSIC_DIM: usize = 10_000;
+/// Largest CMA-ES population (a population is `d x popsize` f64, and each candidate a forward).
+pub const MAX_POPSIZE: usize = 10_000;
 
 /// Every knob of a run. Names follow the reference job where it has one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -489,6 +491,13 @@ impl Config {
             MAX_INTRINSIC_DIM,
             "each search holds d x d f64 matrices",
         )?;
+        at_most("popsize", self.popsize, MAX_POPSIZE, "each population is d x popsize f64")?;
+        at_most(
+            "local_popsize",
+            self.local_popsize,
+            MAX_POPSIZE,
+            "each population is d x popsize f64",
+        )?;
         if self.popsize < 2 {
             return Err(Error::config("popsize", "must be >= 2"));
         }
@@ -617,6 +626,8 @@ mod tests {
             ("runtime.round_timeout_s=1e300", "runtime.round_timeout_s"),
             ("faults.restart_backoff_ms=18446744073709551615", "faults.restart_backoff_ms"),
             ("test_size=0", "test_size"),
+            ("popsize=1000000000", "popsize"),
+            ("local_popsize=1000000000", "local_popsize"),
         ] {
             let e = Config::from_toml_str("", &[set.into()]).unwrap_err().to_string();
             assert!(e.contains(key), "{set}: {e}");

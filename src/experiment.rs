@@ -303,15 +303,21 @@ fn read_dataset(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Dataset>
 
 /// The test set's size for a corpus of `n` examples: `test_size`, but at most half the corpus
 /// (the rest feeds the k-shot sets), with a warning when that clamps it.
-pub fn test_size_for(cfg: &Config, n: usize) -> (usize, Option<String>) {
+pub fn test_size_for(cfg: &Config, n: usize) -> Result<(usize, Option<String>)> {
     let size = cfg.test_size.min(n / 2);
+    if size == 0 {
+        return Err(Error::config(
+            "test_size",
+            format!("{n} examples leave no test set (it takes at most half of them)"),
+        ));
+    }
     let warning = (size < cfg.test_size).then(|| {
         format!(
             "test_size = {} is more than half of the {n} examples: the test set has {size}",
             cfg.test_size
         )
     });
-    (size, warning)
+    Ok((size, warning))
 }
 
 /// The fixed test split and the seeded k-shot train/dev sets.
@@ -320,11 +326,59 @@ pub fn load_split(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<(Datas
     for w in &ds.warnings {
         progress(&format!("data warning: {w}"));
     }
-    let (test_size, clamped) = test_size_for(cfg, ds.examples.len());
+    let (test_size, clamped) = test_size_for(cfg, ds.examples.len())?;
     if let Some(w) = clamped {
         progress(&format!("warning: {w}"));
     }
     let (rest, test) = test_split(&ds, test_size, TEST_SPLIT_SEED)?;
     let (train, dev) = k_shot(&rest, ds.label_names.len(), cfg.k_shot, cfg.seed)?;
     Ok((ds, Split { train, dev, test }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jsonl_config(dir: &Path, lines: &str) -> Config {
+        let p = dir.join("reviews.jsonl");
+        std::fs::write(&p, lines).unwrap();
+        let text = format!(
+            "task_name = \"mr\"\n[data]\npath = {:?}\nformat = \"jsonl\"\n[data.columns]\ntext = \"t\"\nlabel = \"l\"\n",
+            p
+        );
+        Config::from_toml_str(&text, &[]).unwrap()
+    }
+
+    #[test]
+    fn string_labels_map_by_the_task_names_or_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Names that sort the other way from the task's classes still map by name.
+        let cfg = jsonl_config(
+            dir.path(),
+            "{\"t\": \"a\", \"l\": \"positive\"}\n{\"t\": \"b\", \"l\": \"negative\"}\n",
+        );
+        let ds = load_dataset(&cfg, &mut |_| {}).unwrap();
+        assert_eq!(ds.label_names, ["negative", "positive"]);
+        assert_eq!(ds.examples.iter().map(|e| e.label).collect::<Vec<_>>(), [1, 0]);
+        // Names the task does not have are refused, not mapped in some order.
+        let cfg = jsonl_config(
+            dir.path(),
+            "{\"t\": \"a\", \"l\": \"terrible\"}\n{\"t\": \"b\", \"l\": \"great\"}\n",
+        );
+        let e = load_dataset(&cfg, &mut |_| {}).unwrap_err().to_string();
+        assert!(
+            e.contains("reviews.jsonl") && e.contains("terrible") && e.contains("negative"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_corpus_too_small_for_a_test_set_is_an_error() {
+        let cfg = Config::default();
+        assert!(test_size_for(&cfg, 1).is_err());
+        let (size, warning) = test_size_for(&cfg, 600).unwrap();
+        assert_eq!(size, 300);
+        assert!(warning.unwrap().contains("test_size = 1000"));
+        assert_eq!(test_size_for(&cfg, 5000).unwrap(), (1000, None));
+    }
 }

@@ -12,6 +12,7 @@ pub mod data;
 pub mod error;
 pub mod experiment;
 pub mod local_search;
+pub mod machine;
 pub mod models;
 pub mod objective;
 pub mod projection;

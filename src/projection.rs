@@ -37,6 +37,14 @@ impl Projection {
                 format!("std_hat {std_hat} and sigma {sigma_scale} must be finite and > 0"),
             ));
         }
+        let bytes = (d as u64).checked_mul(out_dim as u64).and_then(|n| n.checked_mul(4));
+        crate::machine::check_fits(
+            "n_prompt_tokens",
+            &format!(
+                "the projection A ({out_dim} x {d} f32: n_prompt_tokens x hidden x intrinsic_dim)"
+            ),
+            bytes,
+        )?;
         let std = std_hat / ((d as f32).sqrt() * sigma_scale);
         let normal =
             Normal::new(0.0f32, std).map_err(|e| Error::config("projection", e.to_string()))?;

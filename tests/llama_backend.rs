@@ -528,3 +528,58 @@ fn safetensors_llama_matches_candle_llama() {
     let batch = ours.prepare(&task(), &examples(), None).unwrap();
     assert_eq!(ours.scores(&batch, None).unwrap().len(), 5);
 }
+
+/// A GGUF with garbage in its header is refused with an error naming the file; candle's reader
+/// alone would trust the counts and abort or panic.
+#[test]
+fn corrupt_gguf_headers_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path());
+    let good = std::fs::read(&path).unwrap();
+    let corrupt = |at: usize, with: &[u8]| {
+        let mut b = good.clone();
+        b[at..at + with.len()].copy_from_slice(with);
+        let p = dir.path().join(format!("corrupt-{at}.gguf"));
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &good[..good.len() / 2]).unwrap();
+    for p in [
+        corrupt(8, &u64::MAX.to_le_bytes()),      // tensor count
+        corrupt(16, &u64::MAX.to_le_bytes()),     // metadata entry count
+        corrupt(24, &(1u64 << 40).to_le_bytes()), // first key's length
+        corrupt(0, b"XXXX"),
+        truncated,
+    ] {
+        let s = settings(Placement::Suffix, PromptMode::Add);
+        let e = CausalLm::from_gguf(&p, s, WeightFormat::F32, &Device::Cpu).err().expect("refused");
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert!(e.to_string().contains(&name), "{e}");
+    }
+}
+
+/// Inputs that could not mean anything, or that exceed the model, are errors naming the knob.
+#[test]
+fn indistinct_label_words_and_oversized_prompts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(dir.path());
+    let load = |n: usize| {
+        let s =
+            PromptSettings { n_prompt_tokens: n, ..settings(Placement::Suffix, PromptMode::Add) };
+        CausalLm::from_gguf(&path, s, WeightFormat::F32, &Device::Cpu).unwrap()
+    };
+    let m = load(3);
+    let mut t = task();
+    t.causal.label_words = vec![" x".into(), " x".into()];
+    let e = m.prepare(&t, &examples(), None).err().expect("refused").to_string();
+    assert!(e.contains("same token"), "{e}");
+    let e = load(100_000).prepare(&task(), &examples(), None).err().expect("refused").to_string();
+    assert!(e.contains("n_prompt_tokens") && e.contains("positions"), "{e}");
+    // A projection for a prompt of 100,000 tokens would take about 23 GB: refused before it is
+    // allocated.
+    let e = fedbpt::projection::Projection::new(100, 100_000 * 576, 1.0, 1.0, 0)
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("n_prompt_tokens") && e.contains("GB"), "{e}");
+}

@@ -3,6 +3,7 @@
 
 use fedbpt::config::Config;
 use fedbpt::experiment;
+use fedbpt::objective::accuracy;
 
 fn small(model: &str) -> Config {
     Config::from_toml_str(
@@ -29,9 +30,17 @@ fn run(model: &str) -> fedbpt::bbt::BbtSummary {
         fedbpt::bbt::run(&cfg, m.as_ref(), &task, &split, &mut |_| iters += 1).expect("bbt runs");
     assert_eq!(s.evaluations, 20);
     assert_eq!(iters, 2);
+    // The summary's baselines are what the model scores on the test sentences, recomputed here
+    // from scratch, and every accuracy is a count of the 48 test sentences.
+    let test = m.prepare(&task, &split.test, None).unwrap();
+    let manual = accuracy(&m.scores(&test, None).unwrap(), &test.labels);
+    let zero = vec![0.0; cfg.n_prompt_tokens * m.info().hidden_size];
+    let placeholders = accuracy(&m.scores(&test, Some(&zero)).unwrap(), &test.labels);
+    assert_eq!((s.zero_shot_test_acc, s.zero_prompt_test_acc), (manual, placeholders));
     for acc in [s.zero_shot_test_acc, s.zero_prompt_test_acc, s.final_test_acc, s.best_dev_test_acc]
     {
-        assert!((0.0..=1.0).contains(&acc));
+        let hits = acc * 48.0;
+        assert!((hits - hits.round()).abs() < 1e-9, "{acc} is no share of 48 sentences");
     }
     s
 }

@@ -102,7 +102,7 @@ impl Env {
         for w in &dataset.warnings {
             progress(&format!("data warning: {w}"));
         }
-        if let Some(w) = experiment::test_size_for(cfg, dataset.examples.len()).1 {
+        if let Some(w) = experiment::test_size_for(cfg, dataset.examples.len())?.1 {
             progress(&format!("warning: {w}"));
         }
         let task = cfg.task_spec()?;
@@ -127,7 +127,7 @@ struct Data {
 }
 
 fn partition(cfg: &Config, ds: &Dataset) -> Result<Data> {
-    let (test_size, _) = experiment::test_size_for(cfg, ds.examples.len());
+    let (test_size, _) = experiment::test_size_for(cfg, ds.examples.len())?;
     let (rest, test) = test_split(ds, test_size, TEST_SPLIT_SEED)?;
     let n_classes = ds.label_names.len();
     let (train, dev) = k_shot(&rest, n_classes, cfg.k_shot, cfg.seed)?;
@@ -152,6 +152,18 @@ fn partition(cfg: &Config, ds: &Dataset) -> Result<Data> {
     Ok(Data { shards, dev: Arc::new(dev), test: Arc::new(test) })
 }
 
+/// The CMA-ES matrices of a round (each running search holds a `d x d` covariance and
+/// eigenbasis, and its `set_covariance` a copy; the server a few more) must fit the machine.
+fn check_search_memory(cfg: &Config) -> Result<()> {
+    let d = cfg.intrinsic_dim as u64;
+    let per_round = if cfg.clients_per_round > 0 { cfg.clients_per_round } else { cfg.num_users };
+    let matrices = 3 * per_round as u64 + 4;
+    let bytes = d.checked_mul(d).and_then(|n| n.checked_mul(8 * matrices));
+    let what =
+        format!("{matrices} CMA-ES matrices of {d} x {d} f64 ({per_round} searches per round)");
+    Ok(fedbpt::machine::check_fits("intrinsic_dim", &what, bytes)?)
+}
+
 /// Durability of a run: where the server checkpoints, and a checkpoint to continue from.
 #[derive(Default)]
 pub struct RunOptions {
@@ -169,6 +181,7 @@ pub async fn run(
 ) -> Result<(FedSummary, Vec<RoundRecord>)> {
     let started = Instant::now();
     let cfg = Arc::new(cfg.clone());
+    check_search_memory(&cfg)?;
     let data = partition(&cfg, &env.dataset)?;
     let train_examples: usize = data.shards.iter().map(|s| s.len()).sum();
     let pool = ForwardPool::spawn(

@@ -199,7 +199,6 @@ struct Inner {
     counters: Arc<Counters>,
     requests: AtomicUsize,
     kill_at_request: usize,
-    replaced: AtomicUsize,
 }
 
 /// Handle to the workers; cheap to clone.
@@ -258,7 +257,6 @@ impl ForwardPool {
             counters: Arc::default(),
             requests: AtomicUsize::new(0),
             kill_at_request,
-            replaced: AtomicUsize::new(0),
         };
         for device in 0..inner.replicas.len() {
             for index in 0..per_device {
@@ -285,11 +283,6 @@ impl ForwardPool {
     /// The device a party's batches live on (prepared tensors stay on their device).
     pub fn device_of(&self, party: usize) -> usize {
         party % self.inner.n_devices.max(1)
-    }
-
-    /// Workers replaced after dying so far.
-    pub fn workers_replaced(&self) -> usize {
-        self.inner.replaced.load(Ordering::SeqCst)
     }
 
     fn pick(&self, device: usize) -> Result<&Slot, String> {
@@ -348,7 +341,6 @@ impl ForwardPool {
         let mut w = slot.worker.write().map_err(|_| "worker slot poisoned")?;
         if w.get_id() == dead.get_id() {
             *w = fresh;
-            self.inner.replaced.fetch_add(1, Ordering::SeqCst);
             tracing::warn!("forward worker {}-{} died and was replaced", slot.device, slot.index);
         } else {
             fresh.stop(None);

@@ -22,6 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
 use super::bert_encoder::Encoder;
+use super::distinct_label_ids;
 use super::{
     downcast, ops, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings,
     ScoreJob, TokenNoise,
@@ -1045,6 +1046,7 @@ impl ScoringHead for MlmHead {
             .iter()
             .map(|w| body.text.single_token(w))
             .collect::<Result<Vec<_>>>()?;
+        distinct_label_ids(&task.mlm.label_words, &label_ids)?;
         let labels = Backbone::check_labels(examples, n_classes)?;
         let rows =
             body.text.encode_all(&task.mlm.template, examples, body.settings.placement, noise)?;

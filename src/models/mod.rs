@@ -15,6 +15,7 @@ use crate::Result;
 pub mod bert;
 pub mod bert_encoder;
 pub mod bf16;
+pub mod gguf_check;
 pub mod llama;
 pub mod ops;
 #[cfg(feature = "stand-in")]
@@ -132,6 +133,19 @@ pub trait PromptModel: Send + Sync {
 pub struct ScoreJob<'a> {
     pub batch: &'a Prepared,
     pub prompts: &'a [&'a [f32]],
+}
+
+/// Errors when two label words map to the same token: their classes would always score alike.
+pub(crate) fn distinct_label_ids(words: &[String], ids: &[u32]) -> Result<()> {
+    for (j, id) in ids.iter().enumerate() {
+        if let Some(i) = ids[..j].iter().position(|x| x == id) {
+            return Err(crate::Error::Task(format!(
+                "label words {:?} and {:?} are the same token ({id}): their classes could not be told apart",
+                words[i], words[j]
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn downcast<'a, T: 'static>(batch: &'a Prepared, backend: &str) -> Result<&'a T> {

@@ -11,7 +11,7 @@ use super::masks::causal_mask;
 use super::CausalLm;
 use crate::data::split::noise_tokens;
 use crate::data::Example;
-use crate::models::{Placement, Prepared, PromptMode, TokenNoise};
+use crate::models::{distinct_label_ids, Placement, Prepared, PromptMode, TokenNoise};
 use crate::task::{render, Piece, TaskSpec};
 use crate::{Error, Result};
 
@@ -48,8 +48,8 @@ impl CausalLm {
 
     /// The single token of each label word.
     fn label_ids(&self, task: &TaskSpec) -> Result<Vec<u32>> {
-        task.causal
-            .label_words
+        let words = &task.causal.label_words;
+        let ids = words
             .iter()
             .map(|w| {
                 let ids = self.encode(w)?;
@@ -61,7 +61,9 @@ impl CausalLm {
                     ))),
                 }
             })
-            .collect()
+            .collect::<Result<Vec<u32>>>()?;
+        distinct_label_ids(words, &ids)?;
+        Ok(ids)
     }
 
     /// `n_prompt_tokens` placeholder tokens: the placeholder text's tokens, cycled.
@@ -170,6 +172,19 @@ impl CausalLm {
             }
             if head.is_empty() {
                 return Err(Error::Task(format!("example {i} renders to no tokens")));
+            }
+            // Positions past the rotary table would index outside it.
+            let positions = self.cos.dim(0)?;
+            let length = head.len() + placeholders.len() + tail.len();
+            if length > positions {
+                return Err(Error::config(
+                    "n_prompt_tokens",
+                    format!(
+                        "example {i} takes {length} positions with {} placeholders, more than \
+                         the model's {positions} (lower n_prompt_tokens or max_text_tokens)",
+                        placeholders.len()
+                    ),
+                ));
             }
             encoded.push(Encoded { head, tail });
         }

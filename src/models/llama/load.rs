@@ -27,6 +27,8 @@ impl CausalLm {
         format: WeightFormat,
         device: &Device,
     ) -> Result<Self> {
+        // candle's reader trusts the header's counts and lengths: check them first.
+        crate::models::gguf_check::check_gguf(path)?;
         let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| model_err(path, format!("not a readable GGUF file: {e}")))?;
