@@ -10,7 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use fedbpt::config::{Aggregation, Config};
 use fedbpt::strategy::ServerSigma;
 use fedbpt_actors::federation::{self, Env, FedSummary, RunOptions};
-use fedbpt_actors::figures::{compare_figure, faults_figure, run_figure, KillRateRow, MethodRuns};
+use fedbpt_actors::figures::{
+    compare_figure, faults_figure, method_name, run_figure, KillRateRow, MethodRuns,
+};
 use fedbpt_actors::plot::mean_std;
 use fedbpt_actors::profile::Profiler;
 use fedbpt_actors::server::{Checkpoint, RoundRecord};
@@ -95,6 +97,33 @@ fn run_one(
     Ok((summary, records))
 }
 
+/// `fedbpt plot DIR`: redraws `accuracy.png` of the finished run in `dir`.
+pub fn plot(dir: &Path) -> Result<()> {
+    let summary_path = dir.join("summary.json");
+    let summary: FedSummary = serde_json::from_slice(
+        &fs::read(&summary_path).with_context(|| format!("reading {}", summary_path.display()))?,
+    )
+    .with_context(|| format!("{}: not a fedbpt run summary", summary_path.display()))?;
+    let metrics_path = dir.join("metrics.jsonl");
+    let text = fs::read_to_string(&metrics_path)
+        .with_context(|| format!("reading {}", metrics_path.display()))?;
+    let records: Vec<RoundRecord> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| {
+                format!("{}:{}: not a round record", metrics_path.display(), i + 1)
+            })
+        })
+        .collect::<Result<_>>()?;
+    let png = dir.join("accuracy.png");
+    let tmp = dir.join("accuracy.png.tmp.png");
+    run_figure(&tmp, &summary, &records)?;
+    fs::rename(&tmp, &png).with_context(|| format!("renaming to {}", png.display()))?;
+    say(&format!("wrote {}", png.display()));
+    Ok(())
+}
+
 /// A run of exactly `cfg` that finished in `dir` earlier (an interrupted benchmark goes on
 /// where it stopped instead of redoing its runs).
 fn finished_run(dir: &Path, cfg: &Config) -> Option<(FedSummary, Vec<RoundRecord>)> {
@@ -154,13 +183,13 @@ pub fn run(
     let rt = runtime(&cfg)?;
     let mut env = Env::load(&cfg, &mut |m| say(m))?;
     say(&format!(
-        "run: {} on {}, {} clients ({}), {} rounds, aggregation {:?}",
+        "run: {} on {}, {} clients ({}), {} rounds, {}",
         env.replicas[0].info().name,
         env.task.name,
         cfg.num_users,
         if cfg.iid { "iid".to_string() } else { format!("non-iid, alpha {}", cfg.alpha_dir) },
         cfg.num_rounds,
-        cfg.aggregation
+        method_name(cfg.aggregation, cfg.server_sigma)
     ));
     let profiler = trace.map(|_| Profiler::start());
     let result = run_one(&rt, &cfg, &mut env, &out, "run", checkpoint);
@@ -194,11 +223,11 @@ pub fn run(
 /// A finished run: its summary and its records.
 type Finished = (FedSummary, Vec<RoundRecord>);
 
-/// The methods `compare` runs: name, directory stem, aggregation and server step-size rule.
-const METHODS: [(&str, &str, Aggregation, ServerSigma); 3] = [
-    ("FedAvg-BBT", "fedavg-bbt", Aggregation::Fedavg, ServerSigma::Reference),
-    ("FedBPT (client-RMS sigma)", "fedbpt-client-rms", Aggregation::Fedbpt, ServerSigma::ClientRms),
-    ("FedBPT (reference rule)", "fedbpt", Aggregation::Fedbpt, ServerSigma::Reference),
+/// The methods `compare` runs: directory stem, aggregation and server step-size rule.
+const METHODS: [(&str, Aggregation, ServerSigma); 3] = [
+    ("fedavg-bbt", Aggregation::Fedavg, ServerSigma::Reference),
+    ("fedbpt-client-rms", Aggregation::Fedbpt, ServerSigma::ClientRms),
+    ("fedbpt", Aggregation::Fedbpt, ServerSigma::Reference),
 ];
 
 pub fn compare(
@@ -218,7 +247,8 @@ pub fn compare(
     let mut runs: Vec<Vec<Vec<Finished>>> = Vec::new();
     for iid in [true, false] {
         let mut per_method = Vec::new();
-        for (name, stem, agg, rule) in METHODS {
+        for (stem, agg, rule) in METHODS {
+            let name = method_name(agg, rule);
             let mut per_seed = Vec::new();
             for &seed in seeds {
                 let mut cfg = base.clone();
@@ -251,7 +281,8 @@ pub fn compare(
         .iter()
         .zip(["iid", "non-iid"])
         .flat_map(|(per_method, part)| {
-            per_method.iter().zip(METHODS).flat_map(move |(per_seed, (name, ..))| {
+            per_method.iter().zip(METHODS).flat_map(move |(per_seed, (_, agg, rule))| {
+                let name = method_name(agg, rule);
                 per_seed.iter().map(move |(s, r)| {
                     serde_json::json!({
                         "partition": part, "method": name, "seed": s.seed,
@@ -275,8 +306,8 @@ pub fn compare(
                 .iter()
                 .zip(METHODS)
                 .enumerate()
-                .map(|(color, (per_seed, (name, ..)))| MethodRuns {
-                    name,
+                .map(|(color, (per_seed, (_, agg, rule)))| MethodRuns {
+                    name: method_name(agg, rule),
                     color,
                     runs: per_seed.iter().map(|(s, r)| (s, r.as_slice())).collect(),
                 })
@@ -344,7 +375,8 @@ fn compare_table(base: &Config, env: &Env, seeds: &[u64], runs: &[Vec<Vec<Finish
         100.0 * manual,
         100.0 * zero
     ));
-    for (mi, (name, ..)) in METHODS.iter().enumerate() {
+    for (mi, &(_, agg, rule)) in METHODS.iter().enumerate() {
+        let name = method_name(agg, rule);
         let pick = |pi: usize, f: fn(&FedSummary) -> f64| -> Vec<f64> {
             runs.get(pi)
                 .and_then(|m| m.get(mi))
@@ -374,7 +406,8 @@ Step size sent to the clients after each round (mean over seeds):
         "---|".repeat(rounds)
     ));
     for (pi, part) in ["iid", "non-iid"].iter().enumerate() {
-        for (mi, (name, ..)) in METHODS.iter().enumerate() {
+        for (mi, &(_, agg, rule)) in METHODS.iter().enumerate() {
+            let name = method_name(agg, rule);
             let Some(per_seed) = runs.get(pi).and_then(|m| m.get(mi)) else { continue };
             let per_round: Vec<String> = (0..rounds)
                 .map(|r| {

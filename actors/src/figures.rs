@@ -5,6 +5,8 @@
 use std::path::Path;
 
 use anyhow::Result;
+use fedbpt::config::Aggregation;
+use fedbpt::strategy::ServerSigma;
 
 use crate::federation::FedSummary;
 use crate::plot::{figure_png, mean_and_band, Panel, Points, Series, Style};
@@ -63,14 +65,24 @@ pub fn run_figure(path: &Path, s: &FedSummary, records: &[RoundRecord]) -> Resul
     let mut loss = Panel::new("training loss (mean over replies)", "round", "loss");
     loss.series = vec![Series::new("train loss", Style::Line, 4, loss_points(records))];
     let title = format!(
-        "{} on {}: {:?}, {} clients, {}",
+        "{} on {}: {}, {} clients, {}, seed {}",
         s.model,
         s.task,
-        s.aggregation,
+        method_name(s.config.aggregation, s.config.server_sigma),
         s.clients,
-        if s.iid { "iid" } else { "non-iid" }
+        if s.iid { "iid" } else { "non-iid" },
+        s.seed
     );
     figure_png(path, &title, 1, (900, 330), &[acc, sigma, loss])
+}
+
+/// The method an aggregation rule and server step-size rule make, as tables and figures name it.
+pub fn method_name(aggregation: Aggregation, rule: ServerSigma) -> &'static str {
+    match (aggregation, rule) {
+        (Aggregation::Fedavg, _) => "FedAvg-BBT",
+        (Aggregation::Fedbpt, ServerSigma::Reference) => "FedBPT (reference rule)",
+        (Aggregation::Fedbpt, ServerSigma::ClientRms) => "FedBPT (client-RMS sigma)",
+    }
 }
 
 /// One run's series of some quantity per round.

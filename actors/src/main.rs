@@ -61,6 +61,11 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Redraw a finished run's accuracy.png from its summary.json and metrics.jsonl.
+    Plot {
+        /// The run's directory.
+        dir: PathBuf,
+    },
     /// Manual prompt vs FedAvg-BBT vs FedBPT, iid and non-iid, over several seeds: a markdown
     /// table and one plot with every curve.
     Compare {
@@ -153,6 +158,7 @@ fn real_main() -> Result<()> {
         Command::Run { config, resume, out, trace, overrides } => {
             fed::run(config.as_deref(), resume.as_deref(), out, trace.as_deref(), &overrides)
         }
+        Command::Plot { dir } => fed::plot(&dir),
         Command::Compare { config, out, seeds, overrides } => {
             fed::compare(&config, out, &seeds, &overrides)
         }

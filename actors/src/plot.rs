@@ -291,7 +291,8 @@ where
             });
         }
     }
-    if with_text {
+    // A lone series is named by the panel's title; a legend would only cover points.
+    if with_text && panel.series.len() > 1 {
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.85))
