@@ -189,7 +189,7 @@ pub fn run(
         cfg.num_users,
         if cfg.iid { "iid".to_string() } else { format!("non-iid, alpha {}", cfg.alpha_dir) },
         cfg.num_rounds,
-        method_name(cfg.aggregation, cfg.server_sigma)
+        method_name(&cfg)
     ));
     let profiler = trace.map(|_| Profiler::start());
     let result = run_one(&rt, &cfg, &mut env, &out, "run", checkpoint);
@@ -223,11 +223,54 @@ pub fn run(
 /// A finished run: its summary and its records.
 type Finished = (FedSummary, Vec<RoundRecord>);
 
-/// The methods `compare` runs: directory stem, aggregation and server step-size rule.
-const METHODS: [(&str, Aggregation, ServerSigma); 3] = [
-    ("fedavg-bbt", Aggregation::Fedavg, ServerSigma::Reference),
-    ("fedbpt-client-rms", Aggregation::Fedbpt, ServerSigma::ClientRms),
-    ("fedbpt", Aggregation::Fedbpt, ServerSigma::Reference),
+/// One method `compare` runs: its directory stem, the server's rules, and whether its clients
+/// perturb (the config's `perturb` where `None`).
+struct Method {
+    stem: &'static str,
+    aggregation: Aggregation,
+    rule: ServerSigma,
+    perturb: Option<bool>,
+}
+
+impl Method {
+    fn config(&self, base: &Config) -> Config {
+        let mut cfg = base.clone();
+        cfg.aggregation = self.aggregation;
+        cfg.server_sigma = self.rule;
+        if let Some(p) = self.perturb {
+            cfg.perturb = p;
+        }
+        cfg
+    }
+}
+
+/// FedAvg-BBT, FedBPT with the earlier and the reference server rule (same local search), and
+/// the paper's FedBPT: the reference rule with its clients' perturbation (Eq. 7).
+const METHODS: [Method; 4] = [
+    Method {
+        stem: "fedavg-bbt",
+        aggregation: Aggregation::Fedavg,
+        rule: ServerSigma::Reference,
+        perturb: None,
+    },
+    Method {
+        stem: "fedbpt-client-rms",
+        aggregation: Aggregation::Fedbpt,
+        rule: ServerSigma::ClientRms,
+        perturb: None,
+    },
+    Method {
+        stem: "fedbpt",
+        aggregation: Aggregation::Fedbpt,
+        rule: ServerSigma::Reference,
+        perturb: None,
+    },
+    Method {
+        stem: "fedbpt-perturb",
+        aggregation: Aggregation::Fedbpt,
+        rule: ServerSigma::Reference,
+        perturb: Some(true),
+    },
 ];
 
 pub fn compare(
@@ -247,15 +290,14 @@ pub fn compare(
     let mut runs: Vec<Vec<Vec<Finished>>> = Vec::new();
     for iid in [true, false] {
         let mut per_method = Vec::new();
-        for (stem, agg, rule) in METHODS {
-            let name = method_name(agg, rule);
+        for m in &METHODS {
+            let name = method_name(&m.config(&base));
+            let stem = m.stem;
             let mut per_seed = Vec::new();
             for &seed in seeds {
-                let mut cfg = base.clone();
+                let mut cfg = m.config(&base);
                 cfg.seed = seed;
                 cfg.iid = iid;
-                cfg.aggregation = agg;
-                cfg.server_sigma = rule;
                 cfg.validate()?;
                 let part = if iid { "iid" } else { "noniid" };
                 let label = format!("{name} {part} seed {seed}");
@@ -281,11 +323,10 @@ pub fn compare(
         .iter()
         .zip(["iid", "non-iid"])
         .flat_map(|(per_method, part)| {
-            per_method.iter().zip(METHODS).flat_map(move |(per_seed, (_, agg, rule))| {
-                let name = method_name(agg, rule);
+            per_method.iter().flat_map(move |per_seed| {
                 per_seed.iter().map(move |(s, r)| {
                     serde_json::json!({
-                        "partition": part, "method": name, "seed": s.seed,
+                        "partition": part, "method": method_name(&s.config), "seed": s.seed,
                         "final_test_acc": s.final_test_acc, "best_dev_test_acc": s.best_dev_test_acc,
                         "best_dev_round": s.best_dev_round,
                         "sigma": r.iter().map(|x| x.sigma).collect::<Vec<_>>(),
@@ -304,10 +345,10 @@ pub fn compare(
         .map(|(per_method, part)| {
             let methods = per_method
                 .iter()
-                .zip(METHODS)
+                .zip(&METHODS)
                 .enumerate()
-                .map(|(color, (per_seed, (_, agg, rule)))| MethodRuns {
-                    name: method_name(agg, rule),
+                .map(|(color, (per_seed, m))| MethodRuns {
+                    name: method_name(&m.config(&base)),
                     color,
                     runs: per_seed.iter().map(|(s, r)| (s, r.as_slice())).collect(),
                 })
@@ -375,8 +416,8 @@ fn compare_table(base: &Config, env: &Env, seeds: &[u64], runs: &[Vec<Vec<Finish
         100.0 * manual,
         100.0 * zero
     ));
-    for (mi, &(_, agg, rule)) in METHODS.iter().enumerate() {
-        let name = method_name(agg, rule);
+    for (mi, m) in METHODS.iter().enumerate() {
+        let name = method_name(&m.config(base));
         let pick = |pi: usize, f: fn(&FedSummary) -> f64| -> Vec<f64> {
             runs.get(pi)
                 .and_then(|m| m.get(mi))
@@ -406,8 +447,8 @@ Step size sent to the clients after each round (mean over seeds):
         "---|".repeat(rounds)
     ));
     for (pi, part) in ["iid", "non-iid"].iter().enumerate() {
-        for (mi, &(_, agg, rule)) in METHODS.iter().enumerate() {
-            let name = method_name(agg, rule);
+        for (mi, m) in METHODS.iter().enumerate() {
+            let name = method_name(&m.config(base));
             let Some(per_seed) = runs.get(pi).and_then(|m| m.get(mi)) else { continue };
             let per_round: Vec<String> = (0..rounds)
                 .map(|r| {

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::Result;
-use fedbpt::config::Aggregation;
+use fedbpt::config::{Aggregation, Config};
 use fedbpt::strategy::ServerSigma;
 
 use crate::federation::FedSummary;
@@ -68,7 +68,7 @@ pub fn run_figure(path: &Path, s: &FedSummary, records: &[RoundRecord]) -> Resul
         "{} on {}: {}, {} clients, {}, seed {}",
         s.model,
         s.task,
-        method_name(s.config.aggregation, s.config.server_sigma),
+        method_name(&s.config),
         s.clients,
         if s.iid { "iid" } else { "non-iid" },
         s.seed
@@ -76,12 +76,18 @@ pub fn run_figure(path: &Path, s: &FedSummary, records: &[RoundRecord]) -> Resul
     figure_png(path, &title, 1, (900, 330), &[acc, sigma, loss])
 }
 
-/// The method an aggregation rule and server step-size rule make, as tables and figures name it.
-pub fn method_name(aggregation: Aggregation, rule: ServerSigma) -> &'static str {
-    match (aggregation, rule) {
+/// The method a configuration runs, as tables and figures name it: the server's rule, and the
+/// clients' perturbation (Eq. 7) when it is on.
+pub fn method_name(cfg: &Config) -> String {
+    let base = match (cfg.aggregation, cfg.server_sigma) {
         (Aggregation::Fedavg, _) => "FedAvg-BBT",
         (Aggregation::Fedbpt, ServerSigma::Reference) => "FedBPT (reference rule)",
         (Aggregation::Fedbpt, ServerSigma::ClientRms) => "FedBPT (client-RMS sigma)",
+    };
+    if cfg.perturb {
+        format!("{base} + perturbation {}", cfg.perturb_rate)
+    } else {
+        base.to_string()
     }
 }
 
@@ -90,7 +96,7 @@ type SeriesOf = fn(&FedSummary, &[RoundRecord]) -> Points;
 
 /// One method's runs (one per seed) in one partition, for [`compare_figure`].
 pub struct MethodRuns<'a> {
-    pub name: &'a str,
+    pub name: String,
     pub color: usize,
     pub runs: Vec<(&'a FedSummary, &'a [RoundRecord])>,
 }
@@ -116,11 +122,11 @@ pub fn compare_figure(
         for m in methods {
             let per_seed = |f: SeriesOf| m.runs.iter().map(|(s, r)| f(s, r)).collect::<Vec<_>>();
             let (mean, band) = mean_and_band(&per_seed(test_points));
-            test.series.push(Series::new(m.name, Style::Line, m.color, mean).with_band(band));
+            test.series.push(Series::new(&m.name, Style::Line, m.color, mean).with_band(band));
             let (mean, band) = mean_and_band(&per_seed(dev_points));
-            dev.series.push(Series::new(m.name, Style::Line, m.color, mean).with_band(band));
+            dev.series.push(Series::new(&m.name, Style::Line, m.color, mean).with_band(band));
             let (mean, band) = mean_and_band(&per_seed(|_, r| sigma_points(r)));
-            sigma.series.push(Series::new(m.name, Style::Line, m.color, mean).with_band(band));
+            sigma.series.push(Series::new(&m.name, Style::Line, m.color, mean).with_band(band));
             for (s, r) in &m.runs {
                 rounds = rounds.max(r.last().map_or(0, |x| x.round));
                 manual = Some(s.zero_shot_test_acc);
