@@ -4,7 +4,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use fedbpt::config::{Aggregation, Config};
@@ -273,27 +273,37 @@ const METHODS: [Method; 4] = [
     },
 ];
 
+/// The methods named by their stems, in `METHODS`' order; all of them where none is named.
+fn select_methods(stems: &[String]) -> Result<Vec<&'static Method>> {
+    if let Some(bad) = stems.iter().find(|s| !METHODS.iter().any(|m| m.stem == s.as_str())) {
+        let known: Vec<&str> = METHODS.iter().map(|m| m.stem).collect();
+        bail!("--methods: unknown method {bad:?} (known: {})", known.join(", "));
+    }
+    Ok(METHODS.iter().filter(|m| stems.is_empty() || stems.iter().any(|s| s == m.stem)).collect())
+}
+
 pub fn compare(
     config: &Path,
     out: Option<PathBuf>,
     seeds: &[u64],
+    methods: &[String],
     overrides: &[String],
 ) -> Result<()> {
     let base = Config::load(config, overrides)?;
+    let selected = select_methods(methods)?;
     let out = out.unwrap_or_else(|| {
         let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
         PathBuf::from("runs").join(format!("{stem}-compare"))
     });
     let rt = runtime(&base)?;
     let mut env = Env::load(&base, &mut |m| say(m))?;
-    // [partition][method] -> per-seed runs.
-    let mut runs: Vec<Vec<Vec<Finished>>> = Vec::new();
-    for iid in [true, false] {
-        let mut per_method = Vec::new();
-        for m in &METHODS {
-            let name = method_name(&m.config(&base));
-            let stem = m.stem;
-            let mut per_seed = Vec::new();
+    // [partition][method] -> per-seed runs, filled method by method so that an interrupted
+    // comparison has whole methods done (and each method's non-iid runs, the ones that decide
+    // the paper's claim, before its iid ones).
+    let mut runs: Vec<Vec<Vec<Finished>>> = vec![vec![Vec::new(); selected.len()]; 2];
+    for (mi, m) in selected.iter().enumerate() {
+        let name = method_name(&m.config(&base));
+        for (pi, iid) in [(1, false), (0, true)] {
             for &seed in seeds {
                 let mut cfg = m.config(&base);
                 cfg.seed = seed;
@@ -301,7 +311,7 @@ pub fn compare(
                 cfg.validate()?;
                 let part = if iid { "iid" } else { "noniid" };
                 let label = format!("{name} {part} seed {seed}");
-                let dir = out.join(format!("{stem}-{part}-seed{seed}"));
+                let dir = out.join(format!("{}-{part}-seed{seed}", m.stem));
                 let (s, records) = run_or_reuse(&rt, &cfg, &mut env, &dir, &label)?;
                 say(&format!(
                     "{label}: final {:.2}% best-on-dev {:.2}% ({:.0}s)",
@@ -309,13 +319,11 @@ pub fn compare(
                     100.0 * s.best_dev_test_acc,
                     s.wall_s
                 ));
-                per_seed.push((s, records));
+                runs[pi][mi].push((s, records));
             }
-            per_method.push(per_seed);
         }
-        runs.push(per_method);
     }
-    let md = compare_table(&base, &env, seeds, &runs);
+    let md = compare_table(&base, &env, seeds, &selected, &runs);
     fs::create_dir_all(&out)?;
     fs::write(out.join("compare.md"), &md)
         .with_context(|| format!("writing {}", out.join("compare.md").display()))?;
@@ -345,7 +353,7 @@ pub fn compare(
         .map(|(per_method, part)| {
             let methods = per_method
                 .iter()
-                .zip(&METHODS)
+                .zip(&selected)
                 .enumerate()
                 .map(|(color, (per_seed, m))| MethodRuns {
                     name: method_name(&m.config(&base)),
@@ -379,7 +387,13 @@ pub fn compare(
 
 /// The comparison as markdown: final and best-on-dev test metric per method and partition
 /// (mean +- std over seeds), then the step size per round of each method (mean over seeds).
-fn compare_table(base: &Config, env: &Env, seeds: &[u64], runs: &[Vec<Vec<Finished>>]) -> String {
+fn compare_table(
+    base: &Config,
+    env: &Env,
+    seeds: &[u64],
+    methods: &[&Method],
+    runs: &[Vec<Vec<Finished>>],
+) -> String {
     let cell = |v: Vec<f64>| {
         let (m, s) = mean_std(&v);
         format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * s)
@@ -390,7 +404,7 @@ fn compare_table(base: &Config, env: &Env, seeds: &[u64], runs: &[Vec<Vec<Finish
     let metric =
         first.map_or("accuracy".to_string(), |(s, _)| format!("{:?}", s.metric).to_lowercase());
     let mut md = format!(
-        "Test {metric} (%) on {} with {}, {} clients, {} rounds of {} local iterations x popsize {},          perturb {}, mean ± std over seeds {:?}; non-iid = Dirichlet alpha {} ({:?}).
+        "Test {metric} (%) on {} with {}, {} clients, {} rounds of {} local iterations x popsize {}, perturb {}, mean ± std over seeds {:?}; non-iid = Dirichlet alpha {} ({}).
 
 ",
         env.task.name,
@@ -402,7 +416,7 @@ fn compare_table(base: &Config, env: &Env, seeds: &[u64], runs: &[Vec<Vec<Finish
         base.perturb,
         seeds,
         base.alpha_dir,
-        base.noniid_split,
+        serde_json::to_value(base.noniid_split).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
     );
     md.push_str(
         "| method | iid final | iid best-on-dev | non-iid final | non-iid best-on-dev |
@@ -416,7 +430,7 @@ fn compare_table(base: &Config, env: &Env, seeds: &[u64], runs: &[Vec<Vec<Finish
         100.0 * manual,
         100.0 * zero
     ));
-    for (mi, m) in METHODS.iter().enumerate() {
+    for (mi, m) in methods.iter().enumerate() {
         let name = method_name(&m.config(base));
         let pick = |pi: usize, f: fn(&FedSummary) -> f64| -> Vec<f64> {
             runs.get(pi)
@@ -447,7 +461,7 @@ Step size sent to the clients after each round (mean over seeds):
         "---|".repeat(rounds)
     ));
     for (pi, part) in ["iid", "non-iid"].iter().enumerate() {
-        for (mi, m) in METHODS.iter().enumerate() {
+        for (mi, m) in methods.iter().enumerate() {
             let name = method_name(&m.config(base));
             let Some(per_seed) = runs.get(pi).and_then(|m| m.get(mi)) else { continue };
             let per_round: Vec<String> = (0..rounds)

@@ -113,7 +113,8 @@ pub fn compare_figure(
     let mut dev_row = Vec::new();
     let mut sigma_row = Vec::new();
     for (part, methods) in partitions {
-        let mut test = Panel::new(format!("{part}: test metric (%)"), "round", "%");
+        let mut test =
+            Panel::new(format!("{part}: test metric (%), where evaluated"), "round", "%");
         let mut dev = Panel::new(format!("{part}: dev metric (%)"), "round", "%");
         let mut sigma = Panel::new(format!("{part}: sigma sent"), "round", "sigma");
         sigma.log_y = true;
@@ -121,8 +122,13 @@ pub fn compare_figure(
         let mut manual = None;
         for m in methods {
             let per_seed = |f: SeriesOf| m.runs.iter().map(|(s, r)| f(s, r)).collect::<Vec<_>>();
+            // Test accuracy is measured at a few rounds only: markers with error bars, each
+            // method nudged sideways so that they do not hide one another.
             let (mean, band) = mean_and_band(&per_seed(test_points));
-            test.series.push(Series::new(&m.name, Style::Line, m.color, mean).with_band(band));
+            let nudge = 0.12 * (m.color as f64 - 1.5);
+            let mean = mean.into_iter().map(|(x, y)| (x + nudge, y)).collect();
+            let band = band.into_iter().map(|(x, lo, hi)| (x + nudge, lo, hi)).collect();
+            test.series.push(Series::new(&m.name, Style::Markers, m.color, mean).with_band(band));
             let (mean, band) = mean_and_band(&per_seed(dev_points));
             dev.series.push(Series::new(&m.name, Style::Line, m.color, mean).with_band(band));
             let (mean, band) = mean_and_band(&per_seed(|_, r| sigma_points(r)));

@@ -74,6 +74,10 @@ enum Command {
         out: Option<PathBuf>,
         #[arg(long, value_delimiter = ',', default_values_t = vec![42u64, 43, 44])]
         seeds: Vec<u64>,
+        /// Methods to run, by directory stem (fedavg-bbt, fedbpt-client-rms, fedbpt,
+        /// fedbpt-perturb); all by default.
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
@@ -159,8 +163,8 @@ fn real_main() -> Result<()> {
             fed::run(config.as_deref(), resume.as_deref(), out, trace.as_deref(), &overrides)
         }
         Command::Plot { dir } => fed::plot(&dir),
-        Command::Compare { config, out, seeds, overrides } => {
-            fed::compare(&config, out, &seeds, &overrides)
+        Command::Compare { config, out, seeds, methods, overrides } => {
+            fed::compare(&config, out, &seeds, &methods, &overrides)
         }
         Command::Bench { models, weights, iters, json } => {
             let formats = weights

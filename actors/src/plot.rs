@@ -107,6 +107,22 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
+/// A qualitative palette that reads on white (no yellow), cycled.
+fn color_of(i: usize) -> RGBAColor {
+    const COLORS: [(u8, u8, u8); 8] = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+    ];
+    let (r, g, b) = COLORS[i % COLORS.len()];
+    RGBColor(r, g, b).to_rgba()
+}
+
 fn font_registered() -> bool {
     static FONT: OnceLock<bool> = OnceLock::new();
     *FONT.get_or_init(|| {
@@ -249,7 +265,7 @@ where
     Y: Ranged<ValueType = f64>,
 {
     for s in &panel.series {
-        let color = Palette99::pick(s.color).to_rgba();
+        let color = color_of(s.color);
         if !s.band.is_empty() && s.style != Style::Markers {
             let mut outline: Vec<(f64, f64)> = s.band.iter().map(|b| (b.0, b.2)).collect();
             outline.extend(s.band.iter().rev().map(|b| (b.0, b.1)));
