@@ -225,6 +225,7 @@ type Finished = (FedSummary, Vec<RoundRecord>);
 
 /// One method `compare` runs: its directory stem, the server's rules, and whether its clients
 /// perturb (the config's `perturb` where `None`).
+#[derive(Debug)]
 struct Method {
     stem: &'static str,
     aggregation: Aggregation,
@@ -273,13 +274,35 @@ const METHODS: [Method; 4] = [
     },
 ];
 
-/// The methods named by their stems, in `METHODS`' order; all of them where none is named.
+/// The methods named by their stems, in the order given; all of `METHODS` where none is named.
 fn select_methods(stems: &[String]) -> Result<Vec<&'static Method>> {
-    if let Some(bad) = stems.iter().find(|s| !METHODS.iter().any(|m| m.stem == s.as_str())) {
-        let known: Vec<&str> = METHODS.iter().map(|m| m.stem).collect();
-        bail!("--methods: unknown method {bad:?} (known: {})", known.join(", "));
+    if stems.is_empty() {
+        return Ok(METHODS.iter().collect());
     }
-    Ok(METHODS.iter().filter(|m| stems.is_empty() || stems.iter().any(|s| s == m.stem)).collect())
+    let mut picked: Vec<&'static Method> = Vec::new();
+    for stem in stems {
+        let Some(m) = METHODS.iter().find(|m| m.stem == stem.as_str()) else {
+            let known: Vec<&str> = METHODS.iter().map(|m| m.stem).collect();
+            bail!("--methods: unknown method {stem:?} (known: {})", known.join(", "));
+        };
+        if !picked.iter().any(|p| p.stem == m.stem) {
+            picked.push(m);
+        }
+    }
+    Ok(picked)
+}
+
+/// The partitions to run as (index in the results, iid), non-iid first; both where none is named.
+fn select_partitions(names: &[String]) -> Result<Vec<(usize, bool)>> {
+    if let Some(bad) = names.iter().find(|n| !matches!(n.as_str(), "iid" | "non-iid")) {
+        bail!("--partitions: unknown partition {bad:?} (known: iid, non-iid)");
+    }
+    let wanted = |name: &str| names.is_empty() || names.iter().any(|n| n == name);
+    Ok([(1, false, "non-iid"), (0, true, "iid")]
+        .into_iter()
+        .filter(|(_, _, name)| wanted(name))
+        .map(|(index, iid, _)| (index, iid))
+        .collect())
 }
 
 pub fn compare(
@@ -287,10 +310,12 @@ pub fn compare(
     out: Option<PathBuf>,
     seeds: &[u64],
     methods: &[String],
+    partitions: &[String],
     overrides: &[String],
 ) -> Result<()> {
     let base = Config::load(config, overrides)?;
     let selected = select_methods(methods)?;
+    let parts = select_partitions(partitions)?;
     let out = out.unwrap_or_else(|| {
         let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
         PathBuf::from("runs").join(format!("{stem}-compare"))
@@ -303,7 +328,7 @@ pub fn compare(
     let mut runs: Vec<Vec<Vec<Finished>>> = vec![vec![Vec::new(); selected.len()]; 2];
     for (mi, m) in selected.iter().enumerate() {
         let name = method_name(&m.config(&base));
-        for (pi, iid) in [(1, false), (0, true)] {
+        for &(pi, iid) in &parts {
             for &seed in seeds {
                 let mut cfg = m.config(&base);
                 cfg.seed = seed;
@@ -350,6 +375,7 @@ pub fn compare(
     let partitions: Vec<(&str, Vec<MethodRuns<'_>>)> = runs
         .iter()
         .zip(["iid", "non-iid"])
+        .filter(|(per_method, _)| per_method.iter().any(|per_seed| !per_seed.is_empty()))
         .map(|(per_method, part)| {
             let methods = per_method
                 .iter()
@@ -395,6 +421,9 @@ fn compare_table(
     runs: &[Vec<Vec<Finished>>],
 ) -> String {
     let cell = |v: Vec<f64>| {
+        if v.is_empty() {
+            return "not run".to_string();
+        }
         let (m, s) = mean_std(&v);
         format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * s)
     };
@@ -463,7 +492,10 @@ Step size sent to the clients after each round (mean over seeds):
     for (pi, part) in ["iid", "non-iid"].iter().enumerate() {
         for (mi, m) in methods.iter().enumerate() {
             let name = method_name(&m.config(base));
-            let Some(per_seed) = runs.get(pi).and_then(|m| m.get(mi)) else { continue };
+            let Some(per_seed) = runs.get(pi).and_then(|m| m.get(mi)).filter(|v| !v.is_empty())
+            else {
+                continue;
+            };
             let per_round: Vec<String> = (0..rounds)
                 .map(|r| {
                     let v: Vec<f64> = per_seed
@@ -556,4 +588,32 @@ pub fn bench_faults(
     )?;
     println!("{md}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn methods_are_picked_in_the_order_given_and_unknown_ones_refused() {
+        let all: Vec<&str> = select_methods(&[]).unwrap().iter().map(|m| m.stem).collect();
+        assert_eq!(all, ["fedavg-bbt", "fedbpt-client-rms", "fedbpt", "fedbpt-perturb"]);
+        let picked = select_methods(&strings(&["fedbpt", "fedavg-bbt", "fedbpt"])).unwrap();
+        assert_eq!(picked.iter().map(|m| m.stem).collect::<Vec<_>>(), ["fedbpt", "fedavg-bbt"]);
+        let err = select_methods(&strings(&["fedprox"])).unwrap_err().to_string();
+        assert!(err.contains("fedprox") && err.contains("fedbpt-perturb"), "{err}");
+    }
+
+    #[test]
+    fn partitions_run_non_iid_first_and_unknown_ones_are_refused() {
+        assert_eq!(select_partitions(&[]).unwrap(), [(1, false), (0, true)]);
+        assert_eq!(select_partitions(&strings(&["iid"])).unwrap(), [(0, true)]);
+        assert_eq!(select_partitions(&strings(&["non-iid"])).unwrap(), [(1, false)]);
+        let err = select_partitions(&strings(&["noniid"])).unwrap_err().to_string();
+        assert!(err.contains("noniid"), "{err}");
+    }
 }

@@ -78,6 +78,9 @@ enum Command {
         /// fedbpt-perturb); all by default.
         #[arg(long, value_delimiter = ',')]
         methods: Vec<String>,
+        /// Partitions to run: iid, non-iid; both by default.
+        #[arg(long, value_delimiter = ',')]
+        partitions: Vec<String>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
@@ -163,8 +166,8 @@ fn real_main() -> Result<()> {
             fed::run(config.as_deref(), resume.as_deref(), out, trace.as_deref(), &overrides)
         }
         Command::Plot { dir } => fed::plot(&dir),
-        Command::Compare { config, out, seeds, methods, overrides } => {
-            fed::compare(&config, out, &seeds, &methods, &overrides)
+        Command::Compare { config, out, seeds, methods, partitions, overrides } => {
+            fed::compare(&config, out, &seeds, &methods, &partitions, &overrides)
         }
         Command::Bench { models, weights, iters, json } => {
             let formats = weights
