@@ -41,6 +41,62 @@ fn progress(rounds: usize, label: &str) -> ProgressBar {
     bar
 }
 
+/// `metrics.jsonl` as a run writes it: one JSON line per record into `metrics.jsonl.partial`,
+/// which replaces `metrics.jsonl` only when the run has finished (`close`, then `publish`), so a
+/// failing run leaves a finished one untouched. The first write error is kept for `close`.
+pub(crate) struct MetricsLog {
+    partial: PathBuf,
+    file: Option<fs::File>,
+    error: Option<std::io::Error>,
+}
+
+/// A closed `MetricsLog` whose every line was written.
+pub(crate) struct ClosedMetricsLog {
+    partial: PathBuf,
+}
+
+impl MetricsLog {
+    pub(crate) fn new(dir: &Path) -> Self {
+        MetricsLog { partial: dir.join("metrics.jsonl.partial"), file: None, error: None }
+    }
+
+    pub(crate) fn push<T: serde::Serialize>(&mut self, record: &T) {
+        if self.error.is_some() {
+            return;
+        }
+        let written =
+            serde_json::to_string(record).map_err(std::io::Error::other).and_then(|line| {
+                let mut file = match self.file.take() {
+                    Some(f) => f,
+                    None => fs::File::create(&self.partial)?,
+                };
+                writeln!(file, "{line}")?;
+                file.flush()?;
+                Ok(file)
+            });
+        match written {
+            Ok(f) => self.file = Some(f),
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    pub(crate) fn close(self) -> Result<ClosedMetricsLog> {
+        if let Some(e) = self.error {
+            bail!("writing {}: {e}", self.partial.display());
+        }
+        Ok(ClosedMetricsLog { partial: self.partial })
+    }
+}
+
+impl ClosedMetricsLog {
+    /// Moves the new lines into place as `metrics.jsonl`.
+    pub(crate) fn publish(self) -> Result<()> {
+        let done = self.partial.with_file_name("metrics.jsonl");
+        fs::rename(&self.partial, &done)
+            .with_context(|| format!("renaming {} to {}", self.partial.display(), done.display()))
+    }
+}
+
 /// Runs one federation into `out`. Nothing there is replaced before the run finishes: rounds
 /// land in `metrics.jsonl.partial`, which becomes `metrics.jsonl` beside the new `summary.json`
 /// and `accuracy.png` at the end, so a run that fails (in validation, loading, restore or a
@@ -55,10 +111,8 @@ fn run_one(
     resume: Option<Checkpoint>,
 ) -> Result<(FedSummary, Vec<RoundRecord>)> {
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let partial = out.join("metrics.jsonl.partial");
-    let mut metrics: Option<fs::File> = None;
+    let mut metrics = MetricsLog::new(out);
     let bar = progress(cfg.num_rounds, &format!("{label}: preparing"));
-    let mut write_err = None;
     let opts = RunOptions { checkpoint_dir: Some(out.to_path_buf()), resume };
     let result = rt.block_on(federation::run(cfg, env, opts, &mut |r| {
         bar.set_position(r.round as u64);
@@ -68,28 +122,13 @@ fn run_one(
             100.0 * r.dev_acc,
             r.clients_ok
         ));
-        if write_err.is_none() {
-            let line = serde_json::to_string(r).unwrap_or_default();
-            let file = match metrics.take() {
-                Some(f) => Ok(f),
-                None => fs::File::create(&partial),
-            };
-            match file.and_then(|mut f| writeln!(f, "{line}").and_then(|_| f.flush()).map(|_| f)) {
-                Ok(f) => metrics = Some(f),
-                Err(e) => write_err = Some(e),
-            }
-        }
+        metrics.push(r);
     }));
     bar.finish_and_clear();
-    if let Some(e) = write_err {
-        anyhow::bail!("writing {}: {e}", partial.display());
-    }
+    let metrics = metrics.close()?;
     let (summary, records) = result?;
-    drop(metrics);
     write_json_atomic(&out.join("summary.json"), &summary)?;
-    let final_path = out.join("metrics.jsonl");
-    fs::rename(&partial, &final_path)
-        .with_context(|| format!("renaming {} to {}", partial.display(), final_path.display()))?;
+    metrics.publish()?;
     let png = out.join("accuracy.png");
     let tmp = out.join("accuracy.png.tmp.png");
     run_figure(&tmp, &summary, &records)?;

@@ -1,7 +1,6 @@
 //! `fedbpt`: the command line.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -265,18 +264,14 @@ fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> 
         cfg.n_prompt_tokens,
         cfg.budget
     ));
-    // As for `run`: iterations land in a new file that replaces metrics.jsonl only when the
-    // search finished, so a failing run leaves a finished one in `out` untouched.
-    let metrics_path = out.join("metrics.jsonl");
-    let partial = out.join("metrics.jsonl.partial");
-    let mut metrics: Option<fs::File> = None;
+    // As for `run`: nothing in a finished run in `out` is replaced before this search finishes.
+    let mut metrics = fed::MetricsLog::new(&out);
     let bar = ProgressBar::new(cfg.budget as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} evals {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("preparing (tokenize, text caches, zero-shot test)");
-    let mut write_err: Option<std::io::Error> = None;
     let mut last_dev_acc = f64::NAN;
     let summary = fedbpt::bbt::run(&cfg, model.as_ref(), &task, &split, &mut |rec| {
         bar.set_position(rec.evaluations.min(cfg.budget) as u64);
@@ -285,26 +280,13 @@ fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> 
             "train loss {:.4} dev acc {:.3} sigma {:.3}",
             rec.best_train_loss, last_dev_acc, rec.sigma
         ));
-        if write_err.is_none() {
-            let line = serde_json::to_string(rec).unwrap_or_default();
-            let file = match metrics.take() {
-                Some(f) => Ok(f),
-                None => fs::File::create(&partial),
-            };
-            match file.and_then(|mut f| writeln!(f, "{line}").and_then(|_| f.flush()).map(|_| f)) {
-                Ok(f) => metrics = Some(f),
-                Err(e) => write_err = Some(e),
-            }
-        }
-    })?;
+        metrics.push(rec);
+    });
     bar.finish_and_clear();
-    if let Some(e) = write_err {
-        bail!("writing {}: {e}", partial.display());
-    }
-    drop(metrics);
+    let metrics = metrics.close()?;
+    let summary = summary?;
     write_json_atomic(&out.join("summary.json"), &summary)?;
-    fs::rename(&partial, &metrics_path)
-        .with_context(|| format!("renaming {} to {}", partial.display(), metrics_path.display()))?;
+    metrics.publish()?;
     println!(
         "manual prompt {:.2}% | z=0 {:.2}% | final {:.2}% | best-on-dev {:.2}% (dev {:.2}%) | {} evaluations in {:.0}s -> {}",
         100.0 * summary.zero_shot_test_acc,

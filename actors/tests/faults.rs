@@ -304,6 +304,30 @@ fn a_failing_command_leaves_a_finished_run_untouched() {
     for ((f, a), b) in files.iter().zip(&before).zip(&after) {
         assert!(a == b, "{f} changed");
     }
+
+    // The same for centralized BBT: a finished search, then one that fails on its data.
+    let bbt_dir = tmp.path().join("bbt");
+    let b = bbt_dir.to_str().unwrap();
+    let bbt = |extra: &[&str]| {
+        let mut args = vec!["bbt", "../configs/bbt-mr-smollm2.toml", "--out", b];
+        for s in ["model_name=stand-in", "budget=40", "test_size=40"].iter().chain(extra) {
+            args.extend(["--set", s]);
+        }
+        Command::new(bin()).args(&args).output().unwrap()
+    };
+    let ok = bbt(&[]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let files = ["metrics.jsonl", "summary.json"];
+    let before: Vec<Vec<u8>> =
+        files.iter().map(|f| std::fs::read(bbt_dir.join(f)).unwrap()).collect();
+    let bad = bbt(&["k_shot=100000"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("k_shot"));
+    let after: Vec<Vec<u8>> =
+        files.iter().map(|f| std::fs::read(bbt_dir.join(f)).unwrap()).collect();
+    for ((f, a), b) in files.iter().zip(&before).zip(&after) {
+        assert!(a == b, "bbt's {f} changed");
+    }
 }
 
 /// Checkpoints that do not match their own configuration are refused with an error naming
