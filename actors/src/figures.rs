@@ -125,7 +125,7 @@ pub fn compare_figure(
             // Test accuracy is measured at a few rounds only: markers with error bars, each
             // method nudged sideways so that they do not hide one another.
             let (mean, band) = mean_and_band(&per_seed(test_points));
-            let nudge = 0.12 * (m.color as f64 - 1.5);
+            let nudge = 0.12 * (m.color as f64 - (methods.len() as f64 - 1.0) / 2.0);
             let mean = mean.into_iter().map(|(x, y)| (x + nudge, y)).collect();
             let band = band.into_iter().map(|(x, lo, hi)| (x + nudge, lo, hi)).collect();
             test.series.push(Series::new(&m.name, Style::Markers, m.color, mean).with_band(band));
