@@ -424,8 +424,10 @@ impl Config {
         })?;
         cfg.validate().map_err(|e| match e {
             Error::Config { key, msg } => {
+                // The last --set of a key is the one that took effect.
                 match overrides
                     .iter()
+                    .rev()
                     .find(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == key))
                 {
                     Some(o) => Error::Config { key, msg: format!("{msg} (from --set `{o}`)") },
@@ -541,7 +543,7 @@ impl Config {
         if !(t.is_finite() && t > 0.0 && t <= MAX_SECONDS) {
             return Err(Error::config(
                 "runtime.round_timeout_s",
-                format!("{t} must be > 0 and at most {MAX_SECONDS} seconds (a week)"),
+                format!("{t:e} must be > 0 and at most {MAX_SECONDS} seconds (a week)"),
             ));
         }
         if self.runtime.devices.is_empty() {
@@ -614,6 +616,10 @@ mod tests {
         assert!(e.contains("k_shot=many"), "{e}");
         let e = Config::from_toml_str("", &["perturb_rate=2".into()]).unwrap_err().to_string();
         assert!(e.contains("perturb_rate") && e.contains("--set `perturb_rate=2`"), "{e}");
+        // The last --set of a key is the one in effect, and the one named.
+        let sets = ["perturb_rate=0.5".into(), "perturb_rate=2".into()];
+        let e = Config::from_toml_str("", &sets).unwrap_err().to_string();
+        assert!(e.contains("--set `perturb_rate=2`"), "{e}");
     }
 
     #[test]
