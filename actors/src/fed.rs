@@ -432,11 +432,10 @@ pub fn compare(
     compare_figure(
         &out.join("compare.png"),
         &format!(
-            "{} on {}, {} clients, mean +- 1 sd over seeds {:?}",
+            "{}, {}, {} seeds (mean +- sd)",
             env.replicas[0].info().name,
             env.task.name,
-            base.num_users,
-            seeds
+            seeds.len()
         ),
         &partitions,
     )?;
