@@ -46,6 +46,16 @@ pub enum NoniidSplit {
     ClassShares,
 }
 
+impl NoniidSplit {
+    /// The name a config file gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoniidSplit::ClientMix => "client-mix",
+            NoniidSplit::ClassShares => "class-shares",
+        }
+    }
+}
+
 /// A user-supplied data file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -608,6 +618,14 @@ mod tests {
         assert!(!c.iid);
         assert!(Config::from_toml_str("", &["nokey=1".into()]).is_err());
         assert!(Config::from_toml_str("", &["seed".into()]).is_err());
+    }
+
+    #[test]
+    fn noniid_split_names_are_the_config_names() {
+        for split in [NoniidSplit::ClientMix, NoniidSplit::ClassShares] {
+            let set = format!("noniid_split={:?}", split.as_str());
+            assert_eq!(Config::from_toml_str("", &[set]).unwrap().noniid_split, split);
+        }
     }
 
     #[test]

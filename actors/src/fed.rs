@@ -483,7 +483,7 @@ fn compare_table(
         base.perturb,
         seeds,
         base.alpha_dir,
-        serde_json::to_value(base.noniid_split).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+        base.noniid_split.as_str(),
     );
     md.push_str(
         "| method | iid final | iid best-on-dev | non-iid final | non-iid best-on-dev |
