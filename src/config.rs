@@ -101,6 +101,43 @@ impl Default for Runtime {
     }
 }
 
+/// The `[cluster]` section: a federation across processes (`fedbpt serve` / `fedbpt join`).
+/// Per process, like `[runtime]`: a client process may differ here from its server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    /// Seconds `serve` waits for every site to join before round 1.
+    pub join_timeout_s: f64,
+    /// Seconds a round waits, before it starts, for sites that were up earlier and are now
+    /// missing (a client process restarting); then it runs without them.
+    pub rejoin_wait_s: f64,
+    /// Largest frame a node accepts from a peer, bytes (checked before it is decoded).
+    pub max_frame_bytes: u64,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self { join_timeout_s: 600.0, rejoin_wait_s: 30.0, max_frame_bytes: 16 << 20 }
+    }
+}
+
+impl Cluster {
+    fn validate(&self) -> Result<()> {
+        for (key, v) in [
+            ("cluster.join_timeout_s", self.join_timeout_s),
+            ("cluster.rejoin_wait_s", self.rejoin_wait_s),
+        ] {
+            if !(0.0..=MAX_SECONDS).contains(&v) {
+                return Err(Error::config(key, format!("must be in [0, {MAX_SECONDS}] seconds")));
+            }
+        }
+        if !(1024..=1 << 30).contains(&self.max_frame_bytes) {
+            return Err(Error::config("cluster.max_frame_bytes", "must be in [1 KiB, 1 GiB]"));
+        }
+        Ok(())
+    }
+}
+
 /// When an injected kill strikes a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -320,6 +357,7 @@ pub struct Config {
     /// How FedBPT's server sets the step size it sends (`aggregation = "fedbpt"` only).
     pub server_sigma: ServerSigma,
     pub runtime: Runtime,
+    pub cluster: Cluster,
     /// Fault injection (none by default).
     pub faults: Faults,
     /// Overrides of the built-in task definition.
@@ -367,6 +405,7 @@ impl Default for Config {
             aggregation: Aggregation::Fedbpt,
             server_sigma: ServerSigma::Reference,
             runtime: Runtime::default(),
+            cluster: Cluster::default(),
             faults: Faults::default(),
             task: None,
             data: None,
@@ -560,6 +599,7 @@ impl Config {
             return Err(Error::config("runtime.devices", "needs at least one device"));
         }
         self.faults.validate(self.num_users, self.num_rounds)?;
+        self.cluster.validate()?;
         if client_index(&self.eval_clients, self.num_users).is_none() {
             return Err(Error::config(
                 "eval_clients",

@@ -16,6 +16,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::messages::{now_ms, wire_size, ClientFault, ClientMsg, DataMsg};
 use crate::pool::ForwardPool;
 use crate::profile::{self, MessageInfo};
+use crate::wire::{Train, TrainReply, TrainRequest};
 
 pub struct Client;
 
@@ -28,6 +29,9 @@ pub struct ClientArgs {
     pub projection: Arc<Projection>,
     /// Loss and metric of the task, scored as the reference does (Eq. 7 when perturbing).
     pub objective: Objective,
+    /// Process group to join once started (`fedbpt/site-N` in a client process), so that a
+    /// server in another process finds this client, and each restarted incarnation of it.
+    pub group: Option<String>,
 }
 
 pub struct ClientState {
@@ -43,7 +47,7 @@ impl Actor for Client {
 
     async fn pre_start(
         &self,
-        _me: ActorRef<ClientMsg>,
+        me: ActorRef<ClientMsg>,
         args: ClientArgs,
     ) -> Result<ClientState, ActorProcessingErr> {
         let id = args.id;
@@ -62,6 +66,9 @@ impl Actor for Client {
         }
         let shard =
             args.pool.prepare(id, &format!("site-{}", id + 1), examples.clone(), None).await?;
+        if let Some(group) = &args.group {
+            ractor::pg::join(group.clone(), vec![me.get_cell()]);
+        }
         Ok(ClientState { args, examples, shard })
     }
 
@@ -72,52 +79,63 @@ impl Actor for Client {
         state: &mut ClientState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ClientMsg::Train { dist, fault, deadline_ms, stamp, reply } => {
+            ClientMsg::Train(TrainRequest::Valid(request), reply) => {
+                serve_train(&me, request, reply, state).await
+            }
+            ClientMsg::Train(TrainRequest::Rejected(why), reply) => {
                 let site = format!("site-{}", state.args.id + 1);
-                let _span = profile::handling(stamp, || MessageInfo {
-                    sender: "server".into(),
-                    receiver: site.clone(),
-                    message: "Train",
-                    round: Some(dist.round),
-                    bytes: wire_size(&dist),
-                });
-                if now_ms() >= deadline_ms {
-                    // It waited out its round behind an earlier one: nobody awaits the reply.
-                    drop(reply);
-                    return Ok(());
-                }
-                if fault == Some(ClientFault::Panic) {
-                    panic!(
-                        "injected fault: panic in site-{}, round {}",
-                        state.args.id + 1,
-                        dist.round
-                    );
-                }
-                let die_at = (fault == Some(ClientFault::DieMidSearch))
-                    .then_some(state.args.cfg.local_iter / 2);
-                let r = train(state, &dist, die_at, deadline_ms, &me)
-                    .await
-                    .map(|u| (u, profile::stamp()));
-                match fault {
-                    Some(ClientFault::DropReply) => drop(reply),
-                    Some(ClientFault::Delay(d)) => {
-                        // Held back, but not for long past the round's deadline (by then the
-                        // server has marked it late): a straggler's next round must not wait
-                        // behind this one.
-                        let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
-                        let grace = Duration::from_millis(100);
-                        tokio::time::sleep(d.min(left + grace)).await;
-                        if d < left {
-                            let _ = reply.send(r);
-                        }
-                    }
-                    _ => {
-                        let _ = reply.send(r);
-                    }
-                }
+                tracing::warn!("{site}: rejected a Train request: {why}");
+                let _ = reply.send(TrainReply(Err(format!("request rejected: {why}"))));
             }
         }
         Ok(())
+    }
+}
+
+/// One round's request: the local search, with the fault the server injected into it.
+async fn serve_train(
+    me: &ActorRef<ClientMsg>,
+    request: Train,
+    reply: ractor::RpcReplyPort<TrainReply>,
+    state: &ClientState,
+) {
+    let Train { dist, fault, deadline_ms, stamp } = request;
+    let site = format!("site-{}", state.args.id + 1);
+    let _span = profile::handling(stamp, || MessageInfo {
+        sender: "server".into(),
+        receiver: site.clone(),
+        message: "Train",
+        round: Some(dist.round),
+        bytes: wire_size(&dist),
+    });
+    if now_ms() >= deadline_ms {
+        // It waited out its round behind an earlier one: nobody awaits the reply.
+        drop(reply);
+        return;
+    }
+    if fault == Some(ClientFault::Panic) {
+        panic!("injected fault: panic in {site}, round {}", dist.round);
+    }
+    let die_at =
+        (fault == Some(ClientFault::DieMidSearch)).then_some(state.args.cfg.local_iter / 2);
+    let r = TrainReply(
+        train(state, &dist, die_at, deadline_ms, me).await.map(|u| (u, profile::stamp())),
+    );
+    match fault {
+        Some(ClientFault::DropReply) => drop(reply),
+        Some(ClientFault::Delay(d)) => {
+            // Held back, but not for long past the round's deadline (by then the server has
+            // marked it late): a straggler's next round must not wait behind this one.
+            let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+            let grace = Duration::from_millis(100);
+            tokio::time::sleep(d.min(left + grace)).await;
+            if d < left {
+                let _ = reply.send(r);
+            }
+        }
+        _ => {
+            let _ = reply.send(r);
+        }
     }
 }
 

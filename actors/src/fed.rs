@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use fedbpt::config::{Aggregation, Config};
 use fedbpt::strategy::ServerSigma;
-use fedbpt_actors::federation::{self, Env, FedSummary, RunOptions};
+use fedbpt_actors::federation::{self, Clients, Env, FedSummary, RunOptions};
 use fedbpt_actors::figures::{
     compare_figure, faults_figure, method_name, run_figure, KillRateRow, MethodRuns,
 };
@@ -19,7 +19,7 @@ use fedbpt_actors::server::{Checkpoint, RoundRecord};
 
 use crate::{default_out, say, write_json_atomic};
 
-fn runtime(cfg: &Config) -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime(cfg: &Config) -> Result<tokio::runtime::Runtime> {
     if cfg.runtime.compute_threads > 0 {
         // candle's CPU kernels use rayon's global pool; it reads this once, on first use.
         std::env::set_var("RAYON_NUM_THREADS", cfg.runtime.compute_threads.to_string());
@@ -102,18 +102,19 @@ impl ClosedMetricsLog {
 /// and `accuracy.png` at the end, so a run that fails (in validation, loading, restore or a
 /// round) leaves a finished run in `out` as it was. Only `checkpoint.json` follows the new run
 /// from its first round on, so that `--resume` can continue it.
-fn run_one(
+pub(crate) fn run_one(
     rt: &tokio::runtime::Runtime,
     cfg: &Config,
     env: &mut Env,
     out: &Path,
     label: &str,
     resume: Option<Checkpoint>,
+    clients: Clients,
 ) -> Result<(FedSummary, Vec<RoundRecord>)> {
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut metrics = MetricsLog::new(out);
     let bar = progress(cfg.num_rounds, &format!("{label}: preparing"));
-    let opts = RunOptions { checkpoint_dir: Some(out.to_path_buf()), resume };
+    let opts = RunOptions { checkpoint_dir: Some(out.to_path_buf()), resume, clients };
     let result = rt.block_on(federation::run(cfg, env, opts, &mut |r| {
         bar.set_position(r.round as u64);
         let test = r.test_acc.map(|a| format!(" test {:.2}%", 100.0 * a)).unwrap_or_default();
@@ -191,17 +192,18 @@ fn run_or_reuse(
         say(&format!("{label}: reusing the finished run in {}", dir.display()));
         return Ok(done);
     }
-    run_one(rt, cfg, env, dir, label, None)
+    run_one(rt, cfg, env, dir, label, None, Clients::Local)
 }
 
-pub fn run(
+/// The configuration, output directory and checkpoint of a run started from `config` or
+/// continued from `resume`.
+pub(crate) fn run_setup(
     config: Option<&Path>,
     resume: Option<&Path>,
     out: Option<PathBuf>,
-    trace: Option<&Path>,
     overrides: &[String],
-) -> Result<()> {
-    let (cfg, out, checkpoint) = match (config, resume) {
+) -> Result<(Config, PathBuf, Option<Checkpoint>)> {
+    Ok(match (config, resume) {
         (_, Some(dir)) => {
             let path = dir.join("checkpoint.json");
             let text =
@@ -218,7 +220,17 @@ pub fn run(
             (cfg, out, None)
         }
         (None, None) => anyhow::bail!("give a config file, or --resume DIR"),
-    };
+    })
+}
+
+pub fn run(
+    config: Option<&Path>,
+    resume: Option<&Path>,
+    out: Option<PathBuf>,
+    trace: Option<&Path>,
+    overrides: &[String],
+) -> Result<()> {
+    let (cfg, out, checkpoint) = run_setup(config, resume, out, overrides)?;
     let rt = runtime(&cfg)?;
     let mut env = Env::load(&cfg, &mut |m| say(m))?;
     say(&format!(
@@ -231,7 +243,7 @@ pub fn run(
         method_name(&cfg)
     ));
     let profiler = trace.map(|_| Profiler::start());
-    let result = run_one(&rt, &cfg, &mut env, &out, "run", checkpoint);
+    let result = run_one(&rt, &cfg, &mut env, &out, "run", checkpoint, Clients::Local);
     Profiler::stop();
     let (s, _records) = result?;
     if let (Some(p), Some(trace)) = (profiler, trace) {
@@ -243,6 +255,12 @@ pub fn run(
         eprintln!("{}", p.table());
         say(&format!("wrote {} and {}", trace.display(), out.join("messages.csv").display()));
     }
+    print_summary(&s, &out);
+    Ok(())
+}
+
+/// The one line a finished run prints on stdout.
+pub(crate) fn print_summary(s: &FedSummary, out: &Path) {
     println!(
         "manual prompt {:.2}% | z=0 {:.2}% | final {:.2}% | best-on-dev {:.2}% (round {}) | up {:.0} B, down {:.0} B per client-round (FedAvg of the model: {} B) | {:.0}s -> {}",
         100.0 * s.zero_shot_test_acc,
@@ -256,7 +274,6 @@ pub fn run(
         s.wall_s,
         out.display()
     );
-    Ok(())
 }
 
 /// A finished run: its summary and its records.

@@ -20,13 +20,13 @@ use fedbpt::objective::{BestOnDev, Metric};
 use fedbpt::seeds::{derive, tag};
 use fedbpt::task::TaskSpec;
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorCell};
+use ractor::{Actor, ActorCell, ActorRef};
 use serde::{Deserialize, Serialize};
 
 use crate::client::ClientArgs;
 use crate::data_loader::{DataLoader, DataState};
 use crate::evaluator::{EvalArgs, Evaluator};
-use crate::messages::{DataMsg, EvalMsg, ServerMsg};
+use crate::messages::{DataMsg, EvalMsg, ServerMsg, SupervisorMsg};
 use crate::pool::ForwardPool;
 use crate::profile;
 use crate::server::{Checkpoint, RoundRecord, Server, ServerArgs, ServerEvent};
@@ -164,11 +164,23 @@ fn check_search_memory(cfg: &Config) -> Result<()> {
     Ok(fedbpt::machine::check_fits("intrinsic_dim", &what, bytes)?)
 }
 
-/// Durability of a run: where the server checkpoints, and a checkpoint to continue from.
+/// Who keeps a run's clients.
+#[derive(Default)]
+pub enum Clients {
+    /// Actors of this process, under the client supervisor.
+    #[default]
+    Local,
+    /// Other processes' ([`crate::cluster`]), reached through this roster.
+    Remote(ActorRef<SupervisorMsg>),
+}
+
+/// Durability of a run (where the server checkpoints, and a checkpoint to continue from) and
+/// where its clients live.
 #[derive(Default)]
 pub struct RunOptions {
     pub checkpoint_dir: Option<PathBuf>,
     pub resume: Option<Checkpoint>,
+    pub clients: Clients,
 }
 
 /// Runs one federation to the end. `on_round` sees every round's record as it lands (with a
@@ -194,7 +206,7 @@ pub async fn run(
     .await?;
     let mut ctx = RunContext { data: &data, pool: &pool, started, spawned: Vec::new() };
     let result = run_with_pool(&cfg, env, &mut ctx, opts, on_round).await;
-    // Named actors must be gone before this process starts another run with the same names.
+    // Stopped and waited for, so that nothing of this run outlives it.
     for cell in ctx.spawned.into_iter().rev() {
         stop_and_wait(cell).await;
     }
@@ -227,7 +239,7 @@ async fn run_with_pool(
     let objective = Objective { loss: cfg.loss_type, metric: env.task.metric };
     let projection = Arc::new(projection_for(cfg, model.as_ref())?);
     let (data_ref, _) = Actor::spawn(
-        Some("data-loader".into()),
+        None,
         DataLoader,
         DataState { shards: data.shards.clone(), dev: data.dev.clone(), test: data.test.clone() },
     )
@@ -255,7 +267,7 @@ async fn run_with_pool(
         ),
     };
     let (evaluator, _) = Actor::spawn(
-        Some("evaluator".into()),
+        None,
         Evaluator,
         EvalArgs {
             pool: pool.clone(),
@@ -299,33 +311,30 @@ async fn run_with_pool(
         _ => bail!("the evaluator did not answer"),
     };
 
-    let clients: Vec<ClientArgs> = (0..cfg.num_users)
-        .map(|id| ClientArgs {
-            id,
-            cfg: cfg.clone(),
-            pool: pool.clone(),
-            data: data_ref.clone(),
-            projection: projection.clone(),
-            objective,
-        })
-        .collect();
-    let (supervisor, _) = Actor::spawn(
-        Some("client-supervisor".into()),
-        ClientSupervisor,
-        SupervisorArgs {
-            clients,
-            restart_limit: cfg.faults.restart_limit,
-            backoff: Duration::from_millis(cfg.faults.restart_backoff_ms),
-        },
-    )
-    .await
-    .context("starting the clients")?;
-    spawned.push(supervisor.get_cell());
+    let supervisor = match opts.clients {
+        Clients::Remote(roster) => roster,
+        Clients::Local => {
+            let clients = client_args(cfg, pool, &data_ref, &projection, objective);
+            let (supervisor, _) = Actor::spawn(
+                None,
+                ClientSupervisor,
+                SupervisorArgs {
+                    clients,
+                    restart_limit: cfg.faults.restart_limit,
+                    backoff: Duration::from_millis(cfg.faults.restart_backoff_ms),
+                },
+            )
+            .await
+            .context("starting the clients")?;
+            spawned.push(supervisor.get_cell());
+            supervisor
+        }
+    };
 
     let aggregator = experiment::aggregator_for(cfg)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (server, _) = Actor::spawn(
-        Some("server".into()),
+        None,
         Server,
         ServerArgs {
             cfg: cfg.clone(),
@@ -427,6 +436,83 @@ async fn run_with_pool(
         }
         Err(e) => Err(e),
     };
+    result
+}
+
+/// Every client's arguments (in a client process, [`crate::cluster::remote_clients`] keeps its
+/// own).
+fn client_args(
+    cfg: &Arc<Config>,
+    pool: &ForwardPool,
+    data: &ActorRef<DataMsg>,
+    projection: &Arc<fedbpt::projection::Projection>,
+    objective: Objective,
+) -> Vec<ClientArgs> {
+    (0..cfg.num_users)
+        .map(|id| ClientArgs {
+            id,
+            cfg: cfg.clone(),
+            pool: pool.clone(),
+            data: data.clone(),
+            projection: projection.clone(),
+            objective,
+            group: None,
+        })
+        .collect()
+}
+
+/// A client process's share of a federation: its forward-worker pool and data loader, and the
+/// clients of `sites` under their supervisor (each joining its site's group), until `until`
+/// resolves. The data is partitioned here as in the server's process, from the seed.
+pub async fn run_sites<F>(cfg: &Config, env: &Env, sites: &[usize], until: F) -> Result<String>
+where
+    F: std::future::Future<Output = Result<String>>,
+{
+    let cfg = Arc::new(cfg.clone());
+    check_search_memory(&cfg)?;
+    let data = partition(&cfg, &env.dataset)?;
+    let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?.clone();
+    let projection = Arc::new(projection_for(&cfg, model.as_ref())?);
+    let objective = Objective { loss: cfg.loss_type, metric: env.task.metric };
+    let pool = ForwardPool::spawn(
+        env.replicas.clone(),
+        env.task.clone(),
+        cfg.runtime.workers_per_device,
+        cfg.runtime.max_batch_examples,
+        cfg.faults.kill_worker_at_request,
+    )
+    .await?;
+    let (data_ref, _) = Actor::spawn(
+        None,
+        DataLoader,
+        DataState { shards: data.shards.clone(), dev: data.dev.clone(), test: data.test.clone() },
+    )
+    .await?;
+    let clients = crate::cluster::remote_clients(
+        client_args(&cfg, &pool, &data_ref, &projection, objective),
+        sites,
+    );
+    let started = Actor::spawn(
+        None,
+        ClientSupervisor,
+        SupervisorArgs {
+            clients,
+            restart_limit: cfg.faults.restart_limit,
+            backoff: Duration::from_millis(cfg.faults.restart_backoff_ms),
+        },
+    )
+    .await
+    .context("starting the clients");
+    let result = match started {
+        Ok((supervisor, _)) => {
+            let r = until.await;
+            stop_and_wait(supervisor.get_cell()).await;
+            r
+        }
+        Err(e) => Err(e),
+    };
+    stop_and_wait(data_ref.get_cell()).await;
+    pool.stop();
     result
 }
 

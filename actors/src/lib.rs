@@ -6,6 +6,7 @@
 //! and own state.
 
 pub mod client;
+pub mod cluster;
 pub mod data_loader;
 pub mod evaluator;
 pub mod fault_plan;
@@ -15,6 +16,8 @@ pub mod messages;
 pub mod plot;
 pub mod pool;
 pub mod profile;
+pub mod remote_roster;
 pub mod round;
 pub mod server;
 pub mod supervisor;
+pub mod wire;

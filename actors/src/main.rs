@@ -13,6 +13,7 @@ use fedbpt::experiment;
 
 mod bench;
 mod fed;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +58,42 @@ enum Command {
         /// Profile message flows: a Chrome trace here, and messages.csv in the output directory.
         #[arg(long, value_name = "FILE")]
         trace: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// The server of a federation across processes: server, evaluator and data loader, with
+    /// clients from `fedbpt join` processes; writes what `run` writes.
+    Serve {
+        #[arg(required_unless_present = "resume")]
+        config: Option<PathBuf>,
+        /// Continue the run in DIR from its last checkpoint (the client processes join again).
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "out", "overrides"])]
+        resume: Option<PathBuf>,
+        /// Address to listen on for client processes.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The nodes' shared secret (first line); else $FEDBPT_COOKIE. No default.
+        #[arg(long, value_name = "FILE")]
+        cookie_file: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Clients of a federation across processes: runs the given sites for the server at
+    /// --connect, with this process's own forward-worker pool, until the run finishes.
+    Join {
+        config: PathBuf,
+        #[arg(long, value_name = "HOST:PORT")]
+        connect: String,
+        /// The sites this process runs: 3-4, site-3,site-4 or 3,4.
+        #[arg(long)]
+        sites: String,
+        /// This node's name (default from its sites, the same when it is started again).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        cookie_file: Option<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
@@ -156,6 +193,7 @@ fn real_main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -163,6 +201,17 @@ fn real_main() -> Result<()> {
         Command::Bbt { config, out, overrides } => bbt(&config, out, &overrides),
         Command::Run { config, resume, out, trace, overrides } => {
             fed::run(config.as_deref(), resume.as_deref(), out, trace.as_deref(), &overrides)
+        }
+        Command::Serve { config, resume, listen, out, cookie_file, overrides } => serve::serve(
+            config.as_deref(),
+            resume.as_deref(),
+            &listen,
+            out,
+            cookie_file.as_deref(),
+            &overrides,
+        ),
+        Command::Join { config, connect, sites, name, cookie_file, overrides } => {
+            serve::join(&config, &connect, &sites, name, cookie_file.as_deref(), &overrides)
         }
         Command::Plot { dir } => fed::plot(&dir),
         Command::Compare { config, out, seeds, methods, partitions, overrides } => {

@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use fedbpt::data::Example;
 use fedbpt::models::{Prepared, TokenNoise};
-use fedbpt::protocol::{ClientUpdate, SearchDistribution};
 use ractor::{ActorRef, RpcReplyPort};
+use ractor_cluster::{RactorClusterMessage, RactorMessage};
+use serde::{Deserialize, Serialize};
 
 use crate::profile::Stamp;
-use serde::Serialize;
+use crate::wire::{JoinReply, JoinRequest, TrainReply, TrainRequest};
 
 /// Replies carry the callee's error as text: it crosses actor (and, later, process) boundaries.
 pub type Reply<T> = RpcReplyPort<Result<T, String>>;
@@ -20,6 +21,7 @@ pub fn wire_size(value: &impl Serialize) -> usize {
 }
 
 /// To a forward worker.
+#[derive(RactorMessage)]
 pub enum WorkerMsg {
     /// Tokenize and template examples; with noise for FedBPT's perturbation.
     Prepare {
@@ -48,6 +50,7 @@ pub enum WorkerMsg {
 pub type EvalSets = (Arc<Vec<Example>>, Arc<Vec<Example>>);
 
 /// To the data loader.
+#[derive(RactorMessage)]
 pub enum DataMsg {
     /// The training shard of client `client`.
     Shard { client: usize, stamp: Stamp, reply: RpcReplyPort<Arc<Vec<Example>>> },
@@ -56,7 +59,7 @@ pub enum DataMsg {
 }
 
 /// A fault the server injects into one client's round (fault-injection experiments).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum ClientFault {
     /// The client kills itself halfway through its local search.
     DieMidSearch,
@@ -68,19 +71,24 @@ pub enum ClientFault {
     Delay(std::time::Duration),
 }
 
-/// To a client.
+/// To a client; the one message that crosses to client processes (its payloads are
+/// [`crate::wire`]'s).
+#[derive(RactorClusterMessage)]
 pub enum ClientMsg {
-    /// Run the local search of one round from the server's distribution, and give up at
-    /// `deadline_ms` (milliseconds since the Unix epoch, the server's round deadline): a search
-    /// still running then is abandoned between iterations, and a request that waited past it is
-    /// dropped, so a late client does not carry a stale round into the next one.
-    Train {
-        dist: SearchDistribution,
-        fault: Option<ClientFault>,
-        deadline_ms: u64,
-        stamp: Stamp,
-        reply: Reply<(ClientUpdate, Stamp)>,
-    },
+    /// Run the local search of one round from the server's distribution, and give up at the
+    /// request's deadline (the server's round deadline): a search still running then is
+    /// abandoned between iterations, and a request that waited past it is dropped, so a late
+    /// client does not carry a stale round into the next one.
+    #[rpc]
+    Train(TrainRequest, RpcReplyPort<TrainReply>),
+}
+
+/// To the server process's registry, from client processes (`fedbpt join`).
+#[derive(RactorClusterMessage)]
+pub enum RegistryMsg {
+    /// Admit a client process's sites, if its configuration matches the server's.
+    #[rpc]
+    Join(JoinRequest, RpcReplyPort<JoinReply>),
 }
 
 /// Milliseconds since the Unix epoch, now (0 if the clock is before 1970).
@@ -100,11 +108,18 @@ pub struct Roster {
     pub restarted: Vec<usize>,
 }
 
-/// To the client supervisor.
+/// To whoever keeps the clients: the client supervisor in one process, the remote roster
+/// (`crate::cluster`) when they live in other processes.
+#[derive(RactorMessage)]
 pub enum SupervisorMsg {
     /// The roster. With `wait`, answered once no restart is pending (every client running or
-    /// given up); without, at once.
+    /// given up; remotely: every site that was up is back, or the rejoin wait passed); without,
+    /// at once.
     Roster { wait: bool, stamp: Stamp, reply: RpcReplyPort<Roster> },
+    /// Remote roster only: the registry admitted these sites of this node.
+    Admitted { node: String, sites: Vec<usize> },
+    /// Remote roster only: a roster request waited long enough (its index).
+    WaitOver(u64),
 }
 
 /// What the evaluator reports for one global mean.
@@ -116,6 +131,7 @@ pub struct Evaluation {
 }
 
 /// To the evaluator.
+#[derive(RactorMessage)]
 pub enum EvalMsg {
     /// Accuracy of the manual prompt and of z = 0 on the test set.
     Baselines { stamp: Stamp, reply: Reply<(f64, f64)> },
@@ -130,6 +146,7 @@ pub enum EvalMsg {
 }
 
 /// To the server.
+#[derive(RactorMessage)]
 pub enum ServerMsg {
     /// Run round `round` (the server sends itself the next one).
     RunRound { round: usize, stamp: Stamp },

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 /// Identity and send time of one message (id 0: profiling is off).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stamp {
     pub id: u64,
     pub sent_us: u64,

@@ -24,6 +24,7 @@ use crate::messages::{
 };
 use crate::profile::{self, MessageInfo, Stamp};
 use crate::server::RoundRecord;
+use crate::wire::{Train, TrainReply, TrainRequest};
 
 /// What a round reads and changes of the server's state.
 pub struct RoundContext<'a> {
@@ -43,8 +44,12 @@ pub(crate) fn site(i: usize) -> String {
 pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<RoundRecord, String> {
     let cfg = ctx.cfg;
     let deadline = Duration::from_secs_f64(cfg.runtime.round_timeout_s);
+    // A remote roster waits for client processes itself (`[cluster]`); a local one for restarts.
+    let patience = deadline.max(Duration::from_secs_f64(
+        cfg.cluster.join_timeout_s.max(cfg.cluster.rejoin_wait_s) + 5.0,
+    ));
     // 1. The clients that are up.
-    let mut roster = settled_roster(ctx.supervisor, deadline).await?;
+    let mut roster = settled_roster(ctx.supervisor, patience).await?;
     let restarted: Vec<String> = roster.restarted.iter().map(|&i| site(i)).collect();
     // 2. Faults, and the kills before the round.
     let faults = plan_faults(cfg, round);
@@ -78,7 +83,7 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
         match rule.decide(attempt.updates.len(), retries) {
             RoundDecision::Retry => {
                 retries += 1;
-                roster = settled_roster(ctx.supervisor, deadline).await?;
+                roster = settled_roster(ctx.supervisor, patience).await?;
             }
             decision => break (attempt, decision),
         }
@@ -170,7 +175,8 @@ fn participants(
                 excluded.push(format!("{}: killed before the round", site(i)))
             }
             Some(Some(a)) => contacted.push((i, a.clone())),
-            _ => excluded.push(format!("{}: restart limit reached", site(i))),
+            _ => excluded
+                .push(format!("{}: down (restart limit reached, or not connected)", site(i))),
         }
     }
     (contacted, excluded)
@@ -209,21 +215,15 @@ async fn gather(
         let (i, client, dist) = (*i, client.clone(), dist.clone());
         let fault = faults.and_then(|f| f.inside(i));
         tasks.spawn(async move {
+            let request = Train { dist, fault, deadline_ms, stamp: profile::stamp() };
             let r = match client
-                .call(
-                    |reply| ClientMsg::Train {
-                        dist,
-                        fault,
-                        deadline_ms,
-                        stamp: profile::stamp(),
-                        reply,
-                    },
-                    Some(deadline),
-                )
+                .call(|reply| ClientMsg::Train(TrainRequest::Valid(request), reply), Some(deadline))
                 .await
             {
-                Ok(CallResult::Success(Ok((u, stamp)))) => Outcome::Ok(Box::new(u), stamp),
-                Ok(CallResult::Success(Err(e))) => Outcome::Failed(e),
+                Ok(CallResult::Success(TrainReply(Ok((u, stamp))))) => {
+                    Outcome::Ok(Box::new(u), stamp)
+                }
+                Ok(CallResult::Success(TrainReply(Err(e)))) => Outcome::Failed(e),
                 Ok(CallResult::Timeout) => Outcome::Late,
                 Ok(CallResult::SenderError) => {
                     Outcome::Failed("stopped or dropped its reply".into())

@@ -98,8 +98,7 @@ impl Actor for ClientSupervisor {
     ) -> Result<SupervisorState, ActorProcessingErr> {
         let mut slots = Vec::with_capacity(args.clients.len());
         for c in &args.clients {
-            let (actor, _) =
-                Actor::spawn_linked(Some(name(c.id)), Client, c.clone(), me.get_cell()).await?;
+            let (actor, _) = Actor::spawn_linked(None, Client, c.clone(), me.get_cell()).await?;
             slots.push(ClientSlot { actor: Some(actor), restarts: 0, given_up: false });
         }
         Ok(SupervisorState {
@@ -135,6 +134,8 @@ impl Actor for ClientSupervisor {
                     let _ = reply.send(state.roster());
                 }
             }
+            // The remote roster's; this supervisor's clients are its own children.
+            SupervisorMsg::Admitted { .. } | SupervisorMsg::WaitOver(_) => {}
         }
         Ok(())
     }
@@ -177,7 +178,7 @@ impl Actor for ClientSupervisor {
         state.stopping = true;
         let clients: Vec<ActorCell> =
             state.slots.iter().filter_map(|s| s.actor.as_ref().map(|a| a.get_cell())).collect();
-        // Waited for, so that their names (`site-N`) are free when this returns.
+        // Waited for, so that no client outlives the run.
         for c in clients {
             stop_and_wait(c).await;
         }
@@ -196,9 +197,7 @@ async fn restart(me: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, i: u
     }
     tokio::time::sleep(state.args.backoff * 2u32.saturating_pow(restarts.min(10) as u32)).await;
     let args = state.args.clients[i].clone();
-    // A fresh name per incarnation: the dead one's may not be unregistered yet.
-    let incarnation = format!("{}#{}", name(i), restarts + 1);
-    match Actor::spawn_linked(Some(incarnation), Client, args, me.get_cell()).await {
+    match Actor::spawn_linked(None, Client, args, me.get_cell()).await {
         Ok((actor, _)) => {
             state.slots[i].actor = Some(actor);
             state.slots[i].restarts += 1;

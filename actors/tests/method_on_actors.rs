@@ -22,6 +22,7 @@ use fedbpt_actors::messages::{now_ms, ClientMsg};
 use fedbpt_actors::pool::ForwardPool;
 use fedbpt_actors::profile;
 use fedbpt_actors::server::Checkpoint;
+use fedbpt_actors::wire::{Train, TrainReply, TrainRequest};
 use ractor::rpc::CallResult;
 use ractor::Actor;
 
@@ -86,24 +87,29 @@ fn a_perturbing_client_uploads_the_eq7_ratio_of_its_final_mean() {
             data,
             projection: projection.clone(),
             objective: Objective { loss: cfg.loss_type, metric: task.metric },
+            group: None,
         };
         let (client, _) = Actor::spawn(None, Client, args).await.unwrap();
         let dist =
             SearchDistribution { round: 3, mean: vec![0.1; 10], sigma: 0.5, covariance: None };
         let reply = client
             .call(
-                |reply| ClientMsg::Train {
-                    dist,
-                    fault: None,
-                    deadline_ms: now_ms() + 60_000,
-                    stamp: profile::stamp(),
-                    reply,
+                |reply| {
+                    let train = Train {
+                        dist,
+                        fault: None,
+                        deadline_ms: now_ms() + 60_000,
+                        stamp: profile::stamp(),
+                    };
+                    ClientMsg::Train(TrainRequest::Valid(train), reply)
                 },
                 None,
             )
             .await
             .unwrap();
-        let CallResult::Success(Ok((u, _))) = reply else { panic!("no update: {reply:?}") };
+        let CallResult::Success(TrainReply(Ok((u, _)))) = reply else {
+            panic!("no update: {reply:?}")
+        };
         assert_eq!((u.client, u.round, u.sigmas.len()), (0, 3, cfg.local_iter));
         assert_eq!(u.sigmas[0], 0.5, "the first sigma is the one sent, recorded before the ask");
 

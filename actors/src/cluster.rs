@@ -1,0 +1,497 @@
+//! The federation across processes and hosts, on ractor_cluster: `fedbpt serve` runs the
+//! server, evaluator and data loader of [`crate::federation`] with a [`RemoteRoster`] in place
+//! of the client supervisor; `fedbpt join` runs some of the clients, with their own
+//! forward-worker pool, under their own supervisor.
+//!
+//! - Nodes authenticate with a shared cookie (ractor_cluster's challenge); there is no default.
+//! - A client process asks the server's registry (process group `fedbpt/server`) to admit its
+//!   sites, sending its configuration: the server refuses one that differs outside the
+//!   per-process sections (`runtime`, `cluster`) and names the key.
+//! - Its clients then join `fedbpt/site-N`; the server reaches them through those groups.
+//! - No example crosses the wire: every process derives the same partition from the seed.
+//! - The server's round deadline, not the connection, decides who is late (ractor_cluster does
+//!   not time out a hung peer); a process that dies drops out of its groups, and one started
+//!   again rejoins them and takes part from the next round.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use fedbpt::config::Config;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
+use ractor_cluster::node::NodeConnectionMode;
+use ractor_cluster::{NodeServer, NodeServerMessage, RactorClusterMessage};
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::messages::{RegistryMsg, SupervisorMsg};
+use crate::remote_roster::{site_group, RemoteRoster, RemoteRosterArgs};
+use crate::wire::{Join, JoinReply, JoinRequest};
+
+/// The server's registry joins this group.
+pub const SERVER_GROUP: &str = "fedbpt/server";
+/// Every client process's watcher joins this group, to hear that the run has finished.
+pub const PROCESS_GROUP: &str = "fedbpt/processes";
+
+/// The cookie nodes authenticate with: the first line of `file`, or `$FEDBPT_COOKIE`.
+pub fn cookie(file: Option<&Path>) -> Result<String> {
+    let cookie = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the cookie file {}", path.display()))?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+        None => std::env::var("FEDBPT_COOKIE").unwrap_or_default().trim().to_string(),
+    };
+    if cookie.is_empty() {
+        match file {
+            Some(path) => bail!("the cookie file {} is empty", path.display()),
+            None => bail!(
+                "no cookie: give --cookie-file FILE or set FEDBPT_COOKIE (every node of a \
+                 federation needs the same secret; there is no default)"
+            ),
+        }
+    }
+    Ok(cookie)
+}
+
+/// Starts this process's node, listening on `listen`.
+pub async fn start_node(
+    name: &str,
+    listen: SocketAddr,
+    cookie: String,
+    cfg: &Config,
+) -> Result<ActorRef<NodeServerMessage>> {
+    let host = listen.ip().to_string();
+    // Isolated: a client process talks to its server only, not to the other client processes.
+    let mode = Some(NodeConnectionMode::Isolated);
+    let server = NodeServer::new(listen.port(), cookie, name.to_string(), host, None, mode)
+        .with_listen_addr(listen.ip())
+        .with_max_inbound_frame_size(cfg.cluster.max_frame_bytes);
+    let (node, _) = Actor::spawn(None, server, ())
+        .await
+        .with_context(|| format!("starting the cluster node on {listen}"))?;
+    Ok(node)
+}
+
+/// `3-4`, `site-3,site-4` or `3,4` as client indices (0-based), checked against `num_users`.
+pub fn parse_sites(spec: &str, num_users: usize) -> Result<Vec<usize>> {
+    let number = |s: &str| -> Result<usize> {
+        let s = s.trim();
+        let digits = s.strip_prefix("site-").unwrap_or(s);
+        match digits.parse::<usize>() {
+            Ok(n) if (1..=num_users).contains(&n) => Ok(n - 1),
+            Ok(n) => bail!("--sites: site {n} is not in 1 ..= {num_users} (num_users)"),
+            Err(_) => bail!("--sites: `{s}` is not a site (give 3-4, site-3,site-4 or 3,4)"),
+        }
+    };
+    let mut sites = Vec::new();
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        match part.split_once('-').filter(|(a, _)| !a.trim().is_empty() && a.trim() != "site") {
+            Some((a, b)) if !part.trim().starts_with("site-") => {
+                let (a, b) = (number(a)?, number(b)?);
+                if a > b {
+                    bail!("--sites: the range `{part}` is empty");
+                }
+                sites.extend(a..=b);
+            }
+            _ => sites.push(number(part)?),
+        }
+    }
+    sites.sort_unstable();
+    sites.dedup();
+    if sites.is_empty() {
+        bail!("--sites: no site in `{spec}`");
+    }
+    Ok(sites)
+}
+
+/// The first key (in sorted order) where a client process's configuration differs from the
+/// server's, outside the per-process sections, with both values.
+pub fn config_difference(server: &Value, client: &Value) -> Option<String> {
+    fn walk(path: &str, a: &Value, b: &Value) -> Option<String> {
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                keys.into_iter().find_map(|k| {
+                    if path.is_empty() && matches!(k.as_str(), "runtime" | "cluster") {
+                        return None;
+                    }
+                    let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    walk(&sub, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null))
+                })
+            }
+            _ if a == b => None,
+            _ => Some(format!("`{path}`: the server has {a}, this process {b}")),
+        }
+    }
+    walk("", server, client)
+}
+
+/// The server process's registry: admits client processes.
+pub struct Registry;
+
+pub struct RegistryArgs {
+    pub config: Value,
+    pub num_users: usize,
+    pub roster: ActorRef<SupervisorMsg>,
+}
+
+pub struct RegistryState {
+    args: RegistryArgs,
+    /// The node each site was admitted for.
+    holders: Vec<Option<String>>,
+}
+
+impl Actor for Registry {
+    type Msg = RegistryMsg;
+    type State = RegistryState;
+    type Arguments = RegistryArgs;
+
+    async fn pre_start(
+        &self,
+        me: ActorRef<RegistryMsg>,
+        args: RegistryArgs,
+    ) -> Result<RegistryState, ActorProcessingErr> {
+        ractor::pg::join(SERVER_GROUP.to_string(), vec![me.get_cell()]);
+        let n = args.num_users;
+        Ok(RegistryState { args, holders: vec![None; n] })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<RegistryMsg>,
+        msg: RegistryMsg,
+        state: &mut RegistryState,
+    ) -> Result<(), ActorProcessingErr> {
+        let RegistryMsg::Join(request, reply) = msg;
+        let answer = match request {
+            JoinRequest::Valid(join) => admit(state, join),
+            JoinRequest::Rejected(why) => Err(format!("join request rejected: {why}")),
+        };
+        if let Err(why) = &answer {
+            tracing::warn!("refused a client process: {why}");
+        }
+        let _ = reply.send(JoinReply(answer));
+        Ok(())
+    }
+}
+
+fn admit(state: &mut RegistryState, join: Join) -> Result<(), String> {
+    let who = format!("node `{}`", join.node);
+    let config: Value = serde_json::from_str(&join.config)
+        .map_err(|e| format!("{who}: its configuration is not JSON: {e}"))?;
+    if let Some(diff) = config_difference(&state.args.config, &config) {
+        return Err(format!("{who}: its configuration differs from the server's at {diff}"));
+    }
+    if join.sites.is_empty() {
+        return Err(format!("{who}: no sites"));
+    }
+    for &i in &join.sites {
+        if i >= state.args.num_users {
+            return Err(format!("{who}: site-{} is not in 1 ..= {}", i + 1, state.args.num_users));
+        }
+        // A site held by another node that is still up cannot change hands.
+        if let Some(holder) = &state.holders[i] {
+            if *holder != join.node && !ractor::pg::get_members(&site_group(i)).is_empty() {
+                return Err(format!("{who}: site-{} is already run by node `{holder}`", i + 1));
+            }
+        }
+    }
+    for &i in &join.sites {
+        state.holders[i] = Some(join.node.clone());
+    }
+    tracing::info!("{who}: admitted for sites {:?}", join.sites);
+    state
+        .args
+        .roster
+        .send_message(SupervisorMsg::Admitted { node: join.node, sites: join.sites })
+        .map_err(|e| format!("the roster is gone: {e}"))
+}
+
+/// To a client process's watcher.
+#[derive(RactorClusterMessage)]
+pub enum ProcessMsg {
+    /// The server finished the run (the reason, for the log).
+    Finished(String),
+}
+
+/// A client process's watcher: tells the process's main task that the run has finished.
+pub struct Watcher;
+
+impl Actor for Watcher {
+    type Msg = ProcessMsg;
+    type State = UnboundedSender<String>;
+    type Arguments = UnboundedSender<String>;
+
+    async fn pre_start(
+        &self,
+        me: ActorRef<ProcessMsg>,
+        tx: UnboundedSender<String>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        ractor::pg::join(PROCESS_GROUP.to_string(), vec![me.get_cell()]);
+        Ok(tx)
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<ProcessMsg>,
+        msg: ProcessMsg,
+        tx: &mut UnboundedSender<String>,
+    ) -> Result<(), ActorProcessingErr> {
+        let ProcessMsg::Finished(why) = msg;
+        let _ = tx.send(why);
+        Ok(())
+    }
+}
+
+/// What a server process keeps running around its federation.
+pub struct ServerSide {
+    pub node: ActorRef<NodeServerMessage>,
+    pub roster: ActorRef<SupervisorMsg>,
+    registry: ActorRef<RegistryMsg>,
+}
+
+impl ServerSide {
+    /// Starts the node, the remote roster and the registry.
+    pub async fn start(cfg: &Config, listen: SocketAddr, cookie: String) -> Result<ServerSide> {
+        refuse_local_kills(cfg)?;
+        let node = start_node("fedbpt-server", listen, cookie, cfg).await?;
+        let (roster, _) = Actor::spawn(
+            None,
+            RemoteRoster,
+            RemoteRosterArgs {
+                num_users: cfg.num_users,
+                join_timeout: Duration::from_secs_f64(cfg.cluster.join_timeout_s),
+                rejoin_wait: Duration::from_secs_f64(cfg.cluster.rejoin_wait_s),
+            },
+        )
+        .await?;
+        let config = serde_json::to_value(cfg)?;
+        let (registry, _) = Actor::spawn(
+            None,
+            Registry,
+            RegistryArgs { config, num_users: cfg.num_users, roster: roster.clone() },
+        )
+        .await?;
+        Ok(ServerSide { node, roster, registry })
+    }
+
+    /// Tells the client processes the run is over, and stops.
+    pub async fn finish(self, why: &str) {
+        for cell in ractor::pg::get_members(&PROCESS_GROUP.to_string()) {
+            let watcher: ActorRef<ProcessMsg> = cell.into();
+            let _ = watcher.send_message(ProcessMsg::Finished(why.to_string()));
+        }
+        // Casts leave through the node sessions' queues: let them go before the sockets close.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for cell in [self.registry.get_cell(), self.roster.get_cell(), self.node.get_cell()] {
+            crate::supervisor::stop_and_wait(cell).await;
+        }
+    }
+}
+
+/// Kill faults act on the server's handles of local actors; across processes, kill a process.
+fn refuse_local_kills(cfg: &Config) -> Result<()> {
+    if !cfg.faults.kill.is_empty() || cfg.faults.kill_fraction > 0.0 {
+        bail!(
+            "faults.kill and faults.kill_fraction kill client actors of this process; with \
+             clients in other processes, kill a client process instead (panics, dropped replies \
+             and stragglers work across processes)"
+        );
+    }
+    Ok(())
+}
+
+/// A client process's connection to its server.
+pub struct ClientSide {
+    node: ActorRef<NodeServerMessage>,
+    watcher: ActorRef<ProcessMsg>,
+    finished: tokio::sync::mpsc::UnboundedReceiver<String>,
+    disconnected: tokio::sync::mpsc::UnboundedReceiver<()>,
+    connect: String,
+}
+
+/// How long a client process waits for the server to answer its connection.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
+impl ClientSide {
+    /// Connects to the server at `connect` and asks it to admit `sites`.
+    pub async fn join(
+        cfg: &Config,
+        connect: &str,
+        cookie: String,
+        name: &str,
+        sites: &[usize],
+    ) -> Result<ClientSide> {
+        let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        let node = start_node(name, listen, cookie, cfg).await?;
+        let (tx, mut disconnected) = tokio::sync::mpsc::unbounded_channel();
+        node.send_message(NodeServerMessage::SubscribeToEvents {
+            id: "fedbpt-join".into(),
+            subscription: Box::new(Disconnects(tx)),
+        })?;
+        ractor_cluster::client_connect(&node, connect)
+            .await
+            .map_err(|e| anyhow!("connecting to the server at {connect}: {e:?}"))?;
+        let registry = wait_for_server(&mut disconnected, connect).await?;
+        let join = Join {
+            node: name.to_string(),
+            sites: sites.to_vec(),
+            config: serde_json::to_string(cfg)?,
+        };
+        let answer = registry
+            .call(
+                |reply| RegistryMsg::Join(JoinRequest::Valid(join), reply),
+                Some(CONNECT_PATIENCE),
+            )
+            .await
+            .map_err(|e| anyhow!("the server at {connect}: {e}"))?;
+        match answer {
+            ractor::rpc::CallResult::Success(JoinReply(Ok(()))) => {}
+            ractor::rpc::CallResult::Success(JoinReply(Err(why))) => {
+                bail!("the server at {connect} refused this process: {why}")
+            }
+            _ => bail!("the server at {connect} did not answer the join request"),
+        }
+        let (tx, finished) = tokio::sync::mpsc::unbounded_channel();
+        let (watcher, _) = Actor::spawn(None, Watcher, tx).await?;
+        Ok(ClientSide { node, watcher, finished, disconnected, connect: connect.to_string() })
+    }
+
+    /// Waits until the server says the run has finished (`Ok`), or is gone (`Err`).
+    pub async fn until_finished(&mut self) -> Result<String> {
+        tokio::select! {
+            why = self.finished.recv() => why.ok_or_else(|| anyhow!("the watcher stopped")),
+            _ = self.disconnected.recv() => {
+                // A finished server closes its sockets right after telling us: its message may
+                // still be on the way.
+                match tokio::time::timeout(Duration::from_secs(1), self.finished.recv()).await {
+                    Ok(Some(why)) => Ok(why),
+                    _ => bail!("lost the server at {} before the run finished", self.connect),
+                }
+            }
+        }
+    }
+
+    pub async fn stop(self) {
+        for cell in [self.watcher.get_cell(), self.node.get_cell()] {
+            crate::supervisor::stop_and_wait(cell).await;
+        }
+    }
+}
+
+/// Tells a client process that its connection to the server closed.
+struct Disconnects(UnboundedSender<()>);
+
+impl ractor_cluster::NodeEventSubscription for Disconnects {
+    fn node_session_opened(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
+    fn node_session_disconnected(&self, _: ractor_cluster::node::NodeServerSessionInformation) {
+        let _ = self.0.send(());
+    }
+    fn node_session_authenticated(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
+}
+
+/// The server's registry, once the connection is authenticated and the groups synchronized.
+async fn wait_for_server(
+    disconnected: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+    connect: &str,
+) -> Result<ActorRef<RegistryMsg>> {
+    let started = Instant::now();
+    loop {
+        if let Some(cell) = ractor::pg::get_members(&SERVER_GROUP.to_string()).pop() {
+            return Ok(ActorCell::into(cell));
+        }
+        if disconnected.try_recv().is_ok() {
+            bail!(
+                "the server at {connect} closed the connection before admitting this process: \
+                 a wrong cookie, or not a fedbpt server (the server's log says which)"
+            );
+        }
+        if started.elapsed() > CONNECT_PATIENCE {
+            bail!(
+                "the peer at {connect} did not offer a fedbpt server within {} s",
+                CONNECT_PATIENCE.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The client arguments of the sites a client process runs (their groups set).
+pub fn remote_clients(
+    all: Vec<crate::client::ClientArgs>,
+    sites: &[usize],
+) -> Vec<crate::client::ClientArgs> {
+    all.into_iter()
+        .filter(|c| sites.contains(&c.id))
+        .map(|mut c| {
+            c.group = Some(site_group(c.id));
+            c
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sites_parse_as_ranges_names_and_numbers() {
+        assert_eq!(parse_sites("3-4", 10).unwrap(), vec![2, 3]);
+        assert_eq!(parse_sites("site-3,site-4", 10).unwrap(), vec![2, 3]);
+        assert_eq!(parse_sites("1,5,5,2", 10).unwrap(), vec![0, 1, 4]);
+        assert_eq!(parse_sites("6-10", 10).unwrap(), vec![5, 6, 7, 8, 9]);
+        for (bad, says) in [
+            ("0", "not in 1 ..= 10"),
+            ("11", "not in 1 ..= 10"),
+            ("4-2", "is empty"),
+            ("x", "is not a site"),
+            ("site-", "is not a site"),
+            ("", "no site"),
+            ("3-12", "not in 1 ..= 10"),
+        ] {
+            let e = parse_sites(bad, 10).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn configurations_differ_at_the_first_shared_key_outside_the_per_process_sections() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.runtime.tokio_threads = 7;
+        b.cluster.rejoin_wait_s = 1.0;
+        let (va, vb) = (serde_json::to_value(&a).unwrap(), serde_json::to_value(&b).unwrap());
+        assert_eq!(config_difference(&va, &vb), None);
+        b.num_rounds = a.num_rounds + 1;
+        let vb = serde_json::to_value(&b).unwrap();
+        let d = config_difference(&va, &vb).unwrap();
+        assert!(d.starts_with("`num_rounds`"), "{d}");
+        assert!(d.contains(&format!("server has {}", a.num_rounds)), "{d}");
+        let mut c = a.clone();
+        c.faults.panic = vec![fedbpt::config::ClientRound { client: "site-1".into(), round: 2 }];
+        let d = config_difference(&va, &serde_json::to_value(&c).unwrap()).unwrap();
+        assert!(d.starts_with("`faults.panic`"), "{d}");
+    }
+
+    #[test]
+    fn a_cookie_is_required_and_read_from_the_first_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cookie");
+        std::fs::write(&path, "s3cret \nignored\n").unwrap();
+        assert_eq!(cookie(Some(&path)).unwrap(), "s3cret");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(cookie(Some(&path)).unwrap_err().to_string().contains("is empty"));
+        let missing = dir.path().join("none");
+        assert!(cookie(Some(&missing))
+            .unwrap_err()
+            .to_string()
+            .contains("reading the cookie file"));
+    }
+}

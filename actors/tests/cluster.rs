@@ -1,0 +1,341 @@
+//! The federation across processes on loopback, on the stand-in backend: a `fedbpt serve`
+//! process and two `fedbpt join` processes of 5 clients each. Their metrics equal the
+//! one-process run's bit for bit; a client process killed with kill -9 mid-round drops out of
+//! that round and takes part again once restarted; garbage, a wrong cookie, an oversize frame and
+//! a valid frame of the wrong message type are refused and logged while the federation finishes.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fedbpt::config::Config;
+use fedbpt::protocol::SearchDistribution;
+use fedbpt_actors::cluster::{start_node, SERVER_GROUP};
+use fedbpt_actors::messages::RegistryMsg;
+use fedbpt_actors::server::RoundRecord;
+use fedbpt_actors::wire::{Join, JoinReply, JoinRequest, Train, TrainRequest};
+use ractor::rpc::CallResult;
+use ractor::{ActorRef, RpcReplyPort};
+use ractor_cluster::RactorClusterMessage;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fedbpt");
+const COOKIE: &str = "loopback-test-cookie";
+
+const STAND_IN: &[&str] = &[
+    "model_name=stand-in",
+    "weights=\"f32\"",
+    "num_users=10",
+    "min_clients=5",
+    "k_shot=8",
+    "test_size=40",
+    "intrinsic_dim=12",
+    "n_prompt_tokens=2",
+    "local_iter=4",
+    "local_popsize=4",
+    "eval_every=1",
+    "seed=11",
+    "iid=false",
+];
+
+fn config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/quickstart.toml")
+}
+
+fn sets(extra: &[&str]) -> Vec<String> {
+    STAND_IN.iter().chain(extra).flat_map(|s| ["--set".to_string(), s.to_string()]).collect()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process of the binary, its stderr kept in a file.
+fn spawn(args: &[String], log: &Path, cookie: &str) -> Child {
+    let err = std::fs::File::create(log).unwrap();
+    Command::new(BIN)
+        .args(args)
+        .env("FEDBPT_COOKIE", cookie)
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .unwrap()
+}
+
+fn serve(dir: &Path, port: u16, extra: &[&str]) -> Child {
+    let mut args = vec![
+        "serve".to_string(),
+        config().display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--out".into(),
+        dir.join("served").display().to_string(),
+    ];
+    args.extend(sets(extra));
+    spawn(&args, &dir.join("serve.log"), COOKIE)
+}
+
+fn join(dir: &Path, port: u16, sites: &str, extra: &[&str], log: &str, cookie: &str) -> Child {
+    let mut args = vec![
+        "join".to_string(),
+        config().display().to_string(),
+        "--connect".into(),
+        format!("127.0.0.1:{port}"),
+        "--sites".into(),
+        sites.into(),
+    ];
+    args.extend(sets(extra));
+    spawn(&args, &dir.join(log), cookie)
+}
+
+/// Waits for a child to exit (at most `limit`), killing it past that.
+fn finish(child: &mut Child, what: &str, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn log(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut text);
+    }
+    text
+}
+
+fn records(path: &Path) -> Vec<RoundRecord> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn without_wall(mut rs: Vec<RoundRecord>) -> Vec<RoundRecord> {
+    for r in &mut rs {
+        r.wall_s = 0.0;
+    }
+    rs
+}
+
+fn sites(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
+    range.map(|i| format!("site-{i}")).collect()
+}
+
+#[test]
+fn two_client_processes_match_the_one_process_run_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let extra = ["num_rounds=4"];
+    let mut one = vec!["run".to_string(), config().display().to_string()];
+    one.extend(["--out".into(), d.join("one").display().to_string()]);
+    one.extend(sets(&extra));
+    let status = spawn(&one, &d.join("one.log"), COOKIE).wait().unwrap();
+    assert!(status.success(), "one-process run: {}", log(&d.join("one.log")));
+
+    let port = free_port();
+    let mut server = serve(d, port, &extra);
+    let mut a = join(d, port, "1-5", &extra, "a.log", COOKIE);
+    let mut b = join(d, port, "site-6,site-7,site-8,site-9,site-10", &extra, "b.log", COOKIE);
+    let limit = Duration::from_secs(120);
+    assert!(finish(&mut server, "serve", limit).success(), "{}", log(&d.join("serve.log")));
+    assert!(finish(&mut a, "join 1-5", limit).success(), "{}", log(&d.join("a.log")));
+    assert!(finish(&mut b, "join 6-10", limit).success(), "{}", log(&d.join("b.log")));
+
+    let alone = records(&d.join("one/metrics.jsonl"));
+    let served = records(&d.join("served/metrics.jsonl"));
+    assert_eq!(alone.len(), 4);
+    assert!(alone.iter().all(|r| r.clients_ok == 10), "{alone:?}");
+    assert_eq!(without_wall(served), without_wall(alone));
+    let summary = |p: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join(p)).unwrap()).unwrap()
+    };
+    let (s1, s2) = (summary("one/summary.json"), summary("served/summary.json"));
+    for key in ["final_test_acc", "best_dev_test_acc", "best_dev_round", "zero_prompt_dev_acc"] {
+        assert_eq!(s1[key], s2[key], "{key}");
+    }
+    assert!(log(&d.join("a.log")).contains("the run finished"));
+}
+
+#[test]
+fn a_client_process_killed_mid_round_drops_out_and_rejoins_the_next_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Sites 6-10 hold their round-2 replies back, so that round 2 is still running when their
+    // process is killed; the deadline is far enough that only the kill ends it.
+    let stragglers: Vec<String> = sites(6..=10)
+        .iter()
+        .map(|s| format!("{{client=\"{s}\", delay_s=5.0, rounds=[2]}}"))
+        .collect();
+    let stragglers = format!("faults.stragglers=[{}]", stragglers.join(", "));
+    let extra = [
+        "num_rounds=4",
+        "runtime.round_timeout_s=30",
+        "cluster.rejoin_wait_s=60",
+        stragglers.as_str(),
+    ];
+    let port = free_port();
+    let mut server = serve(d, port, &extra);
+    let mut a = join(d, port, "1-5", &extra, "a.log", COOKIE);
+    let mut b = join(d, port, "6-10", &extra, "b.log", COOKIE);
+    let partial = d.join("served/metrics.jsonl.partial");
+    let started = Instant::now();
+    while records(&partial).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(60), "round 1 did not finish");
+        assert!(server.try_wait().unwrap().is_none(), "{}", log(&d.join("serve.log")));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Round 2 has begun (the server starts it as soon as round 1 is recorded).
+    std::thread::sleep(Duration::from_millis(300));
+    b.kill().unwrap(); // SIGKILL
+    let _ = b.wait();
+    assert_eq!(records(&partial).len(), 1, "round 2 ended before the kill");
+    let mut b2 = join(d, port, "6-10", &extra, "b2.log", COOKIE);
+    let limit = Duration::from_secs(120);
+    assert!(finish(&mut server, "serve", limit).success(), "{}", log(&d.join("serve.log")));
+    assert!(finish(&mut a, "join 1-5", limit).success(), "{}", log(&d.join("a.log")));
+    assert!(finish(&mut b2, "join 6-10 again", limit).success(), "{}", log(&d.join("b2.log")));
+
+    let r = records(&d.join("served/metrics.jsonl"));
+    assert_eq!(r.len(), 4, "every round finishes");
+    assert_eq!(r[0].clients_ok, 10);
+    assert_eq!(r[1].clients_ok, 5, "round 2 closes with the other process's clients: {:?}", r[1]);
+    assert!(r[1].aggregated);
+    for s in sites(6..=10) {
+        assert!(
+            r[1].clients_excluded.iter().any(|e| e.starts_with(&format!("{s}:"))),
+            "{:?}",
+            r[1]
+        );
+    }
+    assert_eq!(r[2].clients_ok, 10, "the restarted process's clients take part: {:?}", r[2]);
+    assert_eq!(r[2].clients_restarted, sites(6..=10));
+    assert_eq!(r[3].clients_ok, 10);
+    assert!(r[3].clients_restarted.is_empty());
+}
+
+#[test]
+fn hostile_peers_are_refused_and_logged_while_the_federation_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let extra = ["num_rounds=3"];
+    let port = free_port();
+    let mut server = serve(d, port, &extra);
+    let mut a = join(d, port, "1-5", &extra, "a.log", COOKIE);
+
+    // While the server waits for sites 6-10: garbage, and a frame longer than the limit.
+    let addr = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    let mut garbage = loop {
+        match std::net::TcpStream::connect(&addr) {
+            Ok(s) => break s,
+            Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("the server does not listen: {e}"),
+        }
+    };
+    use std::io::Write;
+    // A small length prefix, then bytes that are no protobuf message.
+    garbage.write_all(&[0, 0, 0, 0, 0, 0, 0, 12]).unwrap();
+    garbage.write_all(&[0xff; 12]).unwrap();
+    let mut oversize = std::net::TcpStream::connect(&addr).unwrap();
+    oversize.write_all(&(1u64 << 40).to_be_bytes()).unwrap();
+    oversize.write_all(&[7; 4096]).unwrap();
+
+    // A node with the wrong cookie is refused, and says so.
+    let mut intruder = join(d, port, "6-10", &extra, "intruder.log", "not-the-cookie");
+    let status = finish(&mut intruder, "join with a wrong cookie", Duration::from_secs(60));
+    assert!(!status.success());
+    let said = log(&d.join("intruder.log"));
+    assert!(said.contains("closed the connection before admitting this process"), "{said}");
+
+    // An authenticated node sends the registry a valid frame of the wrong type, then a frame
+    // over the limit.
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let (wrong_type, oversize_answer) = rt.block_on(wrong_frames(&addr));
+    assert!(wrong_type.contains("a Train payload where a Join belongs"), "{wrong_type}");
+    assert!(oversize_answer.is_err(), "an oversize frame was answered: {oversize_answer:?}");
+
+    let mut b = join(d, port, "6-10", &extra, "b.log", COOKIE);
+    let limit = Duration::from_secs(120);
+    assert!(finish(&mut server, "serve", limit).success(), "{}", log(&d.join("serve.log")));
+    assert!(finish(&mut a, "join 1-5", limit).success());
+    assert!(finish(&mut b, "join 6-10", limit).success(), "{}", log(&d.join("b.log")));
+    let r = records(&d.join("served/metrics.jsonl"));
+    assert_eq!(r.len(), 3);
+    assert!(r.iter().all(|r| r.clients_ok == 10), "{r:?}");
+
+    let server_log = log(&d.join("serve.log"));
+    for needle in [
+        "framing error",
+        "exceeds configured limit",
+        "auth_fail",
+        "a Train payload where a Join belongs",
+    ] {
+        assert!(server_log.contains(needle), "the server's log lacks `{needle}`:\n{server_log}");
+    }
+}
+
+/// The registry's message as a confused peer would have it: `Join` carrying a Train payload.
+#[derive(RactorClusterMessage)]
+enum ConfusedRegistryMsg {
+    #[rpc]
+    Join(TrainRequest, RpcReplyPort<JoinReply>),
+}
+
+/// From an authenticated node: the registry's answer to a Train payload sent as a `Join`, and
+/// what came of a `Join` frame larger than the server's frame limit.
+async fn wrong_frames(addr: &str) -> (String, Result<String, String>) {
+    let listen = "127.0.0.1:0".parse().unwrap();
+    let node = start_node("prober", listen, COOKIE.into(), &Config::default()).await.unwrap();
+    ractor_cluster::client_connect(&node, addr).await.unwrap();
+    let started = Instant::now();
+    let registry = loop {
+        if let Some(cell) = ractor::pg::get_members(&SERVER_GROUP.to_string()).pop() {
+            break cell;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no registry in sight");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let confused: ActorRef<ConfusedRegistryMsg> = registry.clone().into();
+    let train = Train {
+        dist: SearchDistribution { round: 1, mean: vec![0.0; 12], sigma: 1.0, covariance: None },
+        fault: None,
+        deadline_ms: fedbpt_actors::messages::now_ms() + 10_000,
+        stamp: Default::default(),
+    };
+    let answer = confused
+        .call(
+            |reply| ConfusedRegistryMsg::Join(TrainRequest::Valid(train), reply),
+            Some(Duration::from_secs(20)),
+        )
+        .await;
+    let wrong_type = match answer {
+        Ok(CallResult::Success(JoinReply(Err(why)))) => why,
+        other => panic!("the registry answered a Train payload with {other:?}"),
+    };
+    let real: ActorRef<RegistryMsg> = registry.into();
+    let huge = Join { node: "prober".into(), sites: vec![5], config: "x".repeat(17 << 20) };
+    let oversize = match real
+        .call(
+            |reply| RegistryMsg::Join(JoinRequest::Valid(huge), reply),
+            Some(Duration::from_secs(20)),
+        )
+        .await
+    {
+        Ok(CallResult::Success(JoinReply(r))) => r.map(|()| "admitted".to_string()),
+        other => Err(format!("{other:?}")),
+    };
+    node.stop(None);
+    (wrong_type, oversize)
+}
