@@ -113,11 +113,27 @@ pub struct Cluster {
     pub rejoin_wait_s: f64,
     /// Largest frame a node accepts from a peer, bytes (checked before it is decoded).
     pub max_frame_bytes: u64,
+    /// TLS on the server: its certificate chain and private key (PEM). Both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// TLS on a client process: the CA certificates (PEM) it trusts the server's certificate
+    /// with; set, the client connects over TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry (default: the host of `--connect`).
+    pub tls_server_name: Option<String>,
 }
 
 impl Default for Cluster {
     fn default() -> Self {
-        Self { join_timeout_s: 600.0, rejoin_wait_s: 30.0, max_frame_bytes: 16 << 20 }
+        Self {
+            join_timeout_s: 600.0,
+            rejoin_wait_s: 30.0,
+            max_frame_bytes: 16 << 20,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls_server_name: None,
+        }
     }
 }
 
@@ -133,6 +149,9 @@ impl Cluster {
         }
         if !(1024..=1 << 30).contains(&self.max_frame_bytes) {
             return Err(Error::config("cluster.max_frame_bytes", "must be in [1 KiB, 1 GiB]"));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(Error::config("cluster.tls_cert", "tls_cert and tls_key go together"));
         }
         Ok(())
     }

@@ -27,6 +27,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::messages::{RegistryMsg, SupervisorMsg};
 use crate::remote_roster::{site_group, RemoteRoster, RemoteRosterArgs};
+use crate::transport::{SocketBytes, SocketCounters};
 use crate::wire::{Join, JoinReply, JoinRequest};
 
 /// The server's registry joins this group.
@@ -66,9 +67,10 @@ pub async fn start_node(
     cfg: &Config,
 ) -> Result<ActorRef<NodeServerMessage>> {
     let host = listen.ip().to_string();
+    let encryption = crate::transport::incoming(&cfg.cluster)?;
     // Isolated: a client process talks to its server only, not to the other client processes.
     let mode = Some(NodeConnectionMode::Isolated);
-    let server = NodeServer::new(listen.port(), cookie, name.to_string(), host, None, mode)
+    let server = NodeServer::new(listen.port(), cookie, name.to_string(), host, encryption, mode)
         .with_listen_addr(listen.ip())
         .with_max_inbound_frame_size(cfg.cluster.max_frame_bytes);
     let (node, _) = Actor::spawn(None, server, ())
@@ -315,6 +317,7 @@ pub struct ClientSide {
     finished: tokio::sync::mpsc::UnboundedReceiver<String>,
     disconnected: tokio::sync::mpsc::UnboundedReceiver<()>,
     connect: String,
+    counters: SocketCounters,
 }
 
 /// How long a client process waits for the server to answer its connection.
@@ -336,7 +339,9 @@ impl ClientSide {
             id: "fedbpt-join".into(),
             subscription: Box::new(Disconnects(tx)),
         })?;
-        ractor_cluster::client_connect(&node, connect)
+        let counters = SocketCounters::default();
+        let stream = crate::transport::connect(connect, &cfg.cluster, counters.clone()).await?;
+        ractor_cluster::client_connect_external(&node, stream)
             .await
             .map_err(|e| anyhow!("connecting to the server at {connect}: {e:?}"))?;
         let registry = wait_for_server(&mut disconnected, connect).await?;
@@ -361,7 +366,14 @@ impl ClientSide {
         }
         let (tx, finished) = tokio::sync::mpsc::unbounded_channel();
         let (watcher, _) = Actor::spawn(None, Watcher, tx).await?;
-        Ok(ClientSide { node, watcher, finished, disconnected, connect: connect.to_string() })
+        Ok(ClientSide {
+            node,
+            watcher,
+            finished,
+            disconnected,
+            connect: connect.to_string(),
+            counters,
+        })
     }
 
     /// Waits until the server says the run has finished (`Ok`), or is gone (`Err`).
@@ -377,6 +389,11 @@ impl ClientSide {
                 }
             }
         }
+    }
+
+    /// What crossed this process's socket so far.
+    pub fn socket_bytes(&self) -> SocketBytes {
+        self.counters.bytes()
     }
 
     pub async fn stop(self) {

@@ -247,15 +247,21 @@ pub fn run(
     Profiler::stop();
     let (s, _records) = result?;
     if let (Some(p), Some(trace)) = (profiler, trace) {
-        if let Some(parent) = trace.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
-        p.write_chrome_trace(trace, (0, p.elapsed_us()))?;
-        p.write_csv(&out.join("messages.csv"))?;
-        eprintln!("{}", p.table());
-        say(&format!("wrote {} and {}", trace.display(), out.join("messages.csv").display()));
+        write_profile(&p, trace, &out.join("messages.csv"))?;
     }
     print_summary(&s, &out);
+    Ok(())
+}
+
+/// A process's message flows: its Chrome trace and its messages table.
+pub(crate) fn write_profile(p: &Profiler, trace: &Path, csv: &Path) -> Result<()> {
+    if let Some(parent) = trace.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    p.write_chrome_trace(trace, (0, p.elapsed_us()))?;
+    p.write_csv(csv)?;
+    eprintln!("{}", p.table());
+    say(&format!("wrote {} and {}", trace.display(), csv.display()));
     Ok(())
 }
 

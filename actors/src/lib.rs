@@ -20,4 +20,5 @@ pub mod remote_roster;
 pub mod round;
 pub mod server;
 pub mod supervisor;
+pub mod transport;
 pub mod wire;

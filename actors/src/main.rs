@@ -58,6 +58,11 @@ enum Command {
         /// Profile message flows: a Chrome trace here, and messages.csv in the output directory.
         #[arg(long, value_name = "FILE")]
         trace: Option<PathBuf>,
+        /// Run it across processes on loopback instead: a `serve` process and N `join`
+        /// processes (the sites split among them), with a fresh cookie; with --trace, each
+        /// process's trace is merged into one, a track group per process.
+        #[arg(long, value_name = "N", conflicts_with = "resume")]
+        processes: Option<usize>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
@@ -77,6 +82,9 @@ enum Command {
         /// The nodes' shared secret (first line); else $FEDBPT_COOKIE. No default.
         #[arg(long, value_name = "FILE")]
         cookie_file: Option<PathBuf>,
+        /// This process's Chrome trace; messages.csv goes to the output directory.
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
@@ -94,6 +102,12 @@ enum Command {
         name: Option<String>,
         #[arg(long, value_name = "FILE")]
         cookie_file: Option<PathBuf>,
+        /// Write this process's socket byte counts and wall time here (JSON) at the end.
+        #[arg(long, value_name = "FILE")]
+        stats: Option<PathBuf>,
+        /// This process's Chrome trace (its messages table beside it, `.messages.csv`).
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
@@ -148,6 +162,20 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Per-round overhead of the wire: a federation config in one process and across client
+    /// processes on loopback, alternating, with socket bytes per client-round; one JSON object.
+    BenchCluster {
+        config: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        processes: usize,
+        #[arg(long, default_value_t = 1)]
+        pairs: usize,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Where the runs write (default runs/bench-cluster).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Wall-time overhead of message-flow tracing: runs a federation config without and with
     /// --trace, each in its own process, alternating, and prints one JSON object.
     BenchTrace {
@@ -199,19 +227,37 @@ fn real_main() -> Result<()> {
     match cli.command {
         Command::Fetch { names } => fetch(&names),
         Command::Bbt { config, out, overrides } => bbt(&config, out, &overrides),
-        Command::Run { config, resume, out, trace, overrides } => {
+        Command::Run {
+            config: Some(config), processes: Some(n), out, trace, overrides, ..
+        } => {
+            let cfg = Config::load(&config, &overrides)?;
+            let out = out.unwrap_or_else(|| default_out(&config, cfg.seed));
+            let wall = serve::loopback(&config, &overrides, &out, n, trace.as_deref())?;
+            say(&format!("loopback federation of {n} client processes: {wall:.1} s"));
+            Ok(())
+        }
+        Command::Run { config, resume, out, trace, overrides, .. } => {
             fed::run(config.as_deref(), resume.as_deref(), out, trace.as_deref(), &overrides)
         }
-        Command::Serve { config, resume, listen, out, cookie_file, overrides } => serve::serve(
-            config.as_deref(),
-            resume.as_deref(),
-            &listen,
-            out,
-            cookie_file.as_deref(),
-            &overrides,
-        ),
-        Command::Join { config, connect, sites, name, cookie_file, overrides } => {
-            serve::join(&config, &connect, &sites, name, cookie_file.as_deref(), &overrides)
+        Command::Serve { config, resume, listen, out, cookie_file, trace, overrides } => {
+            serve::serve(
+                config.as_deref(),
+                resume.as_deref(),
+                &listen,
+                out,
+                cookie_file.as_deref(),
+                trace.as_deref(),
+                &overrides,
+            )
+        }
+        Command::Join { config, connect, sites, name, cookie_file, stats, trace, overrides } => {
+            let opts = serve::JoinOptions {
+                name,
+                cookie_file: cookie_file.as_deref(),
+                stats: stats.as_deref(),
+                trace: trace.as_deref(),
+            };
+            serve::join(&config, &connect, &sites, opts, &overrides)
         }
         Command::Plot { dir } => fed::plot(&dir),
         Command::Compare { config, out, seeds, methods, partitions, overrides } => {
@@ -235,6 +281,15 @@ fn real_main() -> Result<()> {
             &seeds,
             &overrides,
         ),
+        Command::BenchCluster { config, processes, pairs, overrides, out } => {
+            bench::cluster_overhead(
+                &config,
+                processes,
+                pairs,
+                &overrides,
+                out.unwrap_or_else(|| PathBuf::from("runs/bench-cluster")),
+            )
+        }
         Command::BenchTrace { config, pairs, overrides, out } => bench::trace_overhead(
             &config,
             pairs,
@@ -348,4 +403,33 @@ fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> 
         out.display()
     );
     Ok(())
+}
+
+/// One line of a finished run's `metrics.jsonl`: the wall clock, the byte counts, and the rest.
+pub(crate) struct RoundLine {
+    pub wall_s: f64,
+    pub bytes_up: usize,
+    pub bytes_down: usize,
+    /// The record without its wall clock.
+    pub rest: serde_json::Value,
+}
+
+/// The rounds of the finished run in `dir`.
+pub(crate) fn read_rounds(dir: &Path) -> Result<Vec<RoundLine>> {
+    let path = dir.join("metrics.jsonl");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let mut v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+            let wall_s = v["wall_s"].as_f64().unwrap_or(0.0);
+            let bytes_up = v["bytes_up"].as_u64().unwrap_or(0) as usize;
+            let bytes_down = v["bytes_down"].as_u64().unwrap_or(0) as usize;
+            if let Some(o) = v.as_object_mut() {
+                o.remove("wall_s");
+            }
+            Ok(RoundLine { wall_s, bytes_up, bytes_down, rest: v })
+        })
+        .collect()
 }

@@ -53,6 +53,9 @@ struct ForwardEvent {
 /// Collects events of one run.
 pub struct Profiler {
     origin: Instant,
+    /// `origin` on the wall clock (microseconds since the Unix epoch): stamps that cross to
+    /// another process travel in it, and traces of several processes merge on it.
+    origin_unix_us: u64,
     next_id: AtomicU64,
     messages: Mutex<Vec<MessageEvent>>,
     forwards: Mutex<Vec<ForwardEvent>>,
@@ -86,6 +89,7 @@ impl Profiler {
     pub fn start() -> Arc<Profiler> {
         let p = Arc::new(Profiler {
             origin: Instant::now(),
+            origin_unix_us: unix_us(),
             next_id: AtomicU64::new(1),
             messages: Mutex::new(Vec::new()),
             forwards: Mutex::new(Vec::new()),
@@ -105,6 +109,31 @@ impl Profiler {
 
     fn now_us(&self) -> u64 {
         self.origin.elapsed().as_micros() as u64
+    }
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// A stamp as it leaves this process: its send time on the wall clock (none when profiling is
+/// off here).
+pub fn to_wall_clock(stamp: Stamp) -> Stamp {
+    match active().filter(|_| stamp.id != 0) {
+        Some(p) => Stamp { id: stamp.id, sent_us: p.origin_unix_us + stamp.sent_us },
+        None => Stamp::default(),
+    }
+}
+
+/// A stamp from another process, on this process's profiler clock (none when profiling is off
+/// here).
+pub fn from_wall_clock(stamp: Stamp) -> Stamp {
+    match active().filter(|_| stamp.id != 0) {
+        Some(p) => Stamp { id: stamp.id, sent_us: stamp.sent_us.saturating_sub(p.origin_unix_us) },
+        None => Stamp::default(),
     }
 }
 
@@ -352,7 +381,8 @@ impl Profiler {
         for (name, t) in &tids {
             events.push(json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": t, "args": {"name": name}}));
         }
-        let doc = json!({"traceEvents": events, "displayTimeUnit": "ms"});
+        let doc = json!({"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"origin_unix_us": self.origin_unix_us}});
         std::fs::write(path, serde_json::to_vec(&doc)?)
             .with_context(|| format!("writing {}", path.display()))
     }
@@ -360,5 +390,83 @@ impl Profiler {
     /// Microseconds since the profiler started.
     pub fn elapsed_us(&self) -> u64 {
         self.now_us()
+    }
+}
+
+/// Merges the Chrome traces of several processes (`(label, file)`) into one, a process per
+/// input: timestamps moved onto the earliest origin, flow ids kept apart.
+pub fn merge_chrome_traces(inputs: &[(String, std::path::PathBuf)], out: &Path) -> Result<()> {
+    let mut docs = Vec::new();
+    for (label, path) in inputs {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let doc: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a Chrome trace", path.display()))?;
+        let origin = doc["otherData"]["origin_unix_us"].as_u64().ok_or_else(|| {
+            anyhow::anyhow!("{}: no otherData.origin_unix_us (not a fedbpt trace)", path.display())
+        })?;
+        docs.push((label, origin, doc));
+    }
+    let first = docs.iter().map(|d| d.1).min().unwrap_or(0);
+    let mut events = Vec::new();
+    for (k, (label, origin, doc)) in docs.into_iter().enumerate() {
+        let pid = k as u64 + 1;
+        let shift = origin - first;
+        events
+            .push(json!({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": label}}));
+        for mut e in doc["traceEvents"].as_array().cloned().unwrap_or_default() {
+            e["pid"] = json!(pid);
+            if let Some(ts) = e["ts"].as_u64() {
+                e["ts"] = json!(ts + shift);
+            }
+            if let Some(id) = e["id"].as_u64() {
+                e["id"] = json!(id | (pid << 48));
+            }
+            events.push(e);
+        }
+    }
+    let doc = json!({"traceEvents": events, "displayTimeUnit": "ms",
+        "otherData": {"origin_unix_us": first}});
+    std::fs::write(out, serde_json::to_vec(&doc)?)
+        .with_context(|| format!("writing {}", out.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_traces_share_one_clock_and_keep_their_flows_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = |origin: u64| {
+            json!({"traceEvents": [
+                {"name": "Train", "cat": "flow", "ph": "s", "id": 1, "pid": 1, "tid": 1, "ts": 10},
+                {"name": "thread_name", "ph": "M", "pid": 1, "tid": 1, "args": {"name": "server"}}
+            ], "otherData": {"origin_unix_us": origin}})
+        };
+        let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+        std::fs::write(&a, trace(5_000).to_string()).unwrap();
+        std::fs::write(&b, trace(2_000).to_string()).unwrap();
+        let out = dir.path().join("merged.json");
+        merge_chrome_traces(&[("serve".into(), a), ("join 1-5".into(), b)], &out).unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let events = doc["traceEvents"].as_array().unwrap();
+        let flows: Vec<&serde_json::Value> = events.iter().filter(|e| e["cat"] == "flow").collect();
+        // The later process's events move by the difference of the origins.
+        assert_eq!((flows[0]["pid"].as_u64(), flows[0]["ts"].as_u64()), (Some(1), Some(3_010)));
+        assert_eq!((flows[1]["pid"].as_u64(), flows[1]["ts"].as_u64()), (Some(2), Some(10)));
+        assert_ne!(flows[0]["id"], flows[1]["id"]);
+        let names: Vec<&str> = events
+            .iter()
+            .filter(|e| e["name"] == "process_name")
+            .map(|e| e["args"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["serve", "join 1-5"]);
+        std::fs::write(dir.path().join("plain.json"), r#"{"traceEvents": []}"#).unwrap();
+        let e = merge_chrome_traces(&[("x".into(), dir.path().join("plain.json"))], &out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plain.json") && e.contains("not a fedbpt trace"), "{e}");
     }
 }

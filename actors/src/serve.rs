@@ -8,7 +8,9 @@ use fedbpt::config::Config;
 use fedbpt_actors::cluster::{self, ClientSide, ServerSide};
 use fedbpt_actors::federation::{self, Clients, Env};
 
-use crate::fed::{print_summary, run_one, run_setup, runtime};
+use fedbpt_actors::profile::{merge_chrome_traces, Profiler};
+
+use crate::fed::{print_summary, run_one, run_setup, runtime, write_profile};
 use crate::say;
 
 fn address(flag: &str, text: &str) -> Result<SocketAddr> {
@@ -24,6 +26,7 @@ pub fn serve(
     listen: &str,
     out: Option<PathBuf>,
     cookie_file: Option<&Path>,
+    trace: Option<&Path>,
     overrides: &[String],
 ) -> Result<()> {
     let listen = address("--listen", listen)?;
@@ -37,6 +40,7 @@ pub fn serve(
         cfg.num_rounds,
         out.display()
     ));
+    let profiler = trace.map(|_| Profiler::start());
     let result = Env::load(&cfg, &mut |m| say(m)).and_then(|mut env| {
         run_one(
             &rt,
@@ -53,20 +57,34 @@ pub fn serve(
         Err(e) => format!("the server failed: {e:#}"),
     };
     rt.block_on(side.finish(&why));
+    Profiler::stop();
     let (s, _) = result?;
+    if let (Some(p), Some(trace)) = (profiler, trace) {
+        write_profile(&p, trace, &out.join("messages.csv"))?;
+    }
     print_summary(&s, &out);
     Ok(())
 }
 
 /// `fedbpt join`: the clients of `sites`, for the server at `connect`.
+/// How a client process names itself, authenticates, and reports.
+pub struct JoinOptions<'a> {
+    pub name: Option<String>,
+    pub cookie_file: Option<&'a Path>,
+    /// Socket byte counts and wall time, as JSON, at the end.
+    pub stats: Option<&'a Path>,
+    pub trace: Option<&'a Path>,
+}
+
 pub fn join(
     config: &Path,
     connect: &str,
     sites: &str,
-    name: Option<String>,
-    cookie_file: Option<&Path>,
+    opts: JoinOptions<'_>,
     overrides: &[String],
 ) -> Result<()> {
+    let JoinOptions { name, cookie_file, stats, trace } = opts;
+    let started = std::time::Instant::now();
     let cookie = cluster::cookie(cookie_file)?;
     let cfg = Config::load(config, overrides)?;
     let sites = cluster::parse_sites(sites, cfg.num_users)?;
@@ -75,6 +93,7 @@ pub fn join(
     let name = name.unwrap_or_else(|| format!("sites-{}", names.join("_")));
     let rt = runtime(&cfg)?;
     let env = Env::load(&cfg, &mut |m| say(m))?;
+    let profiler = trace.map(|_| Profiler::start());
     let done = rt.block_on(async {
         let mut side = ClientSide::join(&cfg, connect, cookie, &name, &sites).await?;
         say(&format!(
@@ -82,10 +101,129 @@ pub fn join(
             names.join(", site-")
         ));
         let result = federation::run_sites(&cfg, &env, &sites, side.until_finished()).await;
+        let bytes = side.socket_bytes();
         side.stop().await;
-        result
+        result.map(|why| (why, bytes))
     });
-    let why = done.context(format!("node `{name}`"))?;
-    say(&format!("join: node `{name}`: {why}"));
+    Profiler::stop();
+    let (why, bytes) = done.context(format!("node `{name}`"))?;
+    if let (Some(p), Some(trace)) = (profiler, trace) {
+        write_profile(&p, trace, &trace.with_extension("messages.csv"))?;
+    }
+    say(&format!(
+        "join: node `{name}`: {why}; {} B sent, {} B received on its socket",
+        bytes.sent, bytes.received
+    ));
+    if let Some(path) = stats {
+        let line = serde_json::json!({
+            "node": name,
+            "sites": sites.len(),
+            "rounds": cfg.num_rounds,
+            "socket_bytes_sent": bytes.sent,
+            "socket_bytes_received": bytes.received,
+            "wall_s": started.elapsed().as_secs_f64(),
+        });
+        crate::write_json_atomic(path, &line)?;
+    }
     Ok(())
+}
+
+/// A federation on loopback: a `serve` process and `processes` `join` processes of this binary
+/// (sites split in contiguous blocks), with a fresh cookie. Each join writes its socket counts
+/// to `out/join-K.json`. Returns the wall time until every process exited.
+pub fn loopback(
+    config: &Path,
+    overrides: &[String],
+    out: &Path,
+    processes: usize,
+    trace: Option<&Path>,
+) -> Result<f64> {
+    let cfg = Config::load(config, overrides)?;
+    if processes == 0 || processes > cfg.num_users {
+        anyhow::bail!("--processes: {processes} client processes for {} sites", cfg.num_users);
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let exe = std::env::current_exe().context("locating the fedbpt binary")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free loopback port")?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    // A secret for this federation only: from the OS, not from the experiment's seed.
+    let cookie = format!("{:032x}", rand::random::<u128>());
+    let started = std::time::Instant::now();
+    let mut children = Vec::new();
+    let mut serve = std::process::Command::new(&exe);
+    serve.arg("serve").arg(config).args(["--listen", &addr]).arg("--out").arg(out);
+    let mut traces = Vec::new();
+    if trace.is_some() {
+        traces.push(("serve".to_string(), out.join("trace-serve.json")));
+        serve.arg("--trace").arg(out.join("trace-serve.json"));
+    }
+    children.push(("serve".to_string(), spawn_with(serve, overrides, &cookie)?));
+    let per = cfg.num_users.div_ceil(processes);
+    for k in 0..processes {
+        let (first, last) = (k * per + 1, ((k + 1) * per).min(cfg.num_users));
+        if first > last {
+            break;
+        }
+        let mut join = std::process::Command::new(&exe);
+        join.arg("join").arg(config).args([
+            "--connect",
+            &addr,
+            "--sites",
+            &format!("{first}-{last}"),
+        ]);
+        join.arg("--stats").arg(out.join(format!("join-{}.json", k + 1)));
+        if trace.is_some() {
+            let file = out.join(format!("trace-join-{}.json", k + 1));
+            join.arg("--trace").arg(&file);
+            traces.push((format!("join {first}-{last}"), file));
+        }
+        children.push((format!("join {first}-{last}"), spawn_with(join, overrides, &cookie)?));
+    }
+    // The first failure stops the others: a federation missing a process would wait for it.
+    let mut failed = None;
+    while !children.is_empty() {
+        let mut i = 0;
+        while i < children.len() {
+            match children[i].1.try_wait()? {
+                Some(status) => {
+                    let (what, _) = children.remove(i);
+                    if !status.success() && failed.is_none() {
+                        failed = Some(format!("`fedbpt {what}` failed ({status})"));
+                    }
+                }
+                None => i += 1,
+            }
+        }
+        if failed.is_some() {
+            for (_, child) in &mut children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            children.clear();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if let Some(why) = failed {
+        anyhow::bail!("the loopback federation failed: {why}");
+    }
+    let wall = started.elapsed().as_secs_f64();
+    if let Some(file) = trace {
+        merge_chrome_traces(&traces, file)?;
+        say(&format!("merged the {} processes' traces into {}", traces.len(), file.display()));
+    }
+    Ok(wall)
+}
+
+fn spawn_with(
+    mut cmd: std::process::Command,
+    overrides: &[String],
+    cookie: &str,
+) -> Result<std::process::Child> {
+    for o in overrides {
+        cmd.arg("--set").arg(o);
+    }
+    cmd.env("FEDBPT_COOKIE", cookie).spawn().context("starting a fedbpt process")
 }

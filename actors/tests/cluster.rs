@@ -64,6 +64,11 @@ fn spawn(args: &[String], log: &Path, cookie: &str) -> Child {
 }
 
 fn serve(dir: &Path, port: u16, extra: &[&str]) -> Child {
+    serve_with(dir, port, extra, &[])
+}
+
+/// `serve` with settings of its own process (`own`: the `[cluster]` section).
+fn serve_with(dir: &Path, port: u16, extra: &[&str], own: &[&str]) -> Child {
     let mut args = vec![
         "serve".to_string(),
         config().display().to_string(),
@@ -73,6 +78,7 @@ fn serve(dir: &Path, port: u16, extra: &[&str]) -> Child {
         dir.join("served").display().to_string(),
     ];
     args.extend(sets(extra));
+    args.extend(own.iter().flat_map(|s| ["--set".to_string(), s.to_string()]));
     spawn(&args, &dir.join("serve.log"), COOKIE)
 }
 
@@ -338,4 +344,57 @@ async fn wrong_frames(addr: &str) -> (String, Result<String, String>) {
     };
     node.stop(None);
     (wrong_type, oversize)
+}
+
+/// A CA, and a certificate it signed for 127.0.0.1 with its key, as PEM files in `dir`.
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let paths = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[test]
+fn the_federation_runs_over_tls_and_a_plaintext_client_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca, cert, key) = certificates(d);
+    let extra = ["num_rounds=3"];
+    let port = free_port();
+    let own = [
+        format!("cluster.tls_cert=\"{}\"", cert.display()),
+        format!("cluster.tls_key=\"{}\"", key.display()),
+    ];
+    let own: Vec<&str> = own.iter().map(String::as_str).collect();
+    let mut server = serve_with(d, port, &extra, &own);
+    // Without TLS the server's handshake fails, and the client says the server hung up.
+    let mut plain = join(d, port, "1-5", &extra, "plain.log", COOKIE);
+    assert!(!finish(&mut plain, "plaintext join", Duration::from_secs(60)).success());
+    assert!(
+        log(&d.join("plain.log")).contains("closed the connection"),
+        "{}",
+        log(&d.join("plain.log"))
+    );
+    let trust = format!("cluster.tls_ca=\"{}\"", ca.display());
+    let with_ca = [extra[0], trust.as_str()];
+    let mut a = join(d, port, "1-5", &with_ca, "a.log", COOKIE);
+    let mut b = join(d, port, "6-10", &with_ca, "b.log", COOKIE);
+    let limit = Duration::from_secs(120);
+    assert!(finish(&mut server, "serve", limit).success(), "{}", log(&d.join("serve.log")));
+    assert!(finish(&mut a, "join 1-5", limit).success(), "{}", log(&d.join("a.log")));
+    assert!(finish(&mut b, "join 6-10", limit).success(), "{}", log(&d.join("b.log")));
+    let r = records(&d.join("served/metrics.jsonl"));
+    assert_eq!(r.len(), 3);
+    assert!(r.iter().all(|r| r.clients_ok == 10), "{r:?}");
 }
