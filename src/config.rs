@@ -121,6 +121,30 @@ pub struct Cluster {
     pub tls_ca: Option<PathBuf>,
     /// The name the server's certificate must carry (default: the host of `--connect`).
     pub tls_server_name: Option<String>,
+    /// Sites whose training shard this process reads from its own file instead of taking its
+    /// part of the corpus (in a federation across processes, the data stays with its client).
+    pub shards: Vec<SiteShard>,
+}
+
+/// `[[cluster.shards]]`: one site's training examples from a file (formats as `[data]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteShard {
+    pub site: String,
+    pub path: PathBuf,
+    pub format: String,
+    #[serde(default)]
+    pub columns: Option<Columns>,
+}
+
+impl SiteShard {
+    pub fn file(&self) -> DataFile {
+        DataFile {
+            path: self.path.clone(),
+            format: self.format.clone(),
+            columns: self.columns.clone(),
+        }
+    }
 }
 
 impl Default for Cluster {
@@ -133,12 +157,28 @@ impl Default for Cluster {
             tls_key: None,
             tls_ca: None,
             tls_server_name: None,
+            shards: Vec::new(),
         }
     }
 }
 
 impl Cluster {
-    fn validate(&self) -> Result<()> {
+    fn validate(&self, num_users: usize) -> Result<()> {
+        let mut seen = Vec::new();
+        for s in &self.shards {
+            match client_index(&s.site, num_users) {
+                Some(i) if seen.contains(&i) => {
+                    return Err(Error::config("cluster.shards", format!("`{}` twice", s.site)))
+                }
+                Some(i) => seen.push(i),
+                None => {
+                    return Err(Error::config(
+                        "cluster.shards",
+                        format!("`{}` is not a client (site-1 .. site-{num_users})", s.site),
+                    ))
+                }
+            }
+        }
         for (key, v) in [
             ("cluster.join_timeout_s", self.join_timeout_s),
             ("cluster.rejoin_wait_s", self.rejoin_wait_s),
@@ -618,7 +658,7 @@ impl Config {
             return Err(Error::config("runtime.devices", "needs at least one device"));
         }
         self.faults.validate(self.num_users, self.num_rounds)?;
-        self.cluster.validate()?;
+        self.cluster.validate(self.num_users)?;
         if client_index(&self.eval_clients, self.num_users).is_none() {
             return Err(Error::config(
                 "eval_clients",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use crate::assets;
-use crate::config::{Aggregation, BackendKind, Config};
+use crate::config::{Aggregation, BackendKind, Config, DataFile};
 use crate::data::split::{dedup_examples, k_shot, test_split, Split};
 use crate::data::{sources, Dataset};
 use crate::models::bert::{MaskedLm, SentenceEncoder};
@@ -242,44 +242,58 @@ pub fn load_dataset(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Data
     Ok(ds)
 }
 
+/// One site's own training shard (`[[cluster.shards]]`), read and de-duplicated as the corpus is.
+pub fn load_shard_file(cfg: &Config, file: &DataFile) -> Result<Dataset> {
+    let mut ds = read_data_file(cfg, file)?;
+    dedup_examples(&mut ds.examples);
+    Ok(ds)
+}
+
 fn read_dataset(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Dataset> {
     if let Some(d) = &cfg.data {
-        return match d.format.as_str() {
-            "tsv" => {
-                let kind = match cfg.task_name.as_str() {
-                    "sst2" | "mr" | "yelp" => sources::GlueKind::Sst2,
-                    "mrpc" => sources::GlueKind::Mrpc,
-                    "rte" => sources::GlueKind::Rte,
-                    "snli" => sources::GlueKind::Snli,
-                    other => {
-                        return Err(Error::config(
-                            "data.format",
-                            format!("tsv needs a GLUE task, not `{other}`"),
-                        ))
-                    }
-                };
-                sources::load_glue_tsv(&d.path, kind)
-            }
-            "csv" | "jsonl" => {
-                let mut cols = d.columns.clone().ok_or_else(|| {
-                    Error::config("data.columns", "csv and jsonl need [data.columns]")
-                })?;
-                // String labels are the task's class names unless the file says otherwise.
-                if cols.label_names.is_none() {
-                    cols.label_names = Some(cfg.task_spec()?.label_names);
-                }
-                if d.format == "csv" {
-                    sources::load_csv(&d.path, &cols)
-                } else {
-                    sources::load_jsonl(&d.path, &cols)
-                }
-            }
-            other => Err(Error::config(
-                "data.format",
-                format!("unknown format `{other}` (tsv, csv, jsonl)"),
-            )),
-        };
+        return read_data_file(cfg, d);
     }
+    read_embedded(cfg, progress)
+}
+
+fn read_data_file(cfg: &Config, d: &DataFile) -> Result<Dataset> {
+    match d.format.as_str() {
+        "tsv" => {
+            let kind = match cfg.task_name.as_str() {
+                "sst2" | "mr" | "yelp" => sources::GlueKind::Sst2,
+                "mrpc" => sources::GlueKind::Mrpc,
+                "rte" => sources::GlueKind::Rte,
+                "snli" => sources::GlueKind::Snli,
+                other => {
+                    return Err(Error::config(
+                        "data.format",
+                        format!("tsv needs a GLUE task, not `{other}`"),
+                    ))
+                }
+            };
+            sources::load_glue_tsv(&d.path, kind)
+        }
+        "csv" | "jsonl" => {
+            let mut cols = d.columns.clone().ok_or_else(|| {
+                Error::config("data.columns", "csv and jsonl need [data.columns]")
+            })?;
+            // String labels are the task's class names unless the file says otherwise.
+            if cols.label_names.is_none() {
+                cols.label_names = Some(cfg.task_spec()?.label_names);
+            }
+            if d.format == "csv" {
+                sources::load_csv(&d.path, &cols)
+            } else {
+                sources::load_jsonl(&d.path, &cols)
+            }
+        }
+        other => {
+            Err(Error::config("data.format", format!("unknown format `{other}` (tsv, csv, jsonl)")))
+        }
+    }
+}
+
+fn read_embedded(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Dataset> {
     let root = assets::home();
     match cfg.task_name.as_str() {
         "mr" => {

@@ -145,10 +145,28 @@ fn partition(cfg: &Config, ds: &Dataset) -> Result<Data> {
             }
         }
     };
-    let shards = parts
+    let mut shards: Vec<Arc<Vec<Example>>> = parts
         .into_iter()
         .map(|idx| Arc::new(idx.into_iter().map(|i| train[i].clone()).collect()))
         .collect();
+    for own in &cfg.cluster.shards {
+        let i = client_index(&own.site, cfg.num_users)
+            .ok_or_else(|| anyhow!("cluster.shards: `{}` is not a client", own.site))?;
+        let file = fedbpt::experiment::load_shard_file(cfg, &own.file())
+            .with_context(|| format!("cluster.shards: the shard of {}", own.site))?;
+        if file.label_names != ds.label_names {
+            bail!(
+                "cluster.shards: {} has classes {:?}, the corpus {:?}",
+                own.path.display(),
+                file.label_names,
+                ds.label_names
+            );
+        }
+        if file.examples.is_empty() {
+            bail!("cluster.shards: {} holds no examples", own.path.display());
+        }
+        shards[i] = Arc::new(file.examples);
+    }
     Ok(Data { shards, dev: Arc::new(dev), test: Arc::new(test) })
 }
 

@@ -398,3 +398,54 @@ fn the_federation_runs_over_tls_and_a_plaintext_client_is_refused() {
     assert_eq!(r.len(), 3);
     assert!(r.iter().all(|r| r.clients_ok == 10), "{r:?}");
 }
+
+#[test]
+fn a_site_reads_its_shard_from_its_own_file_in_its_own_process_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let csv = d.join("site-3.csv");
+    let mut rows = String::from("text,label\n");
+    for i in 0..12 {
+        let label = if i % 2 == 0 { "negative" } else { "positive" };
+        rows.push_str(&format!("\"a review of my own, number {i}\",{label}\n"));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    let own = format!(
+        "cluster.shards=[{{site=\"site-3\", path=\"{}\", format=\"csv\", columns={{text=\"text\", label=\"label\"}}}}]",
+        csv.display()
+    );
+    let extra = ["num_rounds=3"];
+    let with_file = [extra[0], own.as_str()];
+    let one_process = |out: &str, sets_: &[&str]| {
+        let mut args = vec!["run".to_string(), config().display().to_string()];
+        args.extend(["--out".into(), d.join(out).display().to_string()]);
+        args.extend(sets(sets_));
+        let log_file = d.join(format!("{out}.log"));
+        assert!(spawn(&args, &log_file, COOKIE).wait().unwrap().success(), "{}", log(&log_file));
+        records(&d.join(out).join("metrics.jsonl"))
+    };
+    let plain = one_process("plain", &extra);
+    let alone = one_process("alone", &with_file);
+    assert_ne!(without_wall(plain), without_wall(alone.clone()), "the file changed nothing");
+
+    // Only the process that runs site-3 has the file; the server and the other process do not.
+    let port = free_port();
+    let mut server = serve(d, port, &extra);
+    let mut a = join(d, port, "1-5", &with_file, "a.log", COOKIE);
+    let mut b = join(d, port, "6-10", &extra, "b.log", COOKIE);
+    let limit = Duration::from_secs(120);
+    assert!(finish(&mut server, "serve", limit).success(), "{}", log(&d.join("serve.log")));
+    assert!(finish(&mut a, "join 1-5", limit).success(), "{}", log(&d.join("a.log")));
+    assert!(finish(&mut b, "join 6-10", limit).success(), "{}", log(&d.join("b.log")));
+    assert_eq!(without_wall(records(&d.join("served/metrics.jsonl"))), without_wall(alone));
+
+    // A shard file that is not there is an error naming the site and the file.
+    let missing = own.replace("site-3.csv", "nowhere.csv");
+    let mut args = vec!["run".to_string(), config().display().to_string()];
+    args.extend(["--out".into(), d.join("missing").display().to_string()]);
+    args.extend(sets(&[extra[0], missing.as_str()]));
+    let status = spawn(&args, &d.join("missing.log"), COOKIE).wait().unwrap();
+    assert!(!status.success());
+    let said = log(&d.join("missing.log"));
+    assert!(said.contains("site-3") && said.contains("nowhere.csv"), "{said}");
+}
