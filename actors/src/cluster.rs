@@ -313,11 +313,15 @@ fn refuse_local_kills(cfg: &Config) -> Result<()> {
 /// A client process's connection to its server.
 pub struct ClientSide {
     node: ActorRef<NodeServerMessage>,
-    watcher: ActorRef<ProcessMsg>,
+    watcher: Option<ActorRef<ProcessMsg>>,
     finished: tokio::sync::mpsc::UnboundedReceiver<String>,
+    finished_tx: UnboundedSender<String>,
     disconnected: tokio::sync::mpsc::UnboundedReceiver<()>,
     connect: String,
     counters: SocketCounters,
+    cluster: fedbpt::config::Cluster,
+    /// The join request, sent again after a reconnection.
+    join: Join,
 }
 
 /// How long a client process waits for the server to answer its connection.
@@ -334,22 +338,45 @@ impl ClientSide {
     ) -> Result<ClientSide> {
         let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         let node = start_node(name, listen, cookie, cfg).await?;
-        let (tx, mut disconnected) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, disconnected) = tokio::sync::mpsc::unbounded_channel();
         node.send_message(NodeServerMessage::SubscribeToEvents {
             id: "fedbpt-join".into(),
             subscription: Box::new(Disconnects(tx)),
         })?;
-        let counters = SocketCounters::default();
-        let stream = crate::transport::connect(connect, &cfg.cluster, counters.clone()).await?;
-        ractor_cluster::client_connect_external(&node, stream)
-            .await
-            .map_err(|e| anyhow!("connecting to the server at {connect}: {e:?}"))?;
-        let registry = wait_for_server(&mut disconnected, connect).await?;
+        let (finished_tx, finished) = tokio::sync::mpsc::unbounded_channel();
         let join = Join {
             node: name.to_string(),
             sites: sites.to_vec(),
             config: serde_json::to_string(cfg)?,
         };
+        let mut side = ClientSide {
+            node,
+            watcher: None,
+            finished,
+            finished_tx,
+            disconnected,
+            connect: connect.to_string(),
+            counters: SocketCounters::default(),
+            cluster: cfg.cluster.clone(),
+            join,
+        };
+        side.attach().await?;
+        let (watcher, _) = Actor::spawn(None, Watcher, side.finished_tx.clone()).await?;
+        side.watcher = Some(watcher);
+        Ok(side)
+    }
+
+    /// Opens a connection to the server and has this process's sites admitted.
+    async fn attach(&mut self) -> Result<()> {
+        let connect = self.connect.clone();
+        while self.disconnected.try_recv().is_ok() {}
+        let stream =
+            crate::transport::connect(&connect, &self.cluster, self.counters.clone()).await?;
+        ractor_cluster::client_connect_external(&self.node, stream)
+            .await
+            .map_err(|e| anyhow!("connecting to the server at {connect}: {e:?}"))?;
+        let registry = wait_for_server(&mut self.disconnected, &connect).await?;
+        let join = self.join.clone();
         let answer = registry
             .call(
                 |reply| RegistryMsg::Join(JoinRequest::Valid(join), reply),
@@ -358,34 +385,55 @@ impl ClientSide {
             .await
             .map_err(|e| anyhow!("the server at {connect}: {e}"))?;
         match answer {
-            ractor::rpc::CallResult::Success(JoinReply(Ok(()))) => {}
+            ractor::rpc::CallResult::Success(JoinReply(Ok(()))) => Ok(()),
             ractor::rpc::CallResult::Success(JoinReply(Err(why))) => {
                 bail!("the server at {connect} refused this process: {why}")
             }
             _ => bail!("the server at {connect} did not answer the join request"),
         }
-        let (tx, finished) = tokio::sync::mpsc::unbounded_channel();
-        let (watcher, _) = Actor::spawn(None, Watcher, tx).await?;
-        Ok(ClientSide {
-            node,
-            watcher,
-            finished,
-            disconnected,
-            connect: connect.to_string(),
-            counters,
-        })
     }
 
-    /// Waits until the server says the run has finished (`Ok`), or is gone (`Err`).
+    /// Waits until the server says the run has finished (`Ok`). A server that goes away before
+    /// (killed, restarted with `--resume`) is connected to again for up to
+    /// `cluster.join_timeout_s`; past that, `Err`.
     pub async fn until_finished(&mut self) -> Result<String> {
-        tokio::select! {
-            why = self.finished.recv() => why.ok_or_else(|| anyhow!("the watcher stopped")),
-            _ = self.disconnected.recv() => {
-                // A finished server closes its sockets right after telling us: its message may
-                // still be on the way.
-                match tokio::time::timeout(Duration::from_secs(1), self.finished.recv()).await {
-                    Ok(Some(why)) => Ok(why),
-                    _ => bail!("lost the server at {} before the run finished", self.connect),
+        loop {
+            tokio::select! {
+                why = self.finished.recv() => {
+                    return why.ok_or_else(|| anyhow!("the watcher stopped"));
+                }
+                _ = self.disconnected.recv() => {}
+            }
+            // A finished server closes its sockets right after telling us: its message may
+            // still be on the way.
+            if let Ok(Some(why)) =
+                tokio::time::timeout(Duration::from_secs(1), self.finished.recv()).await
+            {
+                return Ok(why);
+            }
+            let patience = Duration::from_secs_f64(self.cluster.join_timeout_s);
+            tracing::warn!(
+                "lost the server at {}; connecting again for up to {:.0} s",
+                self.connect,
+                patience.as_secs_f64()
+            );
+            let started = Instant::now();
+            loop {
+                match self.attach().await {
+                    Ok(()) => {
+                        tracing::warn!("connected to the server at {} again", self.connect);
+                        break;
+                    }
+                    Err(e) if started.elapsed() < patience => {
+                        tracing::info!("not yet: {e:#}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => bail!(
+                        "lost the server at {} before the run finished, and could not connect \
+                         again within {:.0} s: {e:#}",
+                        self.connect,
+                        patience.as_secs_f64()
+                    ),
                 }
             }
         }
@@ -397,9 +445,10 @@ impl ClientSide {
     }
 
     pub async fn stop(self) {
-        for cell in [self.watcher.get_cell(), self.node.get_cell()] {
-            crate::supervisor::stop_and_wait(cell).await;
+        if let Some(w) = self.watcher {
+            crate::supervisor::stop_and_wait(w.get_cell()).await;
         }
+        crate::supervisor::stop_and_wait(self.node.get_cell()).await;
     }
 }
 

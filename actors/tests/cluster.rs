@@ -449,3 +449,58 @@ fn a_site_reads_its_shard_from_its_own_file_in_its_own_process_only() {
     let said = log(&d.join("missing.log"));
     assert!(said.contains("site-3") && said.contains("nowhere.csv"), "{said}");
 }
+
+#[test]
+fn a_server_killed_and_resumed_takes_its_client_processes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // site-1 holds its round-3 reply back, so that the server is killed inside round 3.
+    let extra = [
+        "num_rounds=4",
+        "runtime.round_timeout_s=30",
+        "faults.stragglers=[{client=\"site-1\", delay_s=3.0, rounds=[3]}]",
+    ];
+    let mut one = vec!["run".to_string(), config().display().to_string()];
+    one.extend(["--out".into(), d.join("one").display().to_string()]);
+    one.extend(sets(&extra));
+    assert!(spawn(&one, &d.join("one.log"), COOKIE).wait().unwrap().success());
+
+    let port = free_port();
+    let mut server = serve(d, port, &extra);
+    let mut a = join(d, port, "1-5", &extra, "a.log", COOKIE);
+    let mut b = join(d, port, "6-10", &extra, "b.log", COOKIE);
+    let partial = d.join("served/metrics.jsonl.partial");
+    let started = Instant::now();
+    while records(&partial).len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(60), "round 2 did not finish");
+        assert!(server.try_wait().unwrap().is_none(), "{}", log(&d.join("serve.log")));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    server.kill().unwrap(); // SIGKILL, inside round 3
+    let _ = server.wait();
+    let resume = vec![
+        "serve".to_string(),
+        "--resume".into(),
+        d.join("served").display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    let mut resumed = spawn(&resume, &d.join("resumed.log"), COOKIE);
+    let limit = Duration::from_secs(120);
+    assert!(
+        finish(&mut resumed, "serve --resume", limit).success(),
+        "{}",
+        log(&d.join("resumed.log"))
+    );
+    assert!(finish(&mut a, "join 1-5", limit).success(), "{}", log(&d.join("a.log")));
+    assert!(finish(&mut b, "join 6-10", limit).success(), "{}", log(&d.join("b.log")));
+    assert!(
+        log(&d.join("a.log")).contains("connected to the server at"),
+        "{}",
+        log(&d.join("a.log"))
+    );
+    let served = records(&d.join("served/metrics.jsonl"));
+    assert_eq!(served.len(), 4);
+    assert_eq!(without_wall(served), without_wall(records(&d.join("one/metrics.jsonl"))));
+}
