@@ -106,7 +106,8 @@ impl Default for Runtime {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Cluster {
-    /// Seconds `serve` waits for every site to join before round 1.
+    /// Seconds `serve` waits for every site to join before round 1; also how long a client
+    /// process keeps trying to connect again to a server that went away.
     pub join_timeout_s: f64,
     /// Seconds a round waits, before it starts, for sites that were up earlier and are now
     /// missing (a client process restarting); then it runs without them.

@@ -358,31 +358,40 @@ fn validate(dim: usize, round: usize, updates: &[ClientUpdate]) -> Result<()> {
     }
     let mut seen = HashSet::with_capacity(updates.len());
     for u in updates {
-        let who = format!("round {round}, client {}", u.client);
-        if u.round != round {
-            return Err(Error::Optimizer(format!("{who}: update is for round {}", u.round)));
-        }
         if !seen.insert(u.client) {
+            let who = format!("round {round}, client {}", u.client);
             return Err(Error::Optimizer(format!("{who}: duplicate update")));
         }
-        if u.mean.len() != dim {
-            return Err(Error::Optimizer(format!(
-                "{who}: mean has dimension {}, expected {dim}",
-                u.mean.len()
-            )));
-        }
-        if u.mean.iter().any(|v| !v.is_finite()) {
-            return Err(Error::Optimizer(format!("{who}: mean has non-finite values")));
-        }
-        if !u.fitness.is_finite() {
-            return Err(Error::Optimizer(format!("{who}: fitness is {}", u.fitness)));
-        }
-        if !u.loss.is_finite() {
-            return Err(Error::Optimizer(format!("{who}: loss is {}", u.loss)));
-        }
-        if let Some(s) = u.sigmas.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-            return Err(Error::Optimizer(format!("{who}: reported sigma {s}")));
-        }
+        check_update(dim, round, u)?;
+    }
+    Ok(())
+}
+
+/// Whether one reply can enter the aggregation of `round` for a `dim`-dimensional search: of
+/// that round, with a finite mean of that dimension, finite fitness and loss, positive sigmas.
+/// The runtime checks each reply as it arrives (a bad one is excluded, not fatal).
+pub fn check_update(dim: usize, round: usize, u: &ClientUpdate) -> Result<()> {
+    let who = format!("round {round}, client {}", u.client);
+    if u.round != round {
+        return Err(Error::Optimizer(format!("{who}: update is for round {}", u.round)));
+    }
+    if u.mean.len() != dim {
+        return Err(Error::Optimizer(format!(
+            "{who}: mean has dimension {}, expected {dim}",
+            u.mean.len()
+        )));
+    }
+    if u.mean.iter().any(|v| !v.is_finite()) {
+        return Err(Error::Optimizer(format!("{who}: mean has non-finite values")));
+    }
+    if !u.fitness.is_finite() {
+        return Err(Error::Optimizer(format!("{who}: fitness is {}", u.fitness)));
+    }
+    if !u.loss.is_finite() {
+        return Err(Error::Optimizer(format!("{who}: loss is {}", u.loss)));
+    }
+    if let Some(s) = u.sigmas.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+        return Err(Error::Optimizer(format!("{who}: reported sigma {s}")));
     }
     Ok(())
 }

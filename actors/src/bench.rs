@@ -387,7 +387,8 @@ pub fn cluster_overhead(
         payload_down += b.iter().map(|r| r.bytes_down).sum::<usize>();
         for k in 1..=processes {
             let path = many.join(format!("join-{k}.json"));
-            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("reading {}", path.display()))?;
             up += v["socket_bytes_sent"].as_u64().unwrap_or(0);

@@ -113,6 +113,19 @@ async fn serve_train(
         drop(reply);
         return;
     }
+    // A distribution of another dimension would size the search's matrices by the sender.
+    let dim = state.args.cfg.intrinsic_dim;
+    let covariance_dim = dist.covariance.as_ref().map_or(dim, |c| c.dim);
+    if dist.mean.len() != dim || covariance_dim != dim {
+        let why = format!(
+            "request rejected: a distribution of dimension {} (covariance {covariance_dim}), \
+             intrinsic_dim is {dim}",
+            dist.mean.len()
+        );
+        tracing::warn!("{site}: {why}");
+        let _ = reply.send(TrainReply(Err(why)));
+        return;
+    }
     if fault == Some(ClientFault::Panic) {
         panic!("injected fault: panic in {site}, round {}", dist.round);
     }

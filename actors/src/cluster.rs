@@ -29,6 +29,7 @@ use crate::messages::{RegistryMsg, SupervisorMsg};
 use crate::remote_roster::{site_group, RemoteRoster, RemoteRosterArgs};
 use crate::transport::{SocketBytes, SocketCounters};
 use crate::wire::{Join, JoinReply, JoinRequest};
+use ractor::RpcReplyPort;
 
 /// The server's registry joins this group.
 pub const SERVER_GROUP: &str = "fedbpt/server";
@@ -59,23 +60,22 @@ pub fn cookie(file: Option<&Path>) -> Result<String> {
     Ok(cookie)
 }
 
-/// Starts this process's node, listening on `listen`.
+/// Starts this process's node. Its own listener binds an ephemeral loopback port that nothing
+/// uses: connections come in through [`crate::transport::listen`] and go out through
+/// [`crate::transport::connect`], both counted.
 pub async fn start_node(
     name: &str,
-    listen: SocketAddr,
     cookie: String,
     cfg: &Config,
 ) -> Result<ActorRef<NodeServerMessage>> {
-    let host = listen.ip().to_string();
-    let encryption = crate::transport::incoming(&cfg.cluster)?;
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     // Isolated: a client process talks to its server only, not to the other client processes.
     let mode = Some(NodeConnectionMode::Isolated);
-    let server = NodeServer::new(listen.port(), cookie, name.to_string(), host, encryption, mode)
-        .with_listen_addr(listen.ip())
+    let server = NodeServer::new(0, cookie, name.to_string(), loopback.to_string(), None, mode)
+        .with_listen_addr(loopback)
         .with_max_inbound_frame_size(cfg.cluster.max_frame_bytes);
-    let (node, _) = Actor::spawn(None, server, ())
-        .await
-        .with_context(|| format!("starting the cluster node on {listen}"))?;
+    let (node, _) =
+        Actor::spawn(None, server, ()).await.context("starting this process's cluster node")?;
     Ok(node)
 }
 
@@ -142,6 +142,8 @@ pub struct RegistryArgs {
     pub config: Value,
     pub num_users: usize,
     pub roster: ActorRef<SupervisorMsg>,
+    /// The server's node: which peers are connected.
+    pub node: ActorRef<NodeServerMessage>,
 }
 
 pub struct RegistryState {
@@ -173,7 +175,10 @@ impl Actor for Registry {
     ) -> Result<(), ActorProcessingErr> {
         let RegistryMsg::Join(request, reply) = msg;
         let answer = match request {
-            JoinRequest::Valid(join) => admit(state, join),
+            JoinRequest::Valid(join) => {
+                let connected = connected_peers(&state.args.node).await;
+                admit(state, join, &connected)
+            }
             JoinRequest::Rejected(why) => Err(format!("join request rejected: {why}")),
         };
         if let Err(why) = &answer {
@@ -184,7 +189,19 @@ impl Actor for Registry {
     }
 }
 
-fn admit(state: &mut RegistryState, join: Join) -> Result<(), String> {
+/// The names of the nodes connected to the server now (`name@host` without the host).
+async fn connected_peers(node: &ActorRef<NodeServerMessage>) -> Vec<String> {
+    match node.call(NodeServerMessage::GetSessions, Some(Duration::from_secs(5))).await {
+        Ok(ractor::rpc::CallResult::Success(sessions)) => sessions
+            .values()
+            .filter_map(|s| s.peer_name.as_ref())
+            .map(|n| n.name.rsplit_once('@').map_or(n.name.clone(), |(name, _)| name.to_string()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn admit(state: &mut RegistryState, join: Join, connected: &[String]) -> Result<(), String> {
     let who = format!("node `{}`", join.node);
     let config: Value = serde_json::from_str(&join.config)
         .map_err(|e| format!("{who}: its configuration is not JSON: {e}"))?;
@@ -198,9 +215,9 @@ fn admit(state: &mut RegistryState, join: Join) -> Result<(), String> {
         if i >= state.args.num_users {
             return Err(format!("{who}: site-{} is not in 1 ..= {}", i + 1, state.args.num_users));
         }
-        // A site held by another node that is still up cannot change hands.
+        // A site held by another node that is still connected cannot change hands.
         if let Some(holder) = &state.holders[i] {
-            if *holder != join.node && !ractor::pg::get_members(&site_group(i)).is_empty() {
+            if *holder != join.node && connected.contains(holder) {
                 return Err(format!("{who}: site-{} is already run by node `{holder}`", i + 1));
             }
         }
@@ -216,25 +233,33 @@ fn admit(state: &mut RegistryState, join: Join) -> Result<(), String> {
         .map_err(|e| format!("the roster is gone: {e}"))
 }
 
-/// To a client process's watcher.
+/// To a client process's watcher, acknowledged (so that the server closes its sockets only
+/// once every client process heard it).
 #[derive(RactorClusterMessage)]
 pub enum ProcessMsg {
-    /// The server finished the run (the reason, for the log).
-    Finished(String),
+    /// The server finished the run.
+    #[rpc]
+    Finished(String, RpcReplyPort<bool>),
+    /// The server failed, and says why.
+    #[rpc]
+    Failed(String, RpcReplyPort<bool>),
 }
 
 /// A client process's watcher: tells the process's main task that the run has finished.
 pub struct Watcher;
 
+/// How the run ended, as the server said.
+pub type RunEnd = Result<String, String>;
+
 impl Actor for Watcher {
     type Msg = ProcessMsg;
-    type State = UnboundedSender<String>;
-    type Arguments = UnboundedSender<String>;
+    type State = UnboundedSender<RunEnd>;
+    type Arguments = UnboundedSender<RunEnd>;
 
     async fn pre_start(
         &self,
         me: ActorRef<ProcessMsg>,
-        tx: UnboundedSender<String>,
+        tx: UnboundedSender<RunEnd>,
     ) -> Result<Self::State, ActorProcessingErr> {
         ractor::pg::join(PROCESS_GROUP.to_string(), vec![me.get_cell()]);
         Ok(tx)
@@ -244,10 +269,14 @@ impl Actor for Watcher {
         &self,
         _me: ActorRef<ProcessMsg>,
         msg: ProcessMsg,
-        tx: &mut UnboundedSender<String>,
+        tx: &mut UnboundedSender<RunEnd>,
     ) -> Result<(), ActorProcessingErr> {
-        let ProcessMsg::Finished(why) = msg;
-        let _ = tx.send(why);
+        let (end, reply) = match msg {
+            ProcessMsg::Finished(why, reply) => (Ok(why), reply),
+            ProcessMsg::Failed(why, reply) => (Err(why), reply),
+        };
+        let _ = tx.send(end);
+        let _ = reply.send(true);
         Ok(())
     }
 }
@@ -257,13 +286,18 @@ pub struct ServerSide {
     pub node: ActorRef<NodeServerMessage>,
     pub roster: ActorRef<SupervisorMsg>,
     registry: ActorRef<RegistryMsg>,
+    listener: tokio::task::JoinHandle<()>,
+    counters: SocketCounters,
 }
 
 impl ServerSide {
     /// Starts the node, the remote roster and the registry.
     pub async fn start(cfg: &Config, listen: SocketAddr, cookie: String) -> Result<ServerSide> {
         refuse_local_kills(cfg)?;
-        let node = start_node("fedbpt-server", listen, cookie, cfg).await?;
+        let node = start_node("fedbpt-server", cookie, cfg).await?;
+        let counters = SocketCounters::default();
+        let listener =
+            crate::transport::listen(listen, &cfg.cluster, node.clone(), counters.clone()).await?;
         let (roster, _) = Actor::spawn(
             None,
             RemoteRoster,
@@ -278,20 +312,39 @@ impl ServerSide {
         let (registry, _) = Actor::spawn(
             None,
             Registry,
-            RegistryArgs { config, num_users: cfg.num_users, roster: roster.clone() },
+            RegistryArgs {
+                config,
+                num_users: cfg.num_users,
+                roster: roster.clone(),
+                node: node.clone(),
+            },
         )
         .await?;
-        Ok(ServerSide { node, roster, registry })
+        Ok(ServerSide { node, roster, registry, listener, counters })
     }
 
-    /// Tells the client processes the run is over, and stops.
-    pub async fn finish(self, why: &str) {
+    /// What crossed the server's sockets so far (every client process's connection).
+    pub fn socket_bytes(&self) -> SocketBytes {
+        self.counters.bytes()
+    }
+
+    /// Tells the client processes the run is over (`Ok`: finished; `Err`: failed, why), waits
+    /// for each to acknowledge (a few seconds at most), and stops.
+    pub async fn finish(self, outcome: Result<String, String>) {
+        let mut acks = tokio::task::JoinSet::new();
         for cell in ractor::pg::get_members(&PROCESS_GROUP.to_string()) {
             let watcher: ActorRef<ProcessMsg> = cell.into();
-            let _ = watcher.send_message(ProcessMsg::Finished(why.to_string()));
+            let outcome = outcome.clone();
+            acks.spawn(async move {
+                let message = |reply| match outcome {
+                    Ok(why) => ProcessMsg::Finished(why, reply),
+                    Err(why) => ProcessMsg::Failed(why, reply),
+                };
+                let _ = watcher.call(message, Some(Duration::from_secs(5))).await;
+            });
         }
-        // Casts leave through the node sessions' queues: let them go before the sockets close.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        while acks.join_next().await.is_some() {}
+        self.listener.abort();
         for cell in [self.registry.get_cell(), self.roster.get_cell(), self.node.get_cell()] {
             crate::supervisor::stop_and_wait(cell).await;
         }
@@ -314,8 +367,8 @@ fn refuse_local_kills(cfg: &Config) -> Result<()> {
 pub struct ClientSide {
     node: ActorRef<NodeServerMessage>,
     watcher: Option<ActorRef<ProcessMsg>>,
-    finished: tokio::sync::mpsc::UnboundedReceiver<String>,
-    finished_tx: UnboundedSender<String>,
+    finished: tokio::sync::mpsc::UnboundedReceiver<RunEnd>,
+    finished_tx: UnboundedSender<RunEnd>,
     disconnected: tokio::sync::mpsc::UnboundedReceiver<()>,
     connect: String,
     counters: SocketCounters,
@@ -336,8 +389,7 @@ impl ClientSide {
         name: &str,
         sites: &[usize],
     ) -> Result<ClientSide> {
-        let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-        let node = start_node(name, listen, cookie, cfg).await?;
+        let node = start_node(name, cookie, cfg).await?;
         let (tx, disconnected) = tokio::sync::mpsc::unbounded_channel();
         node.send_message(NodeServerMessage::SubscribeToEvents {
             id: "fedbpt-join".into(),
@@ -399,17 +451,20 @@ impl ClientSide {
     pub async fn until_finished(&mut self) -> Result<String> {
         loop {
             tokio::select! {
-                why = self.finished.recv() => {
-                    return why.ok_or_else(|| anyhow!("the watcher stopped"));
+                end = self.finished.recv() => {
+                    return match end {
+                        Some(Ok(why)) => Ok(why),
+                        Some(Err(why)) => bail!("the server at {} failed: {why}", self.connect),
+                        None => bail!("the watcher stopped"),
+                    };
                 }
                 _ = self.disconnected.recv() => {}
             }
-            // A finished server closes its sockets right after telling us: its message may
-            // still be on the way.
-            if let Ok(Some(why)) =
+            // A server that has finished closes its sockets right after our acknowledgement.
+            if let Ok(Some(end)) =
                 tokio::time::timeout(Duration::from_secs(1), self.finished.recv()).await
             {
-                return Ok(why);
+                return end.map_err(|why| anyhow!("the server at {} failed: {why}", self.connect));
             }
             let patience = Duration::from_secs_f64(self.cluster.join_timeout_s);
             tracing::warn!(
@@ -457,8 +512,11 @@ struct Disconnects(UnboundedSender<()>);
 
 impl ractor_cluster::NodeEventSubscription for Disconnects {
     fn node_session_opened(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
-    fn node_session_disconnected(&self, _: ractor_cluster::node::NodeServerSessionInformation) {
-        let _ = self.0.send(());
+    fn node_session_disconnected(&self, ses: ractor_cluster::node::NodeServerSessionInformation) {
+        // Only the connection this process opened (to its server) counts.
+        if !ses.is_server {
+            let _ = self.0.send(());
+        }
     }
     fn node_session_authenticated(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
 }
@@ -476,7 +534,8 @@ async fn wait_for_server(
         if disconnected.try_recv().is_ok() {
             bail!(
                 "the server at {connect} closed the connection before admitting this process: \
-                 a wrong cookie, or not a fedbpt server (the server's log says which)"
+                 a wrong cookie, TLS on one side only, or not a fedbpt server (the server's log \
+                 says which)"
             );
         }
         if started.elapsed() > CONNECT_PATIENCE {

@@ -329,8 +329,12 @@ async fn run_with_pool(
         _ => bail!("the evaluator did not answer"),
     };
 
-    let supervisor = match opts.clients {
-        Clients::Remote(roster) => roster,
+    let deadline = Duration::from_secs_f64(cfg.runtime.round_timeout_s);
+    let (supervisor, roster_patience) = match opts.clients {
+        Clients::Remote(roster) => {
+            let waits = cfg.cluster.join_timeout_s.max(cfg.cluster.rejoin_wait_s);
+            (roster, deadline.max(Duration::from_secs_f64(waits + 5.0)))
+        }
         Clients::Local => {
             let clients = client_args(cfg, pool, &data_ref, &projection, objective);
             let (supervisor, _) = Actor::spawn(
@@ -345,7 +349,7 @@ async fn run_with_pool(
             .await
             .context("starting the clients")?;
             spawned.push(supervisor.get_cell());
-            supervisor
+            (supervisor, deadline)
         }
     };
 
@@ -369,6 +373,7 @@ async fn run_with_pool(
             }),
             checkpoint_dir: opts.checkpoint_dir,
             resume: opts.resume.clone(),
+            roster_patience,
         },
     )
     .await?;

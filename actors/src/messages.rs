@@ -113,8 +113,8 @@ pub struct Roster {
 #[derive(RactorMessage)]
 pub enum SupervisorMsg {
     /// The roster. With `wait`, answered once no restart is pending (every client running or
-    /// given up; remotely: every site that was up is back, or the rejoin wait passed); without,
-    /// at once.
+    /// given up; remotely: every site is connected, or the join or rejoin wait passed);
+    /// without, at once.
     Roster { wait: bool, stamp: Stamp, reply: RpcReplyPort<Roster> },
     /// Remote roster only: the registry admitted these sites of this node.
     Admitted { node: String, sites: Vec<usize> },

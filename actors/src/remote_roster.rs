@@ -5,7 +5,7 @@
 //!
 //! A site whose member changed since the previous roster was restarted (its process, or the
 //! client inside it); a site that is missing is down. A roster asked with `wait` waits for every
-//! site to be present: up to `cluster.join_timeout_s` until the federation was once complete,
+//! site to be present: up to `cluster.join_timeout_s` for the first roster (before round 1),
 //! then up to `cluster.rejoin_wait_s` (a client process restarting).
 
 use std::time::Duration;
@@ -34,7 +34,7 @@ pub struct RemoteRosterState {
     admitted: Vec<bool>,
     /// The member each site had in the previous roster.
     last: Vec<Option<ActorId>>,
-    /// Every site was present once.
+    /// A roster was answered: later waits are rejoin waits.
     complete_once: bool,
     /// Roster requests waiting for missing sites, by index.
     waiting: Vec<(u64, RpcReplyPort<Roster>)>,
@@ -75,9 +75,9 @@ impl RemoteRosterState {
                 self.last[i] = id;
             }
         }
-        if clients.iter().all(Option::is_some) {
-            self.complete_once = true;
-        }
+        // After the first roster (complete, or when the join timeout ran out) a missing site
+        // is waited for only `rejoin_wait`.
+        self.complete_once = true;
         Roster { clients, restarted }
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use fedbpt::config::Config;
 use fedbpt::objective::BestOnDev;
 use fedbpt::protocol::{ClientUpdate, SearchDistribution};
-use fedbpt::strategy::{sample_clients, Aggregator, QuorumRule, RoundDecision};
+use fedbpt::strategy::{check_update, sample_clients, Aggregator, QuorumRule, RoundDecision};
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 
@@ -34,6 +34,9 @@ pub struct RoundContext<'a> {
     pub evaluator: &'a ActorRef<EvalMsg>,
     pub started: Instant,
     pub best_dev: &'a mut Option<BestOnDev>,
+    /// How long the roster may take to answer: the round's deadline for the local supervisor;
+    /// a remote roster waits for client processes itself (`[cluster]`), longer.
+    pub roster_patience: Duration,
 }
 
 pub(crate) fn site(i: usize) -> String {
@@ -44,10 +47,7 @@ pub(crate) fn site(i: usize) -> String {
 pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<RoundRecord, String> {
     let cfg = ctx.cfg;
     let deadline = Duration::from_secs_f64(cfg.runtime.round_timeout_s);
-    // A remote roster waits for client processes itself (`[cluster]`); a local one for restarts.
-    let patience = deadline.max(Duration::from_secs_f64(
-        cfg.cluster.join_timeout_s.max(cfg.cluster.rejoin_wait_s) + 5.0,
-    ));
+    let patience = ctx.roster_patience;
     // 1. The clients that are up.
     let mut roster = settled_roster(ctx.supervisor, patience).await?;
     let restarted: Vec<String> = roster.restarted.iter().map(|&i| site(i)).collect();
@@ -209,6 +209,7 @@ async fn gather(
     mut excluded: Vec<String>,
 ) -> Attempt {
     let round = dist.round;
+    let dim = dist.mean.len();
     let deadline_ms = now_ms().saturating_add(deadline.as_millis() as u64);
     let mut tasks = tokio::task::JoinSet::new();
     for (i, client) in participants {
@@ -237,6 +238,20 @@ async fn gather(
     let mut late = BTreeSet::new();
     while let Some(joined) = tasks.join_next().await {
         match joined {
+            // A reply that names another client, or that does not fit the round, is left out with
+            // why: a peer process must not be able to end the run.
+            Ok((i, Outcome::Ok(u, _))) if u.client != i => excluded.push(format!(
+                "{}: reply claims to be from client {}, left out",
+                site(i),
+                u.client
+            )),
+            Ok((i, Outcome::Ok(u, _)))
+                if u.round == round && check_update(dim, round, &u).is_err() =>
+            {
+                let why =
+                    check_update(dim, round, &u).err().map(|e| e.to_string()).unwrap_or_default();
+                excluded.push(format!("{}: {why}", site(i)))
+            }
             Ok((i, Outcome::Ok(u, stamp))) if u.round == round => {
                 profile::received(
                     stamp,

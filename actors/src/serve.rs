@@ -52,11 +52,13 @@ pub fn serve(
             Clients::Remote(side.roster.clone()),
         )
     });
-    let why = match &result {
-        Ok(_) => "the run finished".to_string(),
-        Err(e) => format!("the server failed: {e:#}"),
+    let outcome = match &result {
+        Ok(_) => Ok("the run finished".to_string()),
+        Err(e) => Err(format!("{e:#}")),
     };
-    rt.block_on(side.finish(&why));
+    let bytes = side.socket_bytes();
+    rt.block_on(side.finish(outcome));
+    say(&format!("serve: {} B sent, {} B received on its sockets", bytes.sent, bytes.received));
     Profiler::stop();
     let (s, _) = result?;
     if let (Some(p), Some(trace)) = (profiler, trace) {
@@ -152,7 +154,7 @@ pub fn loopback(
     // A secret for this federation only: from the OS, not from the experiment's seed.
     let cookie = format!("{:032x}", rand::random::<u128>());
     let started = std::time::Instant::now();
-    let mut children = Vec::new();
+    let mut children = Children(Vec::new());
     let mut serve = std::process::Command::new(&exe);
     serve.arg("serve").arg(config).args(["--listen", &addr]).arg("--out").arg(out);
     let mut traces = Vec::new();
@@ -160,13 +162,12 @@ pub fn loopback(
         traces.push(("serve".to_string(), out.join("trace-serve.json")));
         serve.arg("--trace").arg(out.join("trace-serve.json"));
     }
-    children.push(("serve".to_string(), spawn_with(serve, overrides, &cookie)?));
-    let per = cfg.num_users.div_ceil(processes);
+    children.0.push(("serve".to_string(), spawn_with(serve, overrides, &cookie)?));
+    // Blocks as even as they go: the first `num_users % processes` one site larger.
+    let (base, larger) = (cfg.num_users / processes, cfg.num_users % processes);
+    let mut first = 1;
     for k in 0..processes {
-        let (first, last) = (k * per + 1, ((k + 1) * per).min(cfg.num_users));
-        if first > last {
-            break;
-        }
+        let last = first + base + usize::from(k < larger) - 1;
         let mut join = std::process::Command::new(&exe);
         join.arg("join").arg(config).args([
             "--connect",
@@ -180,16 +181,17 @@ pub fn loopback(
             join.arg("--trace").arg(&file);
             traces.push((format!("join {first}-{last}"), file));
         }
-        children.push((format!("join {first}-{last}"), spawn_with(join, overrides, &cookie)?));
+        children.0.push((format!("join {first}-{last}"), spawn_with(join, overrides, &cookie)?));
+        first = last + 1;
     }
     // The first failure stops the others: a federation missing a process would wait for it.
     let mut failed = None;
-    while !children.is_empty() {
+    while !children.0.is_empty() {
         let mut i = 0;
-        while i < children.len() {
-            match children[i].1.try_wait()? {
+        while i < children.0.len() {
+            match children.0[i].1.try_wait()? {
                 Some(status) => {
-                    let (what, _) = children.remove(i);
+                    let (what, _) = children.0.remove(i);
                     if !status.success() && failed.is_none() {
                         failed = Some(format!("`fedbpt {what}` failed ({status})"));
                     }
@@ -198,11 +200,7 @@ pub fn loopback(
             }
         }
         if failed.is_some() {
-            for (_, child) in &mut children {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            children.clear();
+            children.kill_all();
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -215,6 +213,25 @@ pub fn loopback(
         say(&format!("merged the {} processes' traces into {}", traces.len(), file.display()));
     }
     Ok(wall)
+}
+
+/// The processes of a loopback federation, killed if this returns early.
+struct Children(Vec<(String, std::process::Child)>);
+
+impl Children {
+    fn kill_all(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
 }
 
 fn spawn_with(

@@ -154,6 +154,8 @@ pub struct ServerArgs {
     pub checkpoint_dir: Option<PathBuf>,
     /// Continue from this checkpoint.
     pub resume: Option<Checkpoint>,
+    /// How long a roster request may take ([`RoundContext::roster_patience`]).
+    pub roster_patience: std::time::Duration,
 }
 
 pub struct ServerState {
@@ -269,6 +271,7 @@ async fn round_of(
         evaluator: &a.evaluator,
         started: a.started,
         best_dev: &mut state.best_dev,
+        roster_patience: a.roster_patience,
     };
     run_round(&mut ctx, round).await
 }

@@ -1,5 +1,5 @@
-//! The sockets under ractor_cluster: a client process's connection counted byte for byte (the
-//! bytes that crossed the socket, TLS records included), and TLS from the `[cluster]` section.
+//! The sockets under ractor_cluster: connections counted byte for byte (the bytes that crossed
+//! the socket, TLS records included), the server's listener, and TLS from `[cluster]`.
 
 use std::io;
 use std::path::Path;
@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use fedbpt::config::Cluster;
-use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream, IncomingEncryptionMode};
+use ractor::ActorRef;
+use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream, NodeServerMessage};
 use serde::Serialize;
+use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -132,9 +134,12 @@ pub async fn connect(
     };
     let name = ServerName::try_from(host.clone())
         .map_err(|e| anyhow!("cluster.tls_server_name: `{host}` is no server name: {e}"))?;
-    let tls = TlsConnector::from(Arc::new(config))
-        .connect(name, counted)
+    let handshake = TlsConnector::from(Arc::new(config)).connect(name, counted);
+    let tls = tokio::time::timeout(HANDSHAKE_PATIENCE, handshake)
         .await
+        .map_err(|_| {
+            anyhow!("no TLS handshake from {addr} within {} s", HANDSHAKE_PATIENCE.as_secs())
+        })?
         .with_context(|| format!("TLS handshake with {addr}"))?;
     Ok(Box::new(Bidi { stream: tls, peer }))
 }
@@ -162,8 +167,70 @@ async fn connect_tcp(addr: &str) -> Result<TcpStream> {
     }
 }
 
-/// The server's encryption: TLS when `cluster.tls_cert` and `tls_key` are set.
-pub fn incoming(cluster: &Cluster) -> Result<Option<IncomingEncryptionMode>> {
+/// How long a peer has to finish the TLS handshake (a silent peer must not hold the port).
+const HANDSHAKE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The server's listener: accepts connections on `listen` itself, each in its own task (a
+/// peer that stalls its TLS handshake holds up only itself; ractor_cluster's own listener
+/// handshakes inside its accept loop), counts their bytes, and hands them to the node.
+pub async fn listen(
+    listen: SocketAddr,
+    cluster: &Cluster,
+    node: ActorRef<NodeServerMessage>,
+    counters: SocketCounters,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let tls = acceptor(cluster)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let (tls, node, counters) = (tls.clone(), node.clone(), counters.clone());
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let counted = Counted { inner: tcp, counters };
+                let peer = peer.to_string();
+                let stream: Box<dyn ClusterBidiStream> = match tls {
+                    None => Box::new(Bidi { stream: counted, peer: peer.clone() }),
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HANDSHAKE_PATIENCE, acceptor.accept(counted))
+                            .await
+                        {
+                            Ok(Ok(stream)) => Box::new(Bidi { stream, peer: peer.clone() }),
+                            Ok(Err(e)) => {
+                                tracing::warn!("peer {peer}: TLS handshake failed: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::warn!(
+                                    "peer {peer}: no TLS handshake within {} s",
+                                    HANDSHAKE_PATIENCE.as_secs()
+                                );
+                                return;
+                            }
+                        }
+                    }
+                };
+                let opened =
+                    NodeServerMessage::ConnectionOpenedExternal { stream, is_server: true };
+                if node.cast(opened).is_err() {
+                    tracing::warn!("peer {peer}: the node is gone");
+                }
+            });
+        }
+    }))
+}
+
+/// The server's TLS acceptor when `cluster.tls_cert` and `tls_key` are set.
+fn acceptor(cluster: &Cluster) -> Result<Option<TlsAcceptor>> {
     let (Some(cert), Some(key)) = (&cluster.tls_cert, &cluster.tls_key) else {
         return Ok(None);
     };
@@ -176,7 +243,7 @@ pub fn incoming(cluster: &Cluster) -> Result<Option<IncomingEncryptionMode>> {
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| anyhow!("cluster.tls_cert / tls_key: {e}"))?;
-    Ok(Some(IncomingEncryptionMode::Tls(TlsAcceptor::from(Arc::new(config)))))
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
 }
 
 /// The crypto of both ends, named: other dependencies enable rustls's other provider too, and
@@ -210,10 +277,10 @@ mod tests {
             tls_key: Some(cert.to_path_buf()),
             ..Cluster::default()
         };
-        let e = incoming(&cluster(&missing)).err().unwrap().to_string();
+        let e = acceptor(&cluster(&missing)).err().unwrap().to_string();
         assert!(e.contains("nowhere.pem"), "{e}");
-        let e = incoming(&cluster(&junk)).err().unwrap().to_string();
+        let e = acceptor(&cluster(&junk)).err().unwrap().to_string();
         assert!(e.contains("junk.pem") && e.contains("no certificate"), "{e}");
-        assert!(incoming(&Cluster::default()).unwrap().is_none(), "no TLS unless asked");
+        assert!(acceptor(&Cluster::default()).unwrap().is_none(), "no TLS unless asked");
     }
 }

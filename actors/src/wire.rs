@@ -17,8 +17,9 @@ use crate::profile::{from_wall_clock, to_wall_clock, Stamp};
 pub const MAGIC: &[u8; 4] = b"FBPT";
 /// Version of the payloads' layout; a peer with another refuses them.
 pub const WIRE_VERSION: u16 = 1;
-/// Largest payload decoded (a search distribution of d = 1,000 with its covariance is 8 MB);
-/// ractor_cluster's frame limit (`cluster.max_frame_bytes`) applies before this one.
+/// Largest payload decoded, a bound of its own beside ractor_cluster's frame limit
+/// (`cluster.max_frame_bytes`, 16 MiB by default, which applies first): a search distribution
+/// of d = 1,000 with its packed f32 covariance is about 2 MB.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 const HEADER: usize = 7;
 

@@ -302,8 +302,7 @@ enum ConfusedRegistryMsg {
 /// From an authenticated node: the registry's answer to a Train payload sent as a `Join`, and
 /// what came of a `Join` frame larger than the server's frame limit.
 async fn wrong_frames(addr: &str) -> (String, Result<String, String>) {
-    let listen = "127.0.0.1:0".parse().unwrap();
-    let node = start_node("prober", listen, COOKIE.into(), &Config::default()).await.unwrap();
+    let node = start_node("prober", COOKIE.into(), &Config::default()).await.unwrap();
     ractor_cluster::client_connect(&node, addr).await.unwrap();
     let started = Instant::now();
     let registry = loop {
@@ -503,4 +502,112 @@ fn a_server_killed_and_resumed_takes_its_client_processes_back() {
     let served = records(&d.join("served/metrics.jsonl"));
     assert_eq!(served.len(), 4);
     assert_eq!(without_wall(served), without_wall(records(&d.join("one/metrics.jsonl"))));
+}
+
+/// A client that answers every round with an update the server must not aggregate.
+struct LyingClient;
+
+impl ractor::Actor for LyingClient {
+    type Msg = fedbpt_actors::messages::ClientMsg;
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        me: ActorRef<Self::Msg>,
+        _: (),
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        ractor::pg::join("fedbpt/site-10".to_string(), vec![me.get_cell()]);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        _: &mut (),
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        let fedbpt_actors::messages::ClientMsg::Train(request, reply) = msg;
+        let TrainRequest::Valid(train) = request else { return Ok(()) };
+        let round = train.dist.round;
+        let mut update = fedbpt::protocol::ClientUpdate {
+            client: 9,
+            round,
+            mean: train.dist.mean.clone(),
+            fitness: 0.5,
+            loss: 0.5,
+            sigmas: vec![train.dist.sigma; 4],
+        };
+        match round {
+            1 => update.client = 2, // another site's name
+            2 => update.mean[0] = f32::NAN,
+            _ => update.mean.push(1.0), // one dimension too many
+        }
+        let _ = reply.send(fedbpt_actors::wire::TrainReply(Ok((update, Default::default()))));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_client_process_that_sends_bad_updates_cannot_end_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let extra = ["num_rounds=3"];
+    let port = free_port();
+    let mut server = serve(d, port, &extra);
+    let mut honest = join(d, port, "1-9", &extra, "a.log", COOKIE);
+    let text = std::fs::read_to_string(config()).unwrap();
+    let all: Vec<String> = STAND_IN.iter().chain(&extra).map(|s| s.to_string()).collect();
+    let cfg = Config::from_toml_str(&text, &all).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let node = start_node("liar", COOKIE.into(), &cfg).await.unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "the server does not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ractor_cluster::client_connect(&node, format!("127.0.0.1:{port}")).await.unwrap();
+        let started = Instant::now();
+        let registry = loop {
+            if let Some(cell) = ractor::pg::get_members(&SERVER_GROUP.to_string()).pop() {
+                break cell;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "no registry in sight");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let registry: ActorRef<RegistryMsg> = registry.into();
+        let join = Join {
+            node: "liar".into(),
+            sites: vec![9],
+            config: serde_json::to_string(&cfg).unwrap(),
+        };
+        let answer = registry
+            .call(
+                |reply| RegistryMsg::Join(JoinRequest::Valid(join), reply),
+                Some(Duration::from_secs(20)),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(answer, CallResult::Success(JoinReply(Ok(())))), "{answer:?}");
+        let (liar, _) = ractor::Actor::spawn(None, LyingClient, ()).await.unwrap();
+        let limit = Duration::from_secs(120);
+        let status =
+            tokio::task::spawn_blocking(move || finish(&mut server, "serve", limit)).await.unwrap();
+        assert!(status.success(), "{}", log(&d.join("serve.log")));
+        liar.stop(None);
+        node.stop(None);
+    });
+    assert!(finish(&mut honest, "join 1-9", Duration::from_secs(60)).success());
+    let r = records(&d.join("served/metrics.jsonl"));
+    assert_eq!(r.len(), 3, "every round finishes");
+    assert!(r.iter().all(|r| r.clients_ok == 9 && r.aggregated), "{r:?}");
+    let why = |k: usize| r[k].clients_excluded.join("; ");
+    assert!(why(0).contains("site-10: reply claims to be from client 2"), "{}", why(0));
+    assert!(why(1).contains("site-10:") && why(1).contains("non-finite"), "{}", why(1));
+    assert!(
+        why(2).contains("site-10:") && why(2).contains("dimension 13, expected 12"),
+        "{}",
+        why(2)
+    );
 }
