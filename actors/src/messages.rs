@@ -7,9 +7,11 @@ use fedbpt::data::Example;
 use fedbpt::models::{Prepared, TokenNoise};
 use ractor::{ActorRef, RpcReplyPort};
 use ractor_cluster::{RactorClusterMessage, RactorMessage};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+pub use crate::profile::now_ms;
 use crate::profile::Stamp;
+pub use crate::wire::ClientFault;
 use crate::wire::{JoinReply, JoinRequest, TrainReply, TrainRequest};
 
 /// Replies carry the callee's error as text: it crosses actor (and, later, process) boundaries.
@@ -58,19 +60,6 @@ pub enum DataMsg {
     EvalSets { stamp: Stamp, reply: RpcReplyPort<EvalSets> },
 }
 
-/// A fault the server injects into one client's round (fault-injection experiments).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub enum ClientFault {
-    /// The client kills itself halfway through its local search.
-    DieMidSearch,
-    /// A panic inside the handler.
-    Panic,
-    /// The work is done but the reply is dropped.
-    DropReply,
-    /// The reply is held back this long (a straggler).
-    Delay(std::time::Duration),
-}
-
 /// To a client; the one message that crosses to client processes (its payloads are
 /// [`crate::wire`]'s).
 #[derive(RactorClusterMessage)]
@@ -89,14 +78,6 @@ pub enum RegistryMsg {
     /// Admit a client process's sites, if its configuration matches the server's.
     #[rpc]
     Join(JoinRequest, RpcReplyPort<JoinReply>),
-}
-
-/// Milliseconds since the Unix epoch, now (0 if the clock is before 1970).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The clients as the supervisor knows them.

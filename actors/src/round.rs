@@ -17,14 +17,47 @@ use fedbpt::protocol::{ClientUpdate, SearchDistribution};
 use fedbpt::strategy::{check_update, sample_clients, Aggregator, QuorumRule, RoundDecision};
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
+use serde::{Deserialize, Serialize};
 
 use crate::fault_plan::{plan_faults, RoundFaults};
 use crate::messages::{
     now_ms, wire_size, ClientFault, ClientMsg, EvalMsg, Evaluation, Roster, SupervisorMsg,
 };
 use crate::profile::{self, MessageInfo, Stamp};
-use crate::server::RoundRecord;
 use crate::wire::{Train, TrainReply, TrainRequest};
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoundRecord {
+    pub round: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_acc: Option<f64>,
+    pub dev_acc: f64,
+    pub dev_loss: f64,
+    /// Mean over the replies of each client's loss at its final local mean (none without replies).
+    pub train_loss: Option<f64>,
+    /// The step size sent to the clients of the next round.
+    pub sigma: f64,
+    pub clients_ok: usize,
+    /// The clients sampled for this round (`clients_per_round`; empty when all take part).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients_sampled: Vec<String>,
+    /// Killed by fault injection this round (before or during their local search).
+    pub clients_killed: Vec<String>,
+    /// Restarted by the supervisor since the previous round.
+    pub clients_restarted: Vec<String>,
+    /// No reply before the deadline.
+    pub clients_late: Vec<String>,
+    /// Not aggregated this round, with why (`site-N: reason`).
+    pub clients_excluded: Vec<String>,
+    /// Whether the round had its quorum (`min_clients`) and was aggregated.
+    pub aggregated: bool,
+    /// Extra attempts of this round under `quorum_policy = "retry"`.
+    pub retries: usize,
+    pub bytes_up: usize,
+    pub bytes_down: usize,
+    pub wall_s: f64,
+}
 
 /// What a round reads and changes of the server's state.
 pub struct RoundContext<'a> {

@@ -15,40 +15,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::messages::{EvalMsg, ServerMsg, SupervisorMsg};
 use crate::profile::{self, MessageInfo};
+pub use crate::round::RoundRecord;
 use crate::round::{run_round, RoundContext};
-
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RoundRecord {
-    pub round: usize,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub test_acc: Option<f64>,
-    pub dev_acc: f64,
-    pub dev_loss: f64,
-    /// Mean over the replies of each client's loss at its final local mean (none without replies).
-    pub train_loss: Option<f64>,
-    /// The step size sent to the clients of the next round.
-    pub sigma: f64,
-    pub clients_ok: usize,
-    /// The clients sampled for this round (`clients_per_round`; empty when all take part).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub clients_sampled: Vec<String>,
-    /// Killed by fault injection this round (before or during their local search).
-    pub clients_killed: Vec<String>,
-    /// Restarted by the supervisor since the previous round.
-    pub clients_restarted: Vec<String>,
-    /// No reply before the deadline.
-    pub clients_late: Vec<String>,
-    /// Not aggregated this round, with why (`site-N: reason`).
-    pub clients_excluded: Vec<String>,
-    /// Whether the round had its quorum (`min_clients`) and was aggregated.
-    pub aggregated: bool,
-    /// Extra attempts of this round under `quorum_policy = "retry"`.
-    pub retries: usize,
-    pub bytes_up: usize,
-    pub bytes_down: usize,
-    pub wall_s: f64,
-}
 
 /// Version of [`Checkpoint`]'s layout and of the round it continues. Format 2: the FedBPT
 /// server follows the reference rule, clients upload their loss beside their fitness, and the

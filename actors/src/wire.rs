@@ -10,8 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use fedbpt::protocol::{ClientUpdate, SearchDistribution};
 
-use crate::messages::{now_ms, ClientFault};
-use crate::profile::{from_wall_clock, to_wall_clock, Stamp};
+use crate::profile::{from_wall_clock, now_ms, to_wall_clock, Stamp};
 
 /// First bytes of every fedbpt payload.
 pub const MAGIC: &[u8; 4] = b"FBPT";
@@ -86,6 +85,19 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, String
         return Err(format!("{} bytes left over after the {kind:?} payload", body.len() - used));
     }
     Ok(value)
+}
+
+/// A fault the server injects into one client's round (fault-injection experiments).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum ClientFault {
+    /// The client kills itself halfway through its local search.
+    DieMidSearch,
+    /// A panic inside the handler.
+    Panic,
+    /// The work is done but the reply is dropped.
+    DropReply,
+    /// The reply is held back this long (a straggler).
+    Delay(std::time::Duration),
 }
 
 /// One round's request to a client. In a process the deadline is absolute (the server's
