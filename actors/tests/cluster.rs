@@ -611,3 +611,58 @@ fn a_client_process_that_sends_bad_updates_cannot_end_the_run() {
         why(2)
     );
 }
+
+#[test]
+fn run_with_processes_merges_every_process_trace_on_one_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let merged = d.join("merged.json");
+    let mut args = vec!["run".to_string(), config().display().to_string(), "--processes".into()];
+    args.extend(["2".into(), "--out".into(), d.join("run").display().to_string()]);
+    args.extend(["--trace".into(), merged.display().to_string()]);
+    args.extend(sets(&["num_rounds=2"]));
+    let status = spawn(&args, &d.join("run.log"), "unused: run --processes makes its own").wait();
+    assert!(status.unwrap().success(), "{}", log(&d.join("run.log")));
+    assert!(d.join("run/join-1.json").exists() && d.join("run/join-2.json").exists());
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&merged).unwrap()).unwrap();
+    let events = doc["traceEvents"].as_array().unwrap();
+    let processes: Vec<&str> = events
+        .iter()
+        .filter(|e| e["name"] == "process_name")
+        .map(|e| e["args"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(processes, ["serve", "join 1-5", "join 6-10"]);
+    // The clients' Train spans, in the client processes, with the server's send time carried
+    // across: their mailbox waits are those of a loopback hop, not of two unrelated clocks.
+    let trains: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["cat"] == "handle" && e["name"] == "Train").collect();
+    assert_eq!(trains.len(), 20, "10 clients x 2 rounds");
+    // The server sends each Train while it handles RunRound: on the merged clock, a Train's
+    // send time (its start less its mailbox wait) falls inside one of the server's RunRound
+    // spans, which a stamp left on either process's own clock would miss.
+    let rounds: Vec<(u64, u64)> = events
+        .iter()
+        .filter(|e| e["pid"] == 1 && e["cat"] == "handle" && e["name"] == "RunRound")
+        .map(|e| {
+            let ts = e["ts"].as_u64().unwrap();
+            (ts, ts + e["dur"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(rounds.len(), 2);
+    for t in &trains {
+        assert!(t["pid"] == 2 || t["pid"] == 3, "{t}");
+        let wait = t["args"]["wait_us"].as_u64().unwrap();
+        assert!(wait > 0, "a Train crossed the wire in no time: its send time was lost");
+        let sent = t["ts"].as_u64().unwrap() - wait;
+        // 2 ms of slack for the wall clock read against the monotonic one.
+        let inside = rounds.iter().any(|&(a, b)| a <= sent + 2_000 && sent <= b + 2_000);
+        assert!(inside, "a Train sent at {sent} us, outside the rounds {rounds:?}");
+    }
+    // And the server received every update, on its own track.
+    let updates = events
+        .iter()
+        .filter(|e| e["cat"] == "handle" && e["name"] == "ClientUpdate" && e["pid"] == 1)
+        .count();
+    assert_eq!(updates, 20);
+}
