@@ -214,14 +214,7 @@ pub async fn run(
     check_search_memory(&cfg)?;
     let data = partition(&cfg, &env.dataset)?;
     let train_examples: usize = data.shards.iter().map(|s| s.len()).sum();
-    let pool = ForwardPool::spawn(
-        env.replicas.clone(),
-        env.task.clone(),
-        cfg.runtime.workers_per_device,
-        cfg.runtime.max_batch_examples,
-        cfg.faults.kill_worker_at_request,
-    )
-    .await?;
+    let pool = spawn_pool(&cfg, env).await?;
     let mut ctx = RunContext { data: &data, pool: &pool, started, spawned: Vec::new() };
     let result = run_with_pool(&cfg, env, &mut ctx, opts, on_round).await;
     // Stopped and waited for, so that nothing of this run outlives it.
@@ -256,12 +249,7 @@ async fn run_with_pool(
     let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?.clone();
     let objective = Objective { loss: cfg.loss_type, metric: env.task.metric };
     let projection = Arc::new(projection_for(cfg, model.as_ref())?);
-    let (data_ref, _) = Actor::spawn(
-        None,
-        DataLoader,
-        DataState { shards: data.shards.clone(), dev: data.dev.clone(), test: data.test.clone() },
-    )
-    .await?;
+    let data_ref = spawn_data_loader(data).await?;
     spawned.push(data_ref.get_cell());
 
     // The evaluator's sets come from the data loader; the prepared test set is reused across
@@ -337,17 +325,7 @@ async fn run_with_pool(
         }
         Clients::Local => {
             let clients = client_args(cfg, pool, &data_ref, &projection, objective);
-            let (supervisor, _) = Actor::spawn(
-                None,
-                ClientSupervisor,
-                SupervisorArgs {
-                    clients,
-                    restart_limit: cfg.faults.restart_limit,
-                    backoff: Duration::from_millis(cfg.faults.restart_backoff_ms),
-                },
-            )
-            .await
-            .context("starting the clients")?;
+            let supervisor = spawn_supervisor(cfg, clients).await?;
             spawned.push(supervisor.get_cell());
             (supervisor, deadline)
         }
@@ -462,6 +440,41 @@ async fn run_with_pool(
     result
 }
 
+/// The forward-worker pool of this process: the model replicas, workers as configured.
+async fn spawn_pool(cfg: &Config, env: &Env) -> Result<ForwardPool> {
+    ForwardPool::spawn(
+        env.replicas.clone(),
+        env.task.clone(),
+        cfg.runtime.workers_per_device,
+        cfg.runtime.max_batch_examples,
+        cfg.faults.kill_worker_at_request,
+    )
+    .await
+}
+
+/// The data loader, serving the shards and the evaluation sets of `data`.
+async fn spawn_data_loader(data: &Data) -> Result<ActorRef<DataMsg>> {
+    let state =
+        DataState { shards: data.shards.clone(), dev: data.dev.clone(), test: data.test.clone() };
+    let (loader, _) = Actor::spawn(None, DataLoader, state).await?;
+    Ok(loader)
+}
+
+/// The client supervisor over `clients`, with the configured restart limit and backoff.
+async fn spawn_supervisor(
+    cfg: &Config,
+    clients: Vec<ClientArgs>,
+) -> Result<ActorRef<SupervisorMsg>> {
+    let args = SupervisorArgs {
+        clients,
+        restart_limit: cfg.faults.restart_limit,
+        backoff: Duration::from_millis(cfg.faults.restart_backoff_ms),
+    };
+    let (supervisor, _) =
+        Actor::spawn(None, ClientSupervisor, args).await.context("starting the clients")?;
+    Ok(supervisor)
+}
+
 /// Every client's arguments (in a client process, [`crate::cluster::remote_clients`] keeps its
 /// own).
 fn client_args(
@@ -497,37 +510,14 @@ where
     let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?.clone();
     let projection = Arc::new(projection_for(&cfg, model.as_ref())?);
     let objective = Objective { loss: cfg.loss_type, metric: env.task.metric };
-    let pool = ForwardPool::spawn(
-        env.replicas.clone(),
-        env.task.clone(),
-        cfg.runtime.workers_per_device,
-        cfg.runtime.max_batch_examples,
-        cfg.faults.kill_worker_at_request,
-    )
-    .await?;
-    let (data_ref, _) = Actor::spawn(
-        None,
-        DataLoader,
-        DataState { shards: data.shards.clone(), dev: data.dev.clone(), test: data.test.clone() },
-    )
-    .await?;
+    let pool = spawn_pool(&cfg, env).await?;
+    let data_ref = spawn_data_loader(&data).await?;
     let clients = crate::cluster::remote_clients(
         client_args(&cfg, &pool, &data_ref, &projection, objective),
         sites,
     );
-    let started = Actor::spawn(
-        None,
-        ClientSupervisor,
-        SupervisorArgs {
-            clients,
-            restart_limit: cfg.faults.restart_limit,
-            backoff: Duration::from_millis(cfg.faults.restart_backoff_ms),
-        },
-    )
-    .await
-    .context("starting the clients");
-    let result = match started {
-        Ok((supervisor, _)) => {
+    let result = match spawn_supervisor(&cfg, clients).await {
+        Ok(supervisor) => {
             let r = until.await;
             stop_and_wait(supervisor.get_cell()).await;
             r

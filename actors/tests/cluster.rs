@@ -110,6 +110,43 @@ fn finish(child: &mut Child, what: &str, limit: Duration) -> std::process::ExitS
     }
 }
 
+/// Waits for a child to exit successfully within 120 s; its log otherwise.
+fn finished_ok(child: &mut Child, what: &str, log_file: &Path) {
+    let status = finish(child, what, Duration::from_secs(120));
+    assert!(status.success(), "{what}: {}", log(log_file));
+}
+
+/// Waits for the server and the client processes of sites 1-5 and 6-10 (logs `serve.log`,
+/// `a.log`, `b.log`) to finish successfully.
+fn finish_federation(d: &Path, [server, a, b]: [&mut Child; 3]) {
+    finished_ok(server, "serve", &d.join("serve.log"));
+    finished_ok(a, "join 1-5", &d.join("a.log"));
+    finished_ok(b, "join 6-10", &d.join("b.log"));
+}
+
+/// The one-process run of the same config into `d/out`, and its records.
+fn run_alone(d: &Path, out: &str, extra: &[&str]) -> Vec<RoundRecord> {
+    let mut args = vec!["run".to_string(), config().display().to_string()];
+    args.extend(["--out".into(), d.join(out).display().to_string()]);
+    args.extend(sets(extra));
+    let log_file = d.join(format!("{out}.log"));
+    let status = spawn(&args, &log_file, COOKIE).wait().unwrap();
+    assert!(status.success(), "one-process run: {}", log(&log_file));
+    records(&d.join(out).join("metrics.jsonl"))
+}
+
+/// The server's registry, once this process's node has joined the server's (30 s at most).
+async fn registry() -> ractor::ActorCell {
+    let started = Instant::now();
+    loop {
+        if let Some(cell) = ractor::pg::get_members(&SERVER_GROUP.to_string()).pop() {
+            return cell;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no registry in sight");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn log(path: &Path) -> String {
     let mut text = String::new();
     if let Ok(mut f) = std::fs::File::open(path) {
@@ -142,22 +179,14 @@ fn two_client_processes_match_the_one_process_run_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let extra = ["num_rounds=4"];
-    let mut one = vec!["run".to_string(), config().display().to_string()];
-    one.extend(["--out".into(), d.join("one").display().to_string()]);
-    one.extend(sets(&extra));
-    let status = spawn(&one, &d.join("one.log"), COOKIE).wait().unwrap();
-    assert!(status.success(), "one-process run: {}", log(&d.join("one.log")));
+    let alone = run_alone(d, "one", &extra);
 
     let port = free_port();
     let mut server = serve(d, port, &extra);
     let mut a = join(d, port, "1-5", &extra, "a.log", COOKIE);
     let mut b = join(d, port, "site-6,site-7,site-8,site-9,site-10", &extra, "b.log", COOKIE);
-    let limit = Duration::from_secs(120);
-    assert!(finish(&mut server, "serve", limit).success(), "{}", log(&d.join("serve.log")));
-    assert!(finish(&mut a, "join 1-5", limit).success(), "{}", log(&d.join("a.log")));
-    assert!(finish(&mut b, "join 6-10", limit).success(), "{}", log(&d.join("b.log")));
+    finish_federation(d, [&mut server, &mut a, &mut b]);
 
-    let alone = records(&d.join("one/metrics.jsonl"));
     let served = records(&d.join("served/metrics.jsonl"));
     assert_eq!(alone.len(), 4);
     assert!(alone.iter().all(|r| r.clients_ok == 10), "{alone:?}");
@@ -206,10 +235,9 @@ fn a_client_process_killed_mid_round_drops_out_and_rejoins_the_next_round() {
     let _ = b.wait();
     assert_eq!(records(&partial).len(), 1, "round 2 ended before the kill");
     let mut b2 = join(d, port, "6-10", &extra, "b2.log", COOKIE);
-    let limit = Duration::from_secs(120);
-    assert!(finish(&mut server, "serve", limit).success(), "{}", log(&d.join("serve.log")));
-    assert!(finish(&mut a, "join 1-5", limit).success(), "{}", log(&d.join("a.log")));
-    assert!(finish(&mut b2, "join 6-10 again", limit).success(), "{}", log(&d.join("b2.log")));
+    finished_ok(&mut server, "serve", &d.join("serve.log"));
+    finished_ok(&mut a, "join 1-5", &d.join("a.log"));
+    finished_ok(&mut b2, "join 6-10 again", &d.join("b2.log"));
 
     let r = records(&d.join("served/metrics.jsonl"));
     assert_eq!(r.len(), 4, "every round finishes");
@@ -273,10 +301,7 @@ fn hostile_peers_are_refused_and_logged_while_the_federation_finishes() {
     assert!(oversize_answer.is_err(), "an oversize frame was answered: {oversize_answer:?}");
 
     let mut b = join(d, port, "6-10", &extra, "b.log", COOKIE);
-    let limit = Duration::from_secs(120);
-    assert!(finish(&mut server, "serve", limit).success(), "{}", log(&d.join("serve.log")));
-    assert!(finish(&mut a, "join 1-5", limit).success());
-    assert!(finish(&mut b, "join 6-10", limit).success(), "{}", log(&d.join("b.log")));
+    finish_federation(d, [&mut server, &mut a, &mut b]);
     let r = records(&d.join("served/metrics.jsonl"));
     assert_eq!(r.len(), 3);
     assert!(r.iter().all(|r| r.clients_ok == 10), "{r:?}");
@@ -304,14 +329,7 @@ enum ConfusedRegistryMsg {
 async fn wrong_frames(addr: &str) -> (String, Result<String, String>) {
     let node = start_node("prober", COOKIE.into(), &Config::default()).await.unwrap();
     ractor_cluster::client_connect(&node, addr).await.unwrap();
-    let started = Instant::now();
-    let registry = loop {
-        if let Some(cell) = ractor::pg::get_members(&SERVER_GROUP.to_string()).pop() {
-            break cell;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "no registry in sight");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let registry = registry().await;
     let confused: ActorRef<ConfusedRegistryMsg> = registry.clone().into();
     let train = Train {
         dist: SearchDistribution { round: 1, mean: vec![0.0; 12], sigma: 1.0, covariance: None },
@@ -389,10 +407,7 @@ fn the_federation_runs_over_tls_and_a_plaintext_client_is_refused() {
     let with_ca = [extra[0], trust.as_str()];
     let mut a = join(d, port, "1-5", &with_ca, "a.log", COOKIE);
     let mut b = join(d, port, "6-10", &with_ca, "b.log", COOKIE);
-    let limit = Duration::from_secs(120);
-    assert!(finish(&mut server, "serve", limit).success(), "{}", log(&d.join("serve.log")));
-    assert!(finish(&mut a, "join 1-5", limit).success(), "{}", log(&d.join("a.log")));
-    assert!(finish(&mut b, "join 6-10", limit).success(), "{}", log(&d.join("b.log")));
+    finish_federation(d, [&mut server, &mut a, &mut b]);
     let r = records(&d.join("served/metrics.jsonl"));
     assert_eq!(r.len(), 3);
     assert!(r.iter().all(|r| r.clients_ok == 10), "{r:?}");
@@ -415,16 +430,8 @@ fn a_site_reads_its_shard_from_its_own_file_in_its_own_process_only() {
     );
     let extra = ["num_rounds=3"];
     let with_file = [extra[0], own.as_str()];
-    let one_process = |out: &str, sets_: &[&str]| {
-        let mut args = vec!["run".to_string(), config().display().to_string()];
-        args.extend(["--out".into(), d.join(out).display().to_string()]);
-        args.extend(sets(sets_));
-        let log_file = d.join(format!("{out}.log"));
-        assert!(spawn(&args, &log_file, COOKIE).wait().unwrap().success(), "{}", log(&log_file));
-        records(&d.join(out).join("metrics.jsonl"))
-    };
-    let plain = one_process("plain", &extra);
-    let alone = one_process("alone", &with_file);
+    let plain = run_alone(d, "plain", &extra);
+    let alone = run_alone(d, "alone", &with_file);
     assert_ne!(without_wall(plain), without_wall(alone.clone()), "the file changed nothing");
 
     // Only the process that runs site-3 has the file; the server and the other process do not.
@@ -432,10 +439,7 @@ fn a_site_reads_its_shard_from_its_own_file_in_its_own_process_only() {
     let mut server = serve(d, port, &extra);
     let mut a = join(d, port, "1-5", &with_file, "a.log", COOKIE);
     let mut b = join(d, port, "6-10", &extra, "b.log", COOKIE);
-    let limit = Duration::from_secs(120);
-    assert!(finish(&mut server, "serve", limit).success(), "{}", log(&d.join("serve.log")));
-    assert!(finish(&mut a, "join 1-5", limit).success(), "{}", log(&d.join("a.log")));
-    assert!(finish(&mut b, "join 6-10", limit).success(), "{}", log(&d.join("b.log")));
+    finish_federation(d, [&mut server, &mut a, &mut b]);
     assert_eq!(without_wall(records(&d.join("served/metrics.jsonl"))), without_wall(alone));
 
     // A shard file that is not there is an error naming the site and the file.
@@ -459,10 +463,7 @@ fn a_server_killed_and_resumed_takes_its_client_processes_back() {
         "runtime.round_timeout_s=30",
         "faults.stragglers=[{client=\"site-1\", delay_s=3.0, rounds=[3]}]",
     ];
-    let mut one = vec!["run".to_string(), config().display().to_string()];
-    one.extend(["--out".into(), d.join("one").display().to_string()]);
-    one.extend(sets(&extra));
-    assert!(spawn(&one, &d.join("one.log"), COOKIE).wait().unwrap().success());
+    let alone = run_alone(d, "one", &extra);
 
     let port = free_port();
     let mut server = serve(d, port, &extra);
@@ -486,14 +487,9 @@ fn a_server_killed_and_resumed_takes_its_client_processes_back() {
         format!("127.0.0.1:{port}"),
     ];
     let mut resumed = spawn(&resume, &d.join("resumed.log"), COOKIE);
-    let limit = Duration::from_secs(120);
-    assert!(
-        finish(&mut resumed, "serve --resume", limit).success(),
-        "{}",
-        log(&d.join("resumed.log"))
-    );
-    assert!(finish(&mut a, "join 1-5", limit).success(), "{}", log(&d.join("a.log")));
-    assert!(finish(&mut b, "join 6-10", limit).success(), "{}", log(&d.join("b.log")));
+    finished_ok(&mut resumed, "serve --resume", &d.join("resumed.log"));
+    finished_ok(&mut a, "join 1-5", &d.join("a.log"));
+    finished_ok(&mut b, "join 6-10", &d.join("b.log"));
     assert!(
         log(&d.join("a.log")).contains("connected to the server at"),
         "{}",
@@ -501,7 +497,7 @@ fn a_server_killed_and_resumed_takes_its_client_processes_back() {
     );
     let served = records(&d.join("served/metrics.jsonl"));
     assert_eq!(served.len(), 4);
-    assert_eq!(without_wall(served), without_wall(records(&d.join("one/metrics.jsonl"))));
+    assert_eq!(without_wall(served), without_wall(alone));
 }
 
 /// A client that answers every round with an update the server must not aggregate.
@@ -568,15 +564,7 @@ fn a_client_process_that_sends_bad_updates_cannot_end_the_run() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         ractor_cluster::client_connect(&node, format!("127.0.0.1:{port}")).await.unwrap();
-        let started = Instant::now();
-        let registry = loop {
-            if let Some(cell) = ractor::pg::get_members(&SERVER_GROUP.to_string()).pop() {
-                break cell;
-            }
-            assert!(started.elapsed() < Duration::from_secs(30), "no registry in sight");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let registry: ActorRef<RegistryMsg> = registry.into();
+        let registry: ActorRef<RegistryMsg> = registry().await.into();
         let join = Join {
             node: "liar".into(),
             sites: vec![9],
