@@ -83,6 +83,12 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
     let patience = ctx.roster_patience;
     // 1. The clients that are up.
     let mut roster = settled_roster(ctx.supervisor, patience).await?;
+    // Rounds without a single client would only record nothing, and overwrite a finished run.
+    if roster.clients.iter().all(Option::is_none) {
+        return Err("no client is up: none connected (across processes, within \
+                    cluster.join_timeout_s or rejoin_wait_s), or all past their restart limit"
+            .into());
+    }
     let restarted: Vec<String> = roster.restarted.iter().map(|&i| site(i)).collect();
     // 2. Faults, and the kills before the round.
     let faults = plan_faults(cfg, round);
