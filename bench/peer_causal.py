@@ -1,6 +1,8 @@
-"""Peer anchor for the causal backend: PyTorch + HF transformers on the same GGUF, dequantized to f32.
+"""Peer for the causal backend: PyTorch + HF transformers on the same GGUF, dequantized to f32,
+run in f32 or with the weights cast to bfloat16 (`--dtype bf16`).
 
 Usage: python peer_causal.py GGUF_FILE [--batch 64] [--seq 36] [--new 8] [--iters 3] [--threads 2]
+       [--dtype f32|bf16]
 
 Measures, at the shapes `fedbpt bench` passes (uniform rows, so none of the peer's work is padding):
 - prefix placement: a full forward of batch x seq tokens, logits at the last position only;
@@ -17,16 +19,19 @@ ap = argparse.ArgumentParser()
 ap.add_argument("gguf"); ap.add_argument("--batch", type=int, default=64)
 ap.add_argument("--seq", type=int, default=36); ap.add_argument("--new", type=int, default=8)
 ap.add_argument("--iters", type=int, default=3); ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 model = AutoModelForCausalLM.from_pretrained(
-    os.path.dirname(os.path.abspath(a.gguf)), gguf_file=os.path.basename(a.gguf), torch_dtype=torch.float32
+    os.path.dirname(os.path.abspath(a.gguf)), gguf_file=os.path.basename(a.gguf), dtype=torch.float32
 ).eval()
+if a.dtype == "bf16":
+    model = model.to(torch.bfloat16)
 cfg = model.config
 nonemb = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
 g = torch.Generator().manual_seed(0)
 ids = torch.randint(1000, cfg.vocab_size, (a.batch, a.seq), generator=g)
-tag = f"torch {torch.__version__} eager (transformers, GGUF dequantized to f32)"
+tag = f"torch {torch.__version__} eager {a.dtype} (transformers, GGUF dequantized)"
 
 def timed(fn):
     fn()
@@ -38,7 +43,7 @@ def timed(fn):
 with torch.inference_mode():
     dt = timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))
     tok = a.batch * a.seq / dt
-    print(json.dumps({"peer": tag, "placement": "prefix", "batch": a.batch, "seq": a.seq, "threads": a.threads,
+    print(json.dumps({"peer": tag, "dtype": a.dtype, "placement": "prefix", "batch": a.batch, "seq": a.seq, "threads": a.threads,
                       "s_per_candidate": dt, "tokens_per_s": round(tok), "gflops": round(tok * 2 * nonemb / 1e9, 1)}))
     ctx = a.seq - a.new
     cache = DynamicCache()
@@ -51,6 +56,6 @@ with torch.inference_mode():
 
     dt = timed(candidate)
     tok = a.batch * a.new / dt
-    print(json.dumps({"peer": tag, "placement": "suffix", "batch": a.batch, "context": ctx, "new_tokens": a.new,
+    print(json.dumps({"peer": tag, "dtype": a.dtype, "placement": "suffix", "batch": a.batch, "context": ctx, "new_tokens": a.new,
                       "threads": a.threads, "s_per_candidate": dt, "tokens_per_s": round(tok),
                       "gflops": round(tok * 2 * nonemb / 1e9, 1)}))

@@ -373,6 +373,9 @@ pub struct Config {
     pub n_prompt_tokens: usize,
     pub intrinsic_dim: usize,
     pub k_shot: usize,
+    /// Dev examples per class; 0 means `k_shot`, as the reference draws them. Smaller keeps the
+    /// per-round evaluation fixed when `k_shot` grows with the number of clients.
+    pub dev_k_shot: usize,
     pub seed: u64,
     pub loss_type: LossType,
     pub cat_or_add: PromptMode,
@@ -436,6 +439,7 @@ impl Default for Config {
             n_prompt_tokens: 5,
             intrinsic_dim: 100,
             k_shot: 32,
+            dev_k_shot: 0,
             seed: 42,
             loss_type: LossType::Ce,
             cat_or_add: PromptMode::Add,
@@ -474,6 +478,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Dev examples per class: `dev_k_shot`, or `k_shot` when it is 0.
+    pub fn dev_per_class(&self) -> usize {
+        if self.dev_k_shot == 0 {
+            self.k_shot
+        } else {
+            self.dev_k_shot
+        }
+    }
+
     /// Reads a TOML file, applies `key=value` overrides, validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -345,7 +345,8 @@ pub fn load_split(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<(Datas
         progress(&format!("warning: {w}"));
     }
     let (rest, test) = test_split(&ds, test_size, TEST_SPLIT_SEED)?;
-    let (train, dev) = k_shot(&rest, ds.label_names.len(), cfg.k_shot, cfg.seed)?;
+    let (train, dev) =
+        k_shot(&rest, ds.label_names.len(), cfg.k_shot, cfg.dev_per_class(), cfg.seed)?;
     Ok((ds, Split { train, dev, test }))
 }
 

@@ -15,6 +15,7 @@ pub mod local_search;
 pub mod machine;
 pub mod models;
 pub mod objective;
+pub mod peak;
 pub mod projection;
 pub mod protocol;
 pub mod seeds;

@@ -1,5 +1,8 @@
-//! `fedbpt bench`: forward throughput of each backend at BBT's batch shapes, beside the PyTorch
-//! peer (`../shared/bench/peer_forward.py`) when PyTorch is installed. One JSON object per line.
+//! `fedbpt bench`: forward throughput of each backend at BBT's batch shapes, beside its PyTorch
+//! peers in f32 and bf16 (`bench/peer_minilm.py`, `bench/peer_causal.py`) and llama.cpp on the
+//! same GGUF (`bench/peer_llamacpp.py`) where `$FEDBPT_PEER_PYTHON` can import them, and the
+//! linear layers alone; every rate beside the CPU's measured peak for its number format, in the
+//! same run. One JSON object per line.
 
 use std::path::Path;
 use std::process::Command;
@@ -11,7 +14,8 @@ use serde_json::json;
 use fedbpt::config::Config;
 use fedbpt::experiment;
 use fedbpt::models::llama::WeightFormat;
-use fedbpt::models::{Placement, PromptModel, ScoreJob};
+use fedbpt::models::{bf16, ops, Placement, PromptModel, ScoreJob};
+use fedbpt::peak::{self, Peak};
 
 /// Non-embedding parameters: 2 FLOPs each per token is the forward's matmul work.
 fn non_embedding_params(model: &dyn PromptModel) -> usize {
@@ -127,7 +131,15 @@ pub fn run(
     }
     let iters = iters.max(1);
     let mut lines = Vec::new();
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = compute_threads();
+    let peak = peak::measure(threads, 0.5);
+    let line = json!({"bench": "peak", "peak": peak});
+    println!("{line}");
+    lines.push(line);
+    for line in linear_layers(&peak)? {
+        println!("{line}");
+        lines.push(line);
+    }
     for name in models {
         let mut suffix_tokens = None;
         let (placements, examples, populations): (Vec<Placement>, usize, Vec<usize>) =
@@ -180,6 +192,7 @@ pub fn run(
                         "tokens_per_s": tokens / dt,
                         "examples_per_s": (batch.len() * pop) as f64 / dt,
                         "gflops": tokens * flops_per_token / dt / 1e9,
+                        "share_of_peak": share(&peak, &weights_name, tokens * flops_per_token / dt / 1e9),
                         "threads": threads,
                     });
                     println!("{line}");
@@ -213,7 +226,14 @@ pub fn run(
                     let seq = (batch.tokens_per_pass as f64 / rows as f64).round() as usize;
                     let new = suffix_tokens.map(|t| t / rows).unwrap_or(8).clamp(1, seq.max(2) - 1);
                     let gguf = experiment::resolve_model(name, &mut |m| eprintln!("{m}"))?;
-                    for line in peer_causal(&gguf, rows, seq, new) {
+                    for dtype in ["f32", "bf16"] {
+                        for line in peer_causal(&gguf, rows, seq, new, dtype) {
+                            let line = with_share(line, &peak);
+                            println!("{line}");
+                            lines.push(line);
+                        }
+                    }
+                    for line in peer_llamacpp(&gguf, rows, seq, new, threads) {
                         println!("{line}");
                         lines.push(line);
                     }
@@ -225,9 +245,12 @@ pub fn run(
                     // examples x candidates.
                     let seq = (batch.tokens_per_pass as f64 / batch.len().max(1) as f64).round();
                     for &pop in &populations {
-                        let line = peer(&dir, batch.len() * pop, seq as usize);
-                        println!("{line}");
-                        lines.push(line);
+                        for dtype in ["f32", "bf16"] {
+                            let line = peer(&dir, batch.len() * pop, seq as usize, dtype);
+                            let line = with_share(line, &peak);
+                            println!("{line}");
+                            lines.push(line);
+                        }
                     }
                 }
             }
@@ -240,60 +263,166 @@ pub fn run(
     Ok(())
 }
 
-/// Runs `bench/peer_causal.py` (PyTorch + transformers on the same GGUF, dequantized to f32) at
-/// `rows` x `seq` tokens (prefix) and `rows` x `new` tokens over a cached context (suffix).
-fn peer_causal(gguf: &Path, rows: usize, seq: usize, new: usize) -> Vec<serde_json::Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/peer_causal.py");
+/// Threads the forwards use: `RAYON_NUM_THREADS` when set (candle's pool reads it), else
+/// every core.
+fn compute_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+/// `gflops` as a share of the measured peak of `format` (none for formats without one).
+fn share(peak: &Peak, format: &str, gflops: f64) -> Option<f64> {
+    match format {
+        "f32" => Some(gflops / peak.f32_gflops),
+        "bf16" => peak.bf16_gflops.map(|p| gflops / p),
+        _ => None,
+    }
+}
+
+/// A peer's line with its share of the peak of its dtype.
+fn with_share(mut line: serde_json::Value, peak: &Peak) -> serde_json::Value {
+    if let (Some(g), Some(d)) = (line["gflops"].as_f64(), line["dtype"].as_str()) {
+        line["share_of_peak"] = json!(share(peak, d, g));
+    }
+    line
+}
+
+/// One linear layer at BBT's shapes: candle's f32 matmul against the bf16 kernel, each beside
+/// its peak. The rows are MiniLM's FFN up and down at 32 sentences x 30 tokens and at 20
+/// candidates' worth, and SmolLM2's gate/up and down at 64 x 10 rows.
+fn linear_layers(peak: &Peak) -> Result<Vec<serde_json::Value>> {
+    use candle_core::{Device, Tensor};
+    let best_of = |n: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        let mut best = f64::INFINITY;
+        for _ in 0..n {
+            let t = Instant::now();
+            f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let mut lines = Vec::new();
+    for (rows, inputs, outputs) in
+        [(960, 384, 1536), (960, 1536, 384), (19200, 384, 1536), (640, 576, 1536), (640, 1536, 576)]
+    {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (rows, inputs), &dev)?;
+        let w = Tensor::randn(0f32, 0.05, (outputs, inputs), &dev)?;
+        let b = Tensor::zeros(outputs, candle_core::DType::F32, &dev)?;
+        let packed = bf16::Bf16Linear::from_tensors(&w, Some(&b))?;
+        let flops = 2.0 * (rows * inputs * outputs) as f64;
+        let f32_s = best_of(5, &mut || {
+            ops::linear(&x, &w, Some(&b))?;
+            Ok(())
+        })?;
+        let bf16_s = best_of(5, &mut || {
+            packed.forward(&x)?;
+            Ok(())
+        })?;
+        let (f32_g, bf16_g) = (flops / f32_s / 1e9, flops / bf16_s / 1e9);
+        lines.push(json!({
+            "bench": "linear",
+            "rows": rows, "inputs": inputs, "outputs": outputs,
+            "f32_gflops": f32_g,
+            "f32_share_of_peak": share(peak, "f32", f32_g),
+            "bf16_gflops": bf16_g,
+            "bf16_share_of_peak": share(peak, "bf16", bf16_g),
+            "bf16_fast_kernel": bf16::has_fast_kernel(),
+        }));
+    }
+    Ok(lines)
+}
+
+/// Runs a peer script of `bench/` with `$FEDBPT_PEER_PYTHON` (default `python3`); its JSON
+/// lines, or one line saying why it is unavailable.
+fn peer_script(script: &str, args: &[String], needs: &str) -> Vec<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench").join(script);
     let python = std::env::var("FEDBPT_PEER_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .arg(&script)
-        .arg(gguf)
-        .args(["--batch", &rows.to_string(), "--seq", &seq.to_string()])
-        .args(["--new", &new.to_string()])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect(),
+    match Command::new(&python).arg(&script).args(args).output() {
+        Ok(o) if o.status.success() => {
+            let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            if lines.is_empty() {
+                vec![json!({"peer": format!("unavailable: {} printed no JSON", script.display())})]
+            } else {
+                lines
+            }
+        }
         Ok(o) => {
             let err = String::from_utf8_lossy(&o.stderr);
             let last = err.lines().last().unwrap_or("").to_string();
             vec![
-                json!({"peer": format!("unavailable: {python} {} failed: {last} (pip install torch transformers accelerate gguf, or set FEDBPT_PEER_PYTHON)", script.display())}),
+                json!({"peer": format!("unavailable: {python} {} failed: {last} (pip install {needs}, or set FEDBPT_PEER_PYTHON)", script.display())}),
             ]
         }
         Err(e) => vec![json!({"peer": format!("unavailable: cannot run {python}: {e}")})],
     }
 }
 
-/// Runs the PyTorch peer on the same model and shapes (`batch` rows of `seq` tokens), if PyTorch
-/// is importable by `$FEDBPT_PEER_PYTHON` (default `python3`).
-fn peer(model_dir: &Path, batch: usize, seq: usize) -> serde_json::Value {
-    let script = ["../shared/bench/peer_forward.py", "shared/bench/peer_forward.py"]
-        .iter()
-        .map(Path::new)
-        .find(|p| p.exists());
-    let Some(script) = script else {
-        return json!({"peer": "unavailable: shared/bench/peer_forward.py not found"});
-    };
-    let python = std::env::var("FEDBPT_PEER_PYTHON").unwrap_or_else(|_| "python3".into());
-    match Command::new(&python)
-        .arg(script)
-        .arg(model_dir)
-        .args(["--batch", &batch.to_string(), "--seq", &seq.to_string()])
-        .output()
-    {
-        Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).unwrap_or_else(
-            |_| json!({"peer": "unparsable output", "stdout": String::from_utf8_lossy(&o.stdout)}),
-        ),
-        Ok(o) => {
-            let err = String::from_utf8_lossy(&o.stderr);
-            let last = err.lines().last().unwrap_or("").to_string();
-            json!({"peer": format!("unavailable: {python} {} failed: {last} (install torch and transformers, or set FEDBPT_PEER_PYTHON)", script.display())})
-        }
-        Err(e) => json!({"peer": format!("unavailable: cannot run {python}: {e}")}),
-    }
+/// PyTorch + transformers on the same GGUF (dequantized; weights in `dtype`) at `rows` x `seq`
+/// tokens (prefix) and `rows` x `new` tokens over a cached context (suffix).
+fn peer_causal(
+    gguf: &Path,
+    rows: usize,
+    seq: usize,
+    new: usize,
+    dtype: &str,
+) -> Vec<serde_json::Value> {
+    let args = [
+        gguf.display().to_string(),
+        "--batch".into(),
+        rows.to_string(),
+        "--seq".into(),
+        seq.to_string(),
+        "--new".into(),
+        new.to_string(),
+        "--dtype".into(),
+        dtype.into(),
+    ];
+    peer_script("peer_causal.py", &args, "torch transformers accelerate gguf")
+}
+
+/// llama.cpp (llama-cpp-python) on the same GGUF at the same shapes and thread count.
+fn peer_llamacpp(
+    gguf: &Path,
+    rows: usize,
+    seq: usize,
+    new: usize,
+    threads: usize,
+) -> Vec<serde_json::Value> {
+    let args = [
+        gguf.display().to_string(),
+        "--batch".into(),
+        rows.to_string(),
+        "--seq".into(),
+        seq.to_string(),
+        "--new".into(),
+        new.to_string(),
+        "--threads".into(),
+        threads.to_string(),
+    ];
+    peer_script("peer_llamacpp.py", &args, "llama-cpp-python")
+}
+
+/// PyTorch's BertModel on the same MiniLM weights and shapes (`batch` rows of `seq` tokens).
+fn peer(model_dir: &Path, batch: usize, seq: usize, dtype: &str) -> serde_json::Value {
+    let args = [
+        model_dir.display().to_string(),
+        "--batch".into(),
+        batch.to_string(),
+        "--seq".into(),
+        seq.to_string(),
+        "--dtype".into(),
+        dtype.into(),
+    ];
+    let mut lines = peer_script("peer_minilm.py", &args, "torch transformers").into_iter();
+    lines.next().unwrap_or_else(|| json!({"peer": "unavailable: peer_minilm.py printed nothing"}))
 }
 
 /// Times `fedbpt run` on `config` without and with `--trace` (separate processes, alternating,

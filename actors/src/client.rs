@@ -2,7 +2,7 @@
 //! search distribution. It never owns a model: every forward goes through the pool.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fedbpt::config::Config;
 use fedbpt::data::Example;
@@ -196,7 +196,10 @@ async fn train(
                 .collect::<Result<Vec<Scored>, String>>()
         }
     };
-    while let Some(candidates) = search.ask() {
+    loop {
+        // CMA-ES's own work (ask, project; tell below) is timed apart from the forwards.
+        let cma = Instant::now();
+        let Some(candidates) = search.ask() else { break };
         if now_ms() >= deadline_ms {
             // A forward in flight cannot be interrupted, but the next one need not start.
             return Err(format!(
@@ -216,8 +219,11 @@ async fn train(
             .map(|z| a.projection.project(&z.iter().map(|&v| v as f32).collect::<Vec<_>>()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
+        profile::phase(&site, "local CMA-ES", cma);
         let fitness: Vec<f64> = score(prompts).await?.iter().map(|s| s.fitness).collect();
+        let cma = Instant::now();
         search.tell(&candidates, &fitness).map_err(|e| e.to_string())?;
+        profile::phase(&site, "local CMA-ES", cma);
     }
     // The upload's fitness is the final mean's, scored as every candidate was (Eq. 7 when
     // perturbing), so the server ranks clients by what their searches minimized.

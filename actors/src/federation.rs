@@ -130,7 +130,7 @@ fn partition(cfg: &Config, ds: &Dataset) -> Result<Data> {
     let (test_size, _) = experiment::test_size_for(cfg, ds.examples.len())?;
     let (rest, test) = test_split(ds, test_size, TEST_SPLIT_SEED)?;
     let n_classes = ds.label_names.len();
-    let (train, dev) = k_shot(&rest, n_classes, cfg.k_shot, cfg.seed)?;
+    let (train, dev) = k_shot(&rest, n_classes, cfg.k_shot, cfg.dev_per_class(), cfg.seed)?;
     let seed = derive(cfg.seed, &[tag::PARTITION]);
     let parts = if cfg.iid {
         partition_iid(train.len(), cfg.num_users, seed)?

@@ -12,6 +12,7 @@ use fedbpt::config::Config;
 use fedbpt::experiment;
 
 mod bench;
+mod bench_scale;
 mod fed;
 mod serve;
 
@@ -176,6 +177,32 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Many simulated clients in one process: spawn time, round wall time split into forward,
+    /// CMA-ES and messaging plus bookkeeping, mailbox waits, peak memory; one JSON line per row,
+    /// each row in its own process.
+    BenchScale {
+        config: PathBuf,
+        /// Client counts, one row each.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![10usize, 100, 1000, 10000])]
+        clients: Vec<usize>,
+        /// Clients sampled per round.
+        #[arg(long, default_value_t = 10)]
+        per_round: usize,
+        /// Training examples each client holds.
+        #[arg(long, default_value_t = 1)]
+        shard: usize,
+        /// Dev examples per class (the same in every row).
+        #[arg(long, default_value_t = 16)]
+        dev_per_class: usize,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Also write the JSON lines here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Run one row in this process (what the benchmark's child processes do).
+        #[arg(long, hide = true)]
+        row: Option<usize>,
+    },
     /// Wall-time overhead of message-flow tracing: runs a federation config without and with
     /// --trace, each in its own process, alternating, and prints one JSON object.
     BenchTrace {
@@ -289,6 +316,26 @@ fn real_main() -> Result<()> {
                 &overrides,
                 out.unwrap_or_else(|| PathBuf::from("runs/bench-cluster")),
             )
+        }
+        Command::BenchScale {
+            config,
+            clients,
+            per_round,
+            shard,
+            dev_per_class,
+            overrides,
+            json,
+            row,
+        } => {
+            let template = bench_scale::Row { clients: 0, per_round, shard, dev_per_class };
+            match row {
+                Some(n) => bench_scale::run_row(
+                    &config,
+                    bench_scale::Row { clients: n, ..template },
+                    &overrides,
+                ),
+                None => bench_scale::run(&config, &clients, template, &overrides, json.as_deref()),
+            }
         }
         Command::BenchTrace { config, pairs, overrides, out } => bench::trace_overhead(
             &config,

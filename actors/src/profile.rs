@@ -50,6 +50,14 @@ struct ForwardEvent {
     served: String,
 }
 
+#[derive(Debug, Clone)]
+struct PhaseEvent {
+    actor: String,
+    phase: &'static str,
+    start_us: u64,
+    end_us: u64,
+}
+
 /// Collects events of one run.
 pub struct Profiler {
     origin: Instant,
@@ -59,6 +67,7 @@ pub struct Profiler {
     next_id: AtomicU64,
     messages: Mutex<Vec<MessageEvent>>,
     forwards: Mutex<Vec<ForwardEvent>>,
+    phases: Mutex<Vec<PhaseEvent>>,
 }
 
 static ACTIVE: RwLock<Option<Arc<Profiler>>> = RwLock::new(None);
@@ -93,6 +102,7 @@ impl Profiler {
             next_id: AtomicU64::new(1),
             messages: Mutex::new(Vec::new()),
             forwards: Mutex::new(Vec::new()),
+            phases: Mutex::new(Vec::new()),
         });
         if let Ok(mut g) = ACTIVE.write() {
             *g = Some(p.clone());
@@ -221,6 +231,43 @@ pub fn forward(
     }
 }
 
+/// A stretch of compute outside the forwards (a client's CMA-ES step, the server's aggregation)
+/// that began at `start` and ends now.
+pub fn phase(actor: &str, phase: &'static str, start: Instant) {
+    if let Some(p) = active() {
+        let end_us = p.now_us();
+        let dur = start.elapsed().as_micros() as u64;
+        let ev = PhaseEvent {
+            actor: actor.to_string(),
+            phase,
+            start_us: end_us.saturating_sub(dur),
+            end_us,
+        };
+        if let Ok(mut v) = p.phases.lock() {
+            v.push(ev);
+        }
+    }
+}
+
+/// One message's handling, for analysis (microseconds on the profiler's clock).
+#[derive(Debug, Clone)]
+pub struct MessageSpan {
+    pub message: &'static str,
+    pub receiver: String,
+    pub sent_us: u64,
+    pub start_us: u64,
+    pub end_us: u64,
+}
+
+/// What a run recorded, for analysis (`fedbpt bench-scale`): message handlings, forward
+/// batches and compute phases as `(start_us, end_us)`.
+#[derive(Debug, Clone, Default)]
+pub struct Spans {
+    pub messages: Vec<MessageSpan>,
+    pub forwards: Vec<(u64, u64)>,
+    pub phases: Vec<(&'static str, u64, u64)>,
+}
+
 fn percentile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -242,6 +289,36 @@ pub struct FlowRow {
 }
 
 impl Profiler {
+    /// Everything recorded so far.
+    pub fn spans(&self) -> Spans {
+        let messages = self
+            .messages
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|e| MessageSpan {
+                        message: e.info.message,
+                        receiver: e.info.receiver.clone(),
+                        sent_us: e.sent_us,
+                        start_us: e.start_us,
+                        end_us: e.end_us,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let forwards = self
+            .forwards
+            .lock()
+            .map(|f| f.iter().map(|e| (e.start_us, e.end_us)).collect())
+            .unwrap_or_default();
+        let phases = self
+            .phases
+            .lock()
+            .map(|v| v.iter().map(|e| (e.phase, e.start_us, e.end_us)).collect())
+            .unwrap_or_default();
+        Spans { messages, forwards, phases }
+    }
+
     /// The per-flow table (sorted by sender, receiver, message).
     pub fn flows(&self) -> Vec<FlowRow> {
         let msgs = self.messages.lock().map(|m| m.clone()).unwrap_or_default();
@@ -343,6 +420,7 @@ impl Profiler {
     pub fn write_chrome_trace(&self, path: &Path, run_span_us: (u64, u64)) -> Result<()> {
         let msgs = self.messages.lock().map(|m| m.clone()).unwrap_or_default();
         let fwds = self.forwards.lock().map(|f| f.clone()).unwrap_or_default();
+        let phases = self.phases.lock().map(|v| v.clone()).unwrap_or_default();
         let mut tids: BTreeMap<String, u64> = BTreeMap::new();
         let tid = |name: &str, tids: &mut BTreeMap<String, u64>| {
             let n = tids.len() as u64 + 1;
@@ -385,6 +463,11 @@ impl Profiler {
             events.push(json!({"name": "forward", "cat": "forward", "ph": "X", "pid": 1, "tid": t, "ts": f.start_us,
                 "dur": f.end_us - f.start_us, "args": {"examples": f.examples, "tokens": f.tokens,
                 "candidates": f.candidates, "served": f.served}}));
+        }
+        for ph in &phases {
+            let t = tid(&format!("{} compute", ph.actor), &mut tids);
+            events.push(json!({"name": ph.phase, "cat": "compute", "ph": "X", "pid": 1, "tid": t,
+                "ts": ph.start_us, "dur": ph.end_us - ph.start_us}));
         }
         for (name, t) in &tids {
             events.push(json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": t, "args": {"name": name}}));

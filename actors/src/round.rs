@@ -95,7 +95,9 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
     let mut killed = kill_before(&roster, &faults).await;
     // 3. Who takes part, from where.
     let sampled = sample_clients(cfg.seed, round, cfg.num_users, cfg.clients_per_round);
+    let global = Instant::now();
     let dist = ctx.aggregator.configure(round);
+    profile::phase("server", "global CMA-ES", global);
     // Clients that will kill themselves mid-search are counted as killed this round.
     for (&i, fault) in &faults.inside {
         let takes_part = sampled.binary_search(&i).is_ok()
@@ -130,7 +132,9 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
     // 5. Aggregate, evaluate, record.
     let aggregated = decision == RoundDecision::Aggregate;
     if aggregated {
+        let global = Instant::now();
         ctx.aggregator.aggregate(round, &attempt.updates).map_err(|e| e.to_string())?;
+        profile::phase("server", "global CMA-ES", global);
     }
     let z = ctx.aggregator.global_mean();
     let with_test = round.is_multiple_of(cfg.eval_every) || round == cfg.num_rounds;

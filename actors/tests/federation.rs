@@ -232,3 +232,44 @@ fn thread_counts_change_no_accuracy_and_losses_only_by_rounding() {
         }
     }
 }
+
+/// `bench-scale` on the stand-in: every one of 2,000 clients is started with its shard, a round
+/// contacts only the sampled ones, and a round's messages do not grow with the idle clients.
+#[test]
+fn many_clients_start_and_a_round_reaches_only_the_sampled() {
+    let bin = env!("CARGO_BIN_EXE_fedbpt");
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("scale.json");
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(["bench-scale", "../configs/quickstart.toml", "--clients", "20,2000"]);
+    cmd.args(["--per-round", "5", "--shard", "1", "--dev-per-class", "4", "--json"]).arg(&json);
+    for s in [
+        "model_name=stand-in",
+        "weights=\"f32\"",
+        "n_prompt_tokens=2",
+        "intrinsic_dim=20",
+        "local_iter=2",
+        "local_popsize=4",
+        "num_rounds=3",
+        "test_size=40",
+    ] {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for (row, clients) in rows.iter().zip([20u64, 2000]) {
+        assert_eq!(row["clients"], clients);
+        assert_eq!(row["clients_started"], clients, "{row}");
+        assert_eq!(row["train_requests_per_round"], 5.0, "{row}");
+        assert_eq!(row["rounds"], 3);
+        assert!(row["peak_rss_bytes"].as_u64().unwrap() > 0, "{row}");
+    }
+    assert_eq!(rows[0]["messages_per_round"], rows[1]["messages_per_round"]);
+    assert!(rows[1]["rss_bytes_per_added_client"].is_number(), "{}", rows[1]);
+}

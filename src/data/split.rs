@@ -74,17 +74,23 @@ pub fn test_split(
     Ok((strip(rest), strip(test)))
 }
 
-/// Draws a k-shot train set and a dev set of the same size from `pool`, as the reference does:
-/// after one seeded shuffle, each class contributes its first `k` examples to train and its next
-/// `k` to dev. Both outputs are shuffled (deterministically) so that classes are interleaved.
+/// Draws a k-shot train set and a dev set from `pool`, as the reference does: after one seeded
+/// shuffle, each class contributes its first `k` examples to train and its next `dev_k` to dev
+/// (the reference's `dev_k == k`). Both outputs are shuffled (deterministically) so that classes
+/// are interleaved. A smaller `dev_k` keeps the evaluation's cost fixed when `k` grows with the
+/// number of clients (`fedbpt bench-scale`); with `dev_k == k` the draw is the reference's.
 pub fn k_shot(
     pool: &[Example],
     n_classes: usize,
     k: usize,
+    dev_k: usize,
     seed: u64,
 ) -> Result<(Vec<Example>, Vec<Example>)> {
     if k == 0 {
         return Err(Error::config("k_shot", "must be at least 1"));
+    }
+    if dev_k == 0 {
+        return Err(Error::config("dev_k_shot", "must be at least 1"));
     }
     if n_classes == 0 {
         return Err(Error::config("n_classes", "must be at least 1"));
@@ -99,18 +105,18 @@ pub fn k_shot(
     }
     let (mut train, mut dev) = (Vec::new(), Vec::new());
     for (c, idx) in per_class.iter().enumerate() {
-        if idx.len() < 2 * k {
+        if idx.len() < k + dev_k {
             return Err(Error::config(
                 "k_shot",
                 format!(
-                    "class {c} has {} examples; k_shot {k} needs {} (k for train, k for dev)",
+                    "class {c} has {} examples; k_shot {k} needs {} ({k} for train, {dev_k} for dev)",
                     idx.len(),
-                    2 * k
+                    k + dev_k
                 ),
             ));
         }
         train.extend(idx[..k].iter().map(|&i| pool[i].clone()));
-        dev.extend(idx[k..2 * k].iter().map(|&i| pool[i].clone()));
+        dev.extend(idx[k..k + dev_k].iter().map(|&i| pool[i].clone()));
     }
     train.shuffle(&mut rng);
     dev.shuffle(&mut rng);
@@ -540,7 +546,7 @@ mod tests {
     fn k_shot_takes_k_per_class_disjoint() {
         let ds = dataset();
         let (rest, test) = test_split(&ds, 10, 1).unwrap();
-        let (train, dev) = k_shot(&rest, 3, 4, 2).unwrap();
+        let (train, dev) = k_shot(&rest, 3, 4, 4, 2).unwrap();
         for c in 0..3 {
             assert_eq!(train.iter().filter(|e| e.label == c).count(), 4);
             assert_eq!(dev.iter().filter(|e| e.label == c).count(), 4);
@@ -549,8 +555,8 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), 12 + 12 + 10);
-        assert_eq!(k_shot(&rest, 3, 4, 2).unwrap(), (train.clone(), dev));
-        assert_ne!(k_shot(&rest, 3, 4, 3).unwrap().0, train);
+        assert_eq!(k_shot(&rest, 3, 4, 4, 2).unwrap(), (train.clone(), dev));
+        assert_ne!(k_shot(&rest, 3, 4, 4, 3).unwrap().0, train);
         // Output is interleaved, not grouped by class.
         assert_ne!(
             train.iter().map(|e| e.label).collect::<Vec<_>>(),
@@ -559,11 +565,30 @@ mod tests {
     }
 
     #[test]
+    fn a_smaller_dev_leaves_train_as_the_reference_draws_it() {
+        let ds = dataset();
+        let (rest, _) = test_split(&ds, 10, 1).unwrap();
+        let (train, dev) = k_shot(&rest, 3, 4, 4, 2).unwrap();
+        let (train_small, dev_small) = k_shot(&rest, 3, 4, 1, 2).unwrap();
+        assert_eq!(texts(&train_small).len(), 12);
+        let (mut a, mut b) = (texts(&train), texts(&train_small));
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b, "the train draw does not depend on the dev size");
+        for c in 0..3 {
+            assert_eq!(dev_small.iter().filter(|e| e.label == c).count(), 1);
+        }
+        let dev_texts = texts(&dev);
+        assert!(texts(&dev_small).iter().all(|t| dev_texts.contains(t)));
+        assert!(k_shot(&rest, 3, 4, 0, 2).unwrap_err().to_string().contains("dev_k_shot"));
+    }
+
+    #[test]
     fn k_shot_names_the_short_class() {
         let ds = dataset();
-        let msg = k_shot(&ds.examples, 3, 11, 0).unwrap_err().to_string();
+        let msg = k_shot(&ds.examples, 3, 11, 11, 0).unwrap_err().to_string();
         assert!(msg.contains("class 2") && msg.contains("k_shot"), "{msg}");
-        assert!(k_shot(&ds.examples, 2, 1, 0).is_err(), "label 2 is out of range for 2 classes");
+        assert!(k_shot(&ds.examples, 2, 1, 1, 0).is_err(), "label 2 is out of range for 2 classes");
     }
 
     fn assert_cover(shards: &[Vec<usize>], n: usize) {
