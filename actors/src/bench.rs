@@ -1,8 +1,7 @@
 //! `fedbpt bench`: forward throughput of each backend at BBT's batch shapes, beside its PyTorch
-//! peers in f32 and bf16 (`bench/peer_minilm.py`, `bench/peer_causal.py`) and llama.cpp on the
-//! same GGUF (`bench/peer_llamacpp.py`) where `$FEDBPT_PEER_PYTHON` can import them, and the
-//! linear layers alone; every rate beside the CPU's measured peak for its number format, in the
-//! same run. One JSON object per line.
+//! peers in f32 and bf16 (`bench/peer_minilm.py`, `bench/peer_causal.py`) where
+//! `$FEDBPT_PEER_PYTHON` can import them, and the linear layers alone; every rate beside the
+//! CPU's measured peak for its number format, in the same run. One JSON object per line.
 
 use std::path::Path;
 use std::process::Command;
@@ -233,10 +232,6 @@ pub fn run(
                             lines.push(line);
                         }
                     }
-                    for line in peer_llamacpp(&gguf, rows, seq, new, threads) {
-                        println!("{line}");
-                        lines.push(line);
-                    }
                 }
                 if name == "minilm" {
                     let dir = experiment::resolve_model(name, &mut |m| eprintln!("{m}"))?;
@@ -386,28 +381,6 @@ fn peer_causal(
         dtype.into(),
     ];
     peer_script("peer_causal.py", &args, "torch transformers accelerate gguf")
-}
-
-/// llama.cpp (llama-cpp-python) on the same GGUF at the same shapes and thread count.
-fn peer_llamacpp(
-    gguf: &Path,
-    rows: usize,
-    seq: usize,
-    new: usize,
-    threads: usize,
-) -> Vec<serde_json::Value> {
-    let args = [
-        gguf.display().to_string(),
-        "--batch".into(),
-        rows.to_string(),
-        "--seq".into(),
-        seq.to_string(),
-        "--new".into(),
-        new.to_string(),
-        "--threads".into(),
-        threads.to_string(),
-    ];
-    peer_script("peer_llamacpp.py", &args, "llama-cpp-python")
 }
 
 /// PyTorch's BertModel on the same MiniLM weights and shapes (`batch` rows of `seq` tokens).
