@@ -56,9 +56,10 @@ pub fn run(
     overrides: &[String],
     json_out: Option<&Path>,
 ) -> Result<()> {
-    if clients.is_empty() {
-        bail!("--clients: give at least one client count");
+    if clients.is_empty() || clients.contains(&0) {
+        bail!("--clients: give client counts of at least 1");
     }
+    check(template)?;
     let exe = std::env::current_exe().context("locating the fedbpt binary")?;
     let mut rows: Vec<Value> = Vec::new();
     for &n in clients {
@@ -137,8 +138,23 @@ fn table(rows: &[Value]) -> String {
     s
 }
 
+/// Refuses sizes of 0: a sample of 0 would mean every client, a dev of 0 would mean `k_shot`.
+fn check(row: Row) -> Result<()> {
+    for (flag, v) in [
+        ("--per-round", row.per_round),
+        ("--shard", row.shard),
+        ("--dev-per-class", row.dev_per_class),
+    ] {
+        if v == 0 {
+            bail!("{flag}: must be at least 1");
+        }
+    }
+    Ok(())
+}
+
 /// One row, in this process: prints one JSON line on stdout.
 pub fn run_row(config: &Path, row: Row, overrides: &[String]) -> Result<()> {
+    check(row)?;
     let probe = Config::load(config, overrides)?;
     let n_classes = probe.task_spec()?.n_classes();
     let mut all = overrides.to_vec();
@@ -168,7 +184,8 @@ pub fn run_row(config: &Path, row: Row, overrides: &[String]) -> Result<()> {
         "bench": "scale",
         "model": summary.model,
         "clients": row.clients,
-        "clients_per_round": cfg.clients_per_round.max(1).min(cfg.num_users),
+        "clients_per_round": if cfg.clients_per_round == 0 { cfg.num_users } else { cfg.clients_per_round.min(cfg.num_users) },
+        "prepare_requests": summary.prepare_requests,
         "examples_per_client": row.shard,
         "dev_examples": cfg.dev_per_class() * n_classes,
         "local_iter": cfg.local_iter,
@@ -382,5 +399,19 @@ mod tests {
         let o = row_overrides(Row { clients: 4, ..row }, 2, 5);
         assert!(o.contains(&"clients_per_round=0".to_string()), "{o:?}");
         assert!(o.contains(&"min_clients=4".to_string()), "{o:?}");
+    }
+
+    #[test]
+    fn sizes_of_zero_are_refused_by_name() {
+        let row = Row { clients: 10, per_round: 10, shard: 1, dev_per_class: 16 };
+        assert!(check(row).is_ok());
+        for (bad, flag) in [
+            (Row { per_round: 0, ..row }, "--per-round"),
+            (Row { shard: 0, ..row }, "--shard"),
+            (Row { dev_per_class: 0, ..row }, "--dev-per-class"),
+        ] {
+            let e = check(bad).expect_err(flag).to_string();
+            assert!(e.contains(flag), "{e}");
+        }
     }
 }

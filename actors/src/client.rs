@@ -37,7 +37,16 @@ pub struct ClientArgs {
 pub struct ClientState {
     args: ClientArgs,
     examples: Arc<Vec<Example>>,
-    shard: Arc<Prepared>,
+    /// The shard prepared for scoring (for a causal model, the text's key/value cache: tens of
+    /// MB). Kept while the client takes part in every round; with client sampling it is
+    /// prepared when the client is sampled and dropped after its round, so an idle client holds
+    /// only its examples.
+    shard: Option<Arc<Prepared>>,
+}
+
+/// Whether a client takes part in every round, so that its prepared shard is worth keeping.
+fn every_round(cfg: &fedbpt::config::Config) -> bool {
+    cfg.clients_per_round == 0 || cfg.clients_per_round >= cfg.num_users
 }
 
 impl Actor for Client {
@@ -64,8 +73,11 @@ impl Actor for Client {
         if examples.is_empty() {
             return Err(format!("site-{}: empty shard", id + 1).into());
         }
-        let shard =
-            args.pool.prepare(id, &format!("site-{}", id + 1), examples.clone(), None).await?;
+        let shard = if every_round(&args.cfg) {
+            Some(args.pool.prepare(id, &format!("site-{}", id + 1), examples.clone(), None).await?)
+        } else {
+            None
+        };
         if let Some(group) = &args.group {
             ractor::pg::join(group.clone(), vec![me.get_cell()]);
         }
@@ -97,7 +109,7 @@ async fn serve_train(
     me: &ActorRef<ClientMsg>,
     request: Train,
     reply: ractor::RpcReplyPort<TrainReply>,
-    state: &ClientState,
+    state: &mut ClientState,
 ) {
     let Train { dist, fault, deadline_ms, stamp } = request;
     let site = format!("site-{}", state.args.id + 1);
@@ -134,6 +146,9 @@ async fn serve_train(
     let r = TrainReply(
         train(state, &dist, die_at, deadline_ms, me).await.map(|u| (u, profile::stamp())),
     );
+    if !every_round(&state.args.cfg) {
+        state.shard = None;
+    }
     match fault {
         Some(ClientFault::DropReply) => drop(reply),
         Some(ClientFault::Delay(d)) => {
@@ -153,15 +168,25 @@ async fn serve_train(
 }
 
 async fn train(
-    state: &ClientState,
+    state: &mut ClientState,
     dist: &SearchDistribution,
     die_at: Option<usize>,
     deadline_ms: u64,
     me: &ActorRef<ClientMsg>,
 ) -> Result<ClientUpdate, String> {
+    let site = format!("site-{}", state.args.id + 1);
+    let shard = match &state.shard {
+        Some(shard) => shard.clone(),
+        None => {
+            let (pool, id) = (&state.args.pool, state.args.id);
+            let shard = pool.prepare(id, &site, state.examples.clone(), None).await?;
+            state.shard = Some(shard.clone());
+            shard
+        }
+    };
+    let state = &*state;
     let a = &state.args;
     let cfg = &a.cfg;
-    let site = format!("site-{}", a.id + 1);
     let round = dist.round as u64;
     let seed = derive(cfg.seed, &[tag::CLIENT_SEARCH, a.id as u64, round]);
     let mut search = LocalSearch::start(dist, cfg.local_popsize, cfg.local_iter, seed)
@@ -177,7 +202,7 @@ async fn train(
         None
     };
     let score = |prompts: Vec<Vec<f32>>| {
-        let (shard, perturbed, site) = (state.shard.clone(), perturbed.clone(), site.clone());
+        let (shard, perturbed, site) = (shard.clone(), perturbed.clone(), site.clone());
         async move {
             let real = a.pool.score(a.id, &site, shard.clone(), prompts.clone()).await?;
             let noisy = match &perturbed {

@@ -70,6 +70,11 @@ pub struct FedSummary {
     /// when workers merged several clients' requests).
     pub score_requests: usize,
     pub score_forwards: usize,
+    /// Batches this process's forward workers prepared: shards (prepared when a client is
+    /// sampled, unless every client takes part in every round), perturbed copies, the
+    /// evaluator's sets.
+    #[serde(default)]
+    pub prepare_requests: usize,
     pub wall_s: f64,
     /// Part of `wall_s` spent preparing the test set and scoring its baselines; 0 when an earlier
     /// run in this process did it (`compare` and `bench-faults` run many).
@@ -428,6 +433,7 @@ async fn run_with_pool(
                     fedavg_full_model_bytes_per_client_round: model.info().n_params * 4,
                     score_requests,
                     score_forwards,
+                    prepare_requests: pool.prepare_count(),
                     wall_s: started.elapsed().as_secs_f64(),
                     test_setup_s,
                     config: (**cfg).clone(),

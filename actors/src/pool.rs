@@ -44,6 +44,7 @@ struct QueuedScore {
 /// What the pool's workers served: requests and the forwards that served them.
 #[derive(Debug, Default)]
 struct Counters {
+    prepare_requests: AtomicUsize,
     score_requests: AtomicUsize,
     score_forwards: AtomicUsize,
 }
@@ -134,6 +135,7 @@ impl Actor for ForwardWorker {
         match msg {
             WorkerMsg::Prepare { examples, noise, from, stamp, reply } => {
                 let _span = profile::handling(stamp, || info(&from, "Prepare"));
+                state.counters.prepare_requests.fetch_add(1, Ordering::SeqCst);
                 let (model, task) = (state.model.clone(), state.task.clone());
                 let started = Instant::now();
                 let n = examples.len();
@@ -278,6 +280,12 @@ impl ForwardPool {
     pub fn score_counts(&self) -> (usize, usize) {
         let c = &self.inner.counters;
         (c.score_requests.load(Ordering::SeqCst), c.score_forwards.load(Ordering::SeqCst))
+    }
+
+    /// Batches prepared so far: clients' shards (and their perturbed copies), the evaluator's
+    /// sets.
+    pub fn prepare_count(&self) -> usize {
+        self.inner.counters.prepare_requests.load(Ordering::SeqCst)
     }
 
     /// The device a party's batches live on (prepared tensors stay on their device).

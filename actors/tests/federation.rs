@@ -271,5 +271,10 @@ fn many_clients_start_and_a_round_reaches_only_the_sampled() {
         assert!(row["peak_rss_bytes"].as_u64().unwrap() > 0, "{row}");
     }
     assert_eq!(rows[0]["messages_per_round"], rows[1]["messages_per_round"]);
+    // Shards are prepared for the sampled clients only: as many at 2,000 clients as at 20, and
+    // no more than the evaluator's sets and one per Train request.
+    assert_eq!(rows[0]["prepare_requests"], rows[1]["prepare_requests"]);
+    let prepared = rows[1]["prepare_requests"].as_u64().unwrap();
+    assert!(prepared <= 2 + 5 * 3, "{prepared} batches prepared for 2,000 clients");
     assert!(rows[1]["rss_bytes_per_added_client"].is_number(), "{}", rows[1]);
 }
