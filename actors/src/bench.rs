@@ -1,7 +1,8 @@
 //! `fedbpt bench`: forward throughput of each backend at BBT's batch shapes, beside its PyTorch
-//! peers in f32 and bf16 (`bench/peer_minilm.py`, `bench/peer_causal.py`) where
-//! `$FEDBPT_PEER_PYTHON` can import them, and the linear layers alone; every rate beside the
-//! CPU's measured peak for its number format, in the same run. One JSON object per line.
+//! peers in f32 and bf16 (`bench/peer_minilm.py`, `bench/peer_causal.py`) and llama.cpp on the
+//! same GGUF (`bench/peer_llamacpp.py`) where `$FEDBPT_PEER_PYTHON` can import them, and the
+//! linear layers alone; every rate beside the CPU's measured peak for its number format, in the
+//! same run. One JSON object per line.
 
 use std::path::Path;
 use std::process::Command;
@@ -119,10 +120,13 @@ fn agreement(
     })
 }
 
+/// `device` is `cpu` or `cuda:N`; on a GPU the CPU's peak, the linear layers and the CPU peers
+/// are left out (they would measure the host, not the device).
 pub fn run(
     models: &[String],
     formats: &[WeightFormat],
     iters: usize,
+    device_name: &str,
     json_out: Option<&Path>,
 ) -> Result<()> {
     if formats.is_empty() {
@@ -131,13 +135,17 @@ pub fn run(
     let iters = iters.max(1);
     let mut lines = Vec::new();
     let threads = compute_threads();
-    let peak = peak::measure(threads, 0.5);
-    let line = json!({"bench": "peak", "peak": peak});
-    println!("{line}");
-    lines.push(line);
-    for line in linear_layers(&peak)? {
+    let on_cpu = device_name == "cpu";
+    let measured = on_cpu.then(|| peak::measure(threads, 0.5));
+    let peak = measured.as_ref();
+    if let Some(p) = peak {
+        let line = json!({"bench": "peak", "peak": p});
         println!("{line}");
         lines.push(line);
+        for line in linear_layers(p)? {
+            println!("{line}");
+            lines.push(line);
+        }
     }
     for name in models {
         let mut suffix_tokens = None;
@@ -156,7 +164,7 @@ pub fn run(
                     weights,
                     ..Config::default()
                 };
-                let device = experiment::device("cpu")?;
+                let device = experiment::device(device_name)?;
                 let model = experiment::load_model(&cfg, &device, &mut |m| eprintln!("{m}"))?;
                 let (_, split) = experiment::load_split(&cfg, &mut |m| eprintln!("{m}"))?;
                 let task = cfg.task_spec()?;
@@ -191,8 +199,9 @@ pub fn run(
                         "tokens_per_s": tokens / dt,
                         "examples_per_s": (batch.len() * pop) as f64 / dt,
                         "gflops": tokens * flops_per_token / dt / 1e9,
-                        "share_of_peak": share(&peak, &weights_name, tokens * flops_per_token / dt / 1e9),
+                        "share_of_peak": share(peak, &weights_name, tokens * flops_per_token / dt / 1e9),
                         "threads": threads,
+                        "device": device_name,
                     });
                     println!("{line}");
                     lines.push(line);
@@ -215,7 +224,7 @@ pub fn run(
                     println!("{line}");
                     lines.push(line);
                 }
-                if weights != formats[0] {
+                if weights != formats[0] || !on_cpu {
                     continue;
                 }
                 if placement == Placement::Prefix && model.info().family == "llama" {
@@ -227,10 +236,17 @@ pub fn run(
                     let gguf = experiment::resolve_model(name, &mut |m| eprintln!("{m}"))?;
                     for dtype in ["f32", "bf16"] {
                         for line in peer_causal(&gguf, rows, seq, new, dtype) {
-                            let line = with_share(line, &peak);
+                            let line = with_share(line, peak);
                             println!("{line}");
                             lines.push(line);
                         }
+                    }
+                    // Its line declares the GGUF's own format (q4_1): no measured peak, so its
+                    // share_of_peak stays null rather than a share of the f32 FMA peak.
+                    for line in peer_llamacpp(&gguf, rows, seq, new, threads) {
+                        let line = with_share(line, peak);
+                        println!("{line}");
+                        lines.push(line);
                     }
                 }
                 if name == "minilm" {
@@ -242,7 +258,7 @@ pub fn run(
                     for &pop in &populations {
                         for dtype in ["f32", "bf16"] {
                             let line = peer(&dir, batch.len() * pop, seq as usize, dtype);
-                            let line = with_share(line, &peak);
+                            let line = with_share(line, peak);
                             println!("{line}");
                             lines.push(line);
                         }
@@ -269,7 +285,8 @@ fn compute_threads() -> usize {
 }
 
 /// `gflops` as a share of the measured peak of `format` (none for formats without one).
-fn share(peak: &Peak, format: &str, gflops: f64) -> Option<f64> {
+fn share(peak: Option<&Peak>, format: &str, gflops: f64) -> Option<f64> {
+    let peak = peak?;
     match format {
         "f32" => Some(gflops / peak.f32_gflops),
         "bf16" => peak.bf16_gflops.map(|p| gflops / p),
@@ -278,7 +295,7 @@ fn share(peak: &Peak, format: &str, gflops: f64) -> Option<f64> {
 }
 
 /// A peer's line with its share of the peak of its dtype.
-fn with_share(mut line: serde_json::Value, peak: &Peak) -> serde_json::Value {
+fn with_share(mut line: serde_json::Value, peak: Option<&Peak>) -> serde_json::Value {
     if let (Some(g), Some(d)) = (line["gflops"].as_f64(), line["dtype"].as_str()) {
         line["share_of_peak"] = json!(share(peak, d, g));
     }
@@ -323,9 +340,9 @@ fn linear_layers(peak: &Peak) -> Result<Vec<serde_json::Value>> {
             "bench": "linear",
             "rows": rows, "inputs": inputs, "outputs": outputs,
             "f32_gflops": f32_g,
-            "f32_share_of_peak": share(peak, "f32", f32_g),
+            "f32_share_of_peak": share(Some(peak), "f32", f32_g),
             "bf16_gflops": bf16_g,
-            "bf16_share_of_peak": share(peak, "bf16", bf16_g),
+            "bf16_share_of_peak": share(Some(peak), "bf16", bf16_g),
             "bf16_fast_kernel": bf16::has_fast_kernel(),
         }));
     }
@@ -381,6 +398,30 @@ fn peer_causal(
         dtype.into(),
     ];
     peer_script("peer_causal.py", &args, "torch transformers accelerate gguf")
+}
+
+/// llama.cpp (llama-cpp-python's low-level API) on the same GGUF, weights as stored, at the same
+/// shapes and at the thread count our forwards use (`RAYON_NUM_THREADS` or every core).
+fn peer_llamacpp(
+    gguf: &Path,
+    rows: usize,
+    seq: usize,
+    new: usize,
+    threads: usize,
+) -> Vec<serde_json::Value> {
+    let args = [
+        gguf.display().to_string(),
+        "--batch".into(),
+        rows.to_string(),
+        "--seq".into(),
+        seq.to_string(),
+        "--new".into(),
+        new.to_string(),
+        "--threads".into(),
+        threads.to_string(),
+    ];
+    let needs = "gguf llama-cpp-python (from source, see bench/peer_llamacpp.py)";
+    peer_script("peer_llamacpp.py", &args, needs)
 }
 
 /// PyTorch's BertModel on the same MiniLM weights and shapes (`batch` rows of `seq` tokens).

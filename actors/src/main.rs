@@ -146,6 +146,10 @@ enum Command {
         /// Repetitions per measurement.
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// Device for the forwards: cpu, or cuda:N in a build with --features cuda (then the
+        /// CPU's peak, linear layers and peers are left out).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Also write the JSON lines here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -290,7 +294,7 @@ fn real_main() -> Result<()> {
         Command::Compare { config, out, seeds, methods, partitions, overrides } => {
             fed::compare(&config, out, &seeds, &methods, &partitions, &overrides)
         }
-        Command::Bench { models, weights, iters, json } => {
+        Command::Bench { models, weights, iters, device, json } => {
             let formats = weights
                 .iter()
                 .map(|w| {
@@ -299,7 +303,7 @@ fn real_main() -> Result<()> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            bench::run(&models, &formats, iters, json.as_deref())
+            bench::run(&models, &formats, iters, &device, json.as_deref())
         }
         Command::BenchFaults { config, rates, seeds, overrides, out } => fed::bench_faults(
             &config,
