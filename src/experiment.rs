@@ -60,12 +60,12 @@ pub fn device(name: &str) -> Result<Device> {
                     )
                 })?;
             Device::new_cuda(idx).map_err(|e| {
-                Error::config(
-                    "runtime.devices",
-                    format!(
-                        "`{other}` unavailable ({e}); CUDA needs a build with `--features cuda`"
-                    ),
-                )
+                let hint = if cfg!(feature = "cuda") {
+                    "is the NVIDIA driver loaded and the GPU listed by `nvidia-smi`?"
+                } else {
+                    "CUDA needs a build with `--features cuda`"
+                };
+                Error::config("runtime.devices", format!("`{other}` unavailable ({e}); {hint}"))
             })
         }
     }

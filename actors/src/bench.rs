@@ -377,16 +377,10 @@ fn peer_script(script: &str, args: &[String], needs: &str) -> Vec<serde_json::Va
     }
 }
 
-/// PyTorch + transformers on the same GGUF (dequantized; weights in `dtype`) at `rows` x `seq`
-/// tokens (prefix) and `rows` x `new` tokens over a cached context (suffix).
-fn peer_causal(
-    gguf: &Path,
-    rows: usize,
-    seq: usize,
-    new: usize,
-    dtype: &str,
-) -> Vec<serde_json::Value> {
-    let args = [
+/// A causal peer's arguments: the GGUF, `rows` x `seq` tokens (prefix) and `rows` x `new`
+/// tokens over a cached context (suffix).
+fn causal_args(gguf: &Path, rows: usize, seq: usize, new: usize) -> Vec<String> {
+    vec![
         gguf.display().to_string(),
         "--batch".into(),
         rows.to_string(),
@@ -394,9 +388,20 @@ fn peer_causal(
         seq.to_string(),
         "--new".into(),
         new.to_string(),
-        "--dtype".into(),
-        dtype.into(),
-    ];
+    ]
+}
+
+/// PyTorch + transformers on the same GGUF (dequantized; weights in `dtype`) at the shapes of
+/// `causal_args`.
+fn peer_causal(
+    gguf: &Path,
+    rows: usize,
+    seq: usize,
+    new: usize,
+    dtype: &str,
+) -> Vec<serde_json::Value> {
+    let mut args = causal_args(gguf, rows, seq, new);
+    args.extend(["--dtype".into(), dtype.into()]);
     peer_script("peer_causal.py", &args, "torch transformers accelerate gguf")
 }
 
@@ -409,17 +414,8 @@ fn peer_llamacpp(
     new: usize,
     threads: usize,
 ) -> Vec<serde_json::Value> {
-    let args = [
-        gguf.display().to_string(),
-        "--batch".into(),
-        rows.to_string(),
-        "--seq".into(),
-        seq.to_string(),
-        "--new".into(),
-        new.to_string(),
-        "--threads".into(),
-        threads.to_string(),
-    ];
+    let mut args = causal_args(gguf, rows, seq, new);
+    args.extend(["--threads".into(), threads.to_string()]);
     let needs = "gguf llama-cpp-python (from source, see bench/peer_llamacpp.py)";
     peer_script("peer_llamacpp.py", &args, needs)
 }
