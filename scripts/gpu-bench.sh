@@ -20,7 +20,8 @@
 #   FEDBPT_RUN_TIMEOUT seconds one run may take (default 120)
 #   FEDBPT_BENCH_BUDGET_S  no new run starts after this many seconds (default 420)
 #
-# First `fedbpt bench --device cuda:0 --weights f32` (forward throughput at BBT's shapes).
+# First `fedbpt bench --device cuda:0 --weights f32` (forward throughput at BBT's shapes of
+# SmolLM2, MiniLM and a roberta-large with random weights, which the bench writes itself).
 #
 # $OUT gets: bench-cuda0.jsonl, bench.log, nvidia-smi.txt, smi-samples.csv (utilization and memory every 500 ms),
 # env.txt, runs/<name>/ (summary.json, metrics.jsonl, the run's log), results.tsv.
@@ -129,9 +130,11 @@ run() {
         "$(field zero_shot_test_acc "$s")" "$(field final_test_acc "$s")" >>"$out/results.tsv"
 }
 
-# Forward throughput of SmolLM2 and MiniLM at BBT's shapes on the device (f32 weights).
+# Forward throughput at BBT's shapes on the device (f32 weights): SmolLM2, MiniLM and
+# roberta-large's shapes with random weights (the papers' model; 1.4 GB written to the temp dir).
 echo "gpu-bench: fedbpt bench --device cuda:0"
-if ! timeout "$run_timeout" "$bin" bench --device cuda:0 --weights f32 --iters 5 \
+if ! timeout "$((2 * run_timeout))" "$bin" bench --device cuda:0 --weights f32 --iters 5 \
+    --models smollm2,minilm,roberta-large-random \
     --json "$out/bench-cuda0.jsonl" >"$out/bench.log" 2>&1; then
     failures=$((failures + 1))
     echo "gpu-bench: bench on cuda:0 FAILED; see $out/bench.log" >&2

@@ -4,16 +4,17 @@
 //! linear layers alone; every rate beside the CPU's measured peak for its number format, in the
 //! same run. One JSON object per line.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use fedbpt::config::Config;
+use fedbpt::config::{BackendKind, Config};
 use fedbpt::experiment;
 use fedbpt::models::llama::WeightFormat;
+use fedbpt::models::random_checkpoint::{self, RobertaShape};
 use fedbpt::models::{bf16, ops, Placement, PromptModel, ScoreJob};
 use fedbpt::peak::{self, Peak};
 
@@ -120,6 +121,62 @@ fn agreement(
     })
 }
 
+/// roberta-large's shapes with random weights: throughput depends on the shapes only, so this
+/// measures the papers' model on machines that hold no model files.
+const RANDOM_ROBERTA: &str = "roberta-large-random";
+
+/// A checkpoint the bench wrote itself, removed when dropped (also on an early error return).
+struct TempModel {
+    root: PathBuf,
+    dir: PathBuf,
+}
+
+impl TempModel {
+    /// Writes [`RANDOM_ROBERTA`] under the temp dir; the checkpoint directory is named after
+    /// the model so that its lines say `"model": "roberta-large-random"`.
+    fn roberta_large() -> Result<Self> {
+        let root = std::env::temp_dir()
+            .join(format!("fedbpt-roberta-large-random-{}", std::process::id()));
+        let dir = root.join(RANDOM_ROBERTA);
+        eprintln!("writing a random-weight roberta-large to {}", dir.display());
+        let model = Self { root, dir };
+        random_checkpoint::write_roberta(&model.dir, &RobertaShape::large(), 0)?;
+        Ok(model)
+    }
+}
+
+impl Drop for TempModel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// The run configuration of one measurement. The random RoBERTa runs as BBT runs its MLMs:
+/// the masked-LM head, 50 prompt tokens (the paper's) at the prefix.
+fn bench_config(
+    name: &str,
+    random: Option<&TempModel>,
+    placement: Placement,
+    weights: WeightFormat,
+) -> Config {
+    let cfg = Config {
+        model_name: name.to_string(),
+        task_name: "mr".into(),
+        placement,
+        weights,
+        ..Config::default()
+    };
+    match random {
+        Some(m) if name == RANDOM_ROBERTA => Config {
+            model_name: m.dir.display().to_string(),
+            backend: BackendKind::Mlm,
+            n_prompt_tokens: 50,
+            ..cfg
+        },
+        _ => cfg,
+    }
+}
+
 /// `device` is `cpu` or `cuda:N`; on a GPU the CPU's peak, the linear layers and the CPU peers
 /// are left out (they would measure the host, not the device).
 pub fn run(
@@ -147,23 +204,23 @@ pub fn run(
             lines.push(line);
         }
     }
+    let random = if models.iter().any(|m| m == RANDOM_ROBERTA) {
+        Some(TempModel::roberta_large()?)
+    } else {
+        None
+    };
     for name in models {
         let mut suffix_tokens = None;
         let (placements, examples, populations): (Vec<Placement>, usize, Vec<usize>) =
             match name.as_str() {
                 "minilm" => (vec![Placement::Suffix], 32, vec![1, 20]),
+                RANDOM_ROBERTA => (vec![Placement::Prefix], 32, vec![1, 20]),
                 _ => (vec![Placement::Suffix, Placement::Prefix], 64, vec![1, 20]),
             };
         for placement in placements {
             let mut reference_scores: Option<Vec<Vec<f32>>> = None;
             for &weights in formats {
-                let cfg = Config {
-                    model_name: name.clone(),
-                    task_name: "mr".into(),
-                    placement,
-                    weights,
-                    ..Config::default()
-                };
+                let cfg = bench_config(name, random.as_ref(), placement, weights);
                 let device = experiment::device(device_name)?;
                 let model = experiment::load_model(&cfg, &device, &mut |m| eprintln!("{m}"))?;
                 let (_, split) = experiment::load_split(&cfg, &mut |m| eprintln!("{m}"))?;

@@ -137,8 +137,9 @@ enum Command {
     },
     /// Forward-throughput benchmark of the backends at BBT's shapes (JSON lines on stdout).
     Bench {
-        /// Models to measure: smollm2, minilm.
-        #[arg(long, default_values_t = vec!["minilm".to_string(), "smollm2".to_string()])]
+        /// Models to measure: smollm2, minilm, roberta-large-random (roberta-large's shapes with
+        /// random weights, written to a temp dir: needs no model files).
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["minilm".to_string(), "smollm2".to_string()])]
         models: Vec<String>,
         /// Weight formats to measure (f32, bf16, quantized), each beside the first.
         #[arg(long, value_delimiter = ',', default_values_t = vec!["f32".to_string(), "bf16".to_string()])]

@@ -3,6 +3,7 @@
 //!
 //! - [`bert`]: masked LMs (BERT / RoBERTa with their MLM heads) and sentence encoders (MiniLM).
 //! - [`llama`]: causal LMs of the Llama family, from safetensors or GGUF.
+//! - [`random_checkpoint`]: a RoBERTa checkpoint with random weights, for benchmarks.
 
 use std::any::Any;
 
@@ -18,6 +19,7 @@ pub mod bf16;
 pub mod gguf_check;
 pub mod llama;
 pub mod ops;
+pub mod random_checkpoint;
 #[cfg(feature = "stand-in")]
 pub mod stand_in;
 
