@@ -11,9 +11,10 @@ Measures, at the shapes `fedbpt bench` passes (uniform rows, so none of the peer
 Prints one JSON line per placement: tokens/s and GFLOP/s (2 x non-embedding params per token).
 Needs torch, transformers, accelerate and gguf (pip install into a venv).
 """
-import argparse, json, os, time
+import argparse, json, os
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
+from timing import mean_seconds  # bench/timing.py, beside this script
 
 ap = argparse.ArgumentParser()
 ap.add_argument("gguf"); ap.add_argument("--batch", type=int, default=64)
@@ -33,15 +34,8 @@ g = torch.Generator().manual_seed(0)
 ids = torch.randint(1000, cfg.vocab_size, (a.batch, a.seq), generator=g)
 tag = f"torch {torch.__version__} eager {a.dtype} (transformers, GGUF dequantized)"
 
-def timed(fn):
-    fn()
-    t = time.perf_counter()
-    for _ in range(a.iters):
-        fn()
-    return (time.perf_counter() - t) / a.iters
-
 with torch.inference_mode():
-    dt = timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1))
+    dt = mean_seconds(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), a.iters)
     tok = a.batch * a.seq / dt
     print(json.dumps({"peer": tag, "dtype": a.dtype, "placement": "prefix", "batch": a.batch, "seq": a.seq, "threads": a.threads,
                       "s_per_candidate": dt, "tokens_per_s": round(tok), "gflops": round(tok * 2 * nonemb / 1e9, 1)}))
@@ -54,7 +48,7 @@ with torch.inference_mode():
         model(input_ids=ids[:, ctx:], past_key_values=cache, attention_mask=mask, use_cache=True, logits_to_keep=1)
         cache.crop(-a.new)  # drop the candidate's tokens again
 
-    dt = timed(candidate)
+    dt = mean_seconds(candidate, a.iters)
     tok = a.batch * a.new / dt
     print(json.dumps({"peer": tag, "dtype": a.dtype, "placement": "suffix", "batch": a.batch, "context": ctx, "new_tokens": a.new,
                       "threads": a.threads, "s_per_candidate": dt, "tokens_per_s": round(tok),

@@ -24,11 +24,12 @@ CPUs with AMX. Clang 14 spells the macros __AMXINT8__/__AMXTILE__, so pass -D__A
 then has no AMX). `--no-extra-bufts` keeps the weights out of llama.cpp's repacked/AMX buffers (its
 AVX-512 VNNI kernels then) for such a build, and says so in the tag.
 """
-import argparse, ctypes, json, re, sys, time
+import argparse, ctypes, json, re, sys
 
 import gguf
 import numpy as np
 import llama_cpp as L
+from timing import mean_seconds  # bench/timing.py, beside this script
 
 ap = argparse.ArgumentParser()
 ap.add_argument("gguf"); ap.add_argument("--batch", type=int, default=64)
@@ -117,14 +118,6 @@ def decode(b):
     L.llama_synchronize(ctx)
 
 
-def timed(fn):
-    fn()
-    t = time.perf_counter()
-    for _ in range(a.iters):
-        fn()
-    return (time.perf_counter() - t) / a.iters
-
-
 c_ggml = L.llama_cpp._lib  # ggml's own symbols resolve through libllama's dependencies
 c_ggml.ggml_commit.restype = c_ggml.ggml_version.restype = ctypes.c_char_p
 version = f"{c_ggml.ggml_version().decode()} commit {c_ggml.ggml_commit().decode()}"
@@ -143,7 +136,7 @@ def prefix():
     decode(full)
 
 
-dt = timed(prefix)
+dt = mean_seconds(prefix, a.iters)
 tok = a.batch * a.seq / dt
 prefix_line = {**common, "placement": "prefix", "batch": a.batch, "seq": a.seq, "s_per_candidate": dt,
                "tokens_per_s": round(tok), "gflops": round(tok * 2 * nonemb / 1e9, 1)}
@@ -160,7 +153,7 @@ def candidate():
         sys.exit("llama_memory_seq_rm failed")
 
 
-dt = timed(candidate)
+dt = mean_seconds(candidate, a.iters)
 tok = a.batch * a.new / dt
 suffix_line = {**common, "placement": "suffix", "batch": a.batch, "context": ctx_len, "new_tokens": a.new,
                "s_per_candidate": dt, "tokens_per_s": round(tok), "gflops": round(tok * 2 * nonemb / 1e9, 1)}
