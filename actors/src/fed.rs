@@ -410,7 +410,8 @@ pub fn compare(
             }
         }
     }
-    let md = compare_table(&base, &env, seeds, &selected, &runs);
+    let model_name = env.replicas[0].info().name.clone();
+    let md = compare_table(&base, &env.task.name, &model_name, seeds, &selected, &runs);
     fs::create_dir_all(&out)?;
     fs::write(out.join("compare.md"), &md)
         .with_context(|| format!("writing {}", out.join("compare.md").display()))?;
@@ -474,9 +475,11 @@ pub fn compare(
 
 /// The comparison as markdown: final and best-on-dev test metric per method and partition
 /// (mean +- std over seeds), then the step size per round of each method (mean over seeds).
+/// Whether a method perturbs is in its name, so the header does not say it.
 fn compare_table(
     base: &Config,
-    env: &Env,
+    task_name: &str,
+    model_name: &str,
     seeds: &[u64],
     methods: &[&Method],
     runs: &[Vec<Vec<Finished>>],
@@ -488,22 +491,23 @@ fn compare_table(
         let (m, s) = mean_std(&v);
         format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * s)
     };
-    let first = runs.first().and_then(|m| m.first()).and_then(|s| s.first());
+    // The manual prompt and z = 0 are scored on the one fixed test split, so any finished run
+    // (of whichever partition and method ran) has them.
+    let first = runs.iter().flatten().flatten().next();
     let (manual, zero) =
         first.map_or((f64::NAN, f64::NAN), |(s, _)| (s.zero_shot_test_acc, s.zero_prompt_test_acc));
     let metric =
         first.map_or("accuracy".to_string(), |(s, _)| format!("{:?}", s.metric).to_lowercase());
     let mut md = format!(
-        "Test {metric} (%) on {} with {}, {} clients, {} rounds of {} local iterations x popsize {}, perturb {}, mean ± std over seeds {:?}; non-iid = Dirichlet alpha {} ({}).
+        "Test {metric} (%) on {} with {}, {} clients, {} rounds of {} local iterations x popsize {}, mean ± std over seeds {:?}; non-iid = Dirichlet alpha {} ({}).
 
 ",
-        env.task.name,
-        env.replicas[0].info().name,
+        task_name,
+        model_name,
         base.num_users,
         base.num_rounds,
         base.local_iter,
         base.local_popsize,
-        base.perturb,
         seeds,
         base.alpha_dir,
         base.noniid_split.as_str(),
@@ -667,6 +671,59 @@ mod tests {
         assert_eq!(picked.iter().map(|m| m.stem).collect::<Vec<_>>(), ["fedbpt", "fedavg-bbt"]);
         let err = select_methods(&strings(&["fedprox"])).unwrap_err().to_string();
         assert!(err.contains("fedprox") && err.contains("fedbpt-perturb"), "{err}");
+    }
+
+    fn finished(cfg: &Config, final_acc: f64) -> Finished {
+        let summary = FedSummary {
+            format: 0,
+            model: "m".into(),
+            task: "mr".into(),
+            aggregation: cfg.aggregation,
+            iid: cfg.iid,
+            seed: cfg.seed,
+            metric: Default::default(),
+            zero_shot_test_acc: 0.775,
+            zero_prompt_test_acc: 0.813,
+            zero_prompt_dev_acc: 0.7,
+            final_test_acc: final_acc,
+            best_dev_test_acc: final_acc,
+            best_dev_acc: 0.8,
+            best_dev_round: 1,
+            rounds: 1,
+            clients: 10,
+            train_examples: 80,
+            test_examples: 1000,
+            total_bytes_up: 0,
+            total_bytes_down: 0,
+            bytes_up_per_client_round: 0.0,
+            bytes_down_per_client_round: 0.0,
+            fedavg_full_model_bytes_per_client_round: 0,
+            score_requests: 0,
+            score_forwards: 0,
+            prepare_requests: 0,
+            wall_s: 1.0,
+            test_setup_s: 0.0,
+            config: cfg.clone(),
+        };
+        (summary, Vec::new())
+    }
+
+    #[test]
+    fn a_comparison_of_one_partition_and_method_still_has_its_baselines() {
+        // Only non-iid runs of the one perturbing method: the baselines come from them, the
+        // iid cells say "not run", and the header does not claim the base config's perturb.
+        let base = Config { num_rounds: 1, ..Config::default() };
+        let method = select_methods(&strings(&["fedbpt-perturb"])).unwrap();
+        let runs = vec![
+            vec![Vec::new()],
+            vec![vec![finished(&method[0].config(&base), 0.739), finished(&base, 0.66)]],
+        ];
+        let md = compare_table(&base, "mr", "m", &[42, 43], &method, &runs);
+        assert!(!md.contains("NaN"), "{md}");
+        assert!(md.contains("| manual prompt (zero-shot) | 77.50 |"), "{md}");
+        assert!(md.contains("| z = 0 (placeholders, no search) | 81.30 |"), "{md}");
+        assert!(md.contains("| not run | not run | 69.95 ± 3.95 |"), "{md}");
+        assert!(!md.contains("perturb false"), "{md}");
     }
 
     #[test]
