@@ -231,7 +231,8 @@ fn draw_panel(area: &Area<'_>, panel: &Panel, with_text: bool) -> Result<(), Str
             mesh.disable_x_axis().disable_y_axis();
         }
         mesh.draw().map_err(|e| e.to_string())?;
-        draw_series(&mut chart, panel, with_text)
+        let corner = legend_corner(panel, (x_lo, x_hi), (lo.ln(), hi.ln()), f64::ln);
+        draw_series(&mut chart, panel, with_text, corner)
     } else {
         let pad = 0.08 * (y_max - y_min).max(1e-3);
         let mut chart = builder
@@ -248,8 +249,54 @@ fn draw_panel(area: &Area<'_>, panel: &Panel, with_text: bool) -> Result<(), Str
             mesh.disable_x_axis().disable_y_axis();
         }
         mesh.draw().map_err(|e| e.to_string())?;
-        draw_series(&mut chart, panel, with_text)
+        let corner = legend_corner(panel, (x_lo, x_hi), (y_min - pad, y_max + pad), |y| y);
+        draw_series(&mut chart, panel, with_text, corner)
     }
+}
+
+/// The corner of the plot area that the fewest drawn points fall in (lines sampled between
+/// their points, error bars and bands at both ends), so that the legend covers no data.
+/// `scale` maps a y value to the axis' own scale (`ln` on a log axis).
+fn legend_corner(
+    panel: &Panel,
+    (x_lo, x_hi): (f64, f64),
+    (y_lo, y_hi): (f64, f64),
+    scale: impl Fn(f64) -> f64,
+) -> SeriesLabelPosition {
+    let mut drawn: Vec<(f64, f64)> = Vec::new();
+    for s in &panel.series {
+        drawn.extend(s.band.iter().flat_map(|b| [(b.0, b.1), (b.0, b.2)]));
+        drawn.extend(&s.points);
+        if s.style != Style::Markers {
+            for w in s.points.windows(2) {
+                drawn.extend((1..8).map(|k| {
+                    let t = k as f64 / 8.0;
+                    (w[0].0 + t * (w[1].0 - w[0].0), w[0].1 + t * (w[1].1 - w[0].1))
+                }));
+            }
+        }
+    }
+    let unit = |v: f64, lo: f64, hi: f64| (v - lo) / (hi - lo).max(1e-12);
+    let in_corner = |right: bool, upper: bool| {
+        drawn
+            .iter()
+            .filter(|&&(_, y)| y.is_finite() && (y > 0.0 || !panel.log_y))
+            .filter(|&&(x, y)| {
+                let (u, v) = (unit(x, x_lo, x_hi), unit(scale(y), y_lo, y_hi));
+                (if right { u > 0.5 } else { u < 0.5 }) && (if upper { v > 0.62 } else { v < 0.38 })
+            })
+            .count()
+    };
+    // Ties keep the first: lower right, then the others.
+    [
+        (SeriesLabelPosition::LowerRight, in_corner(true, false)),
+        (SeriesLabelPosition::UpperRight, in_corner(true, true)),
+        (SeriesLabelPosition::LowerLeft, in_corner(false, false)),
+        (SeriesLabelPosition::UpperLeft, in_corner(false, true)),
+    ]
+    .into_iter()
+    .min_by_key(|&(_, n)| n)
+    .map_or(SeriesLabelPosition::LowerRight, |(corner, _)| corner)
 }
 
 fn draw_series<'a, Y>(
@@ -260,6 +307,7 @@ fn draw_series<'a, Y>(
     >,
     panel: &Panel,
     with_text: bool,
+    legend_at: SeriesLabelPosition,
 ) -> Result<(), String>
 where
     Y: Ranged<ValueType = f64>,
@@ -313,7 +361,7 @@ where
             .configure_series_labels()
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
+            .position(legend_at)
             .label_font(("sans-serif", 14))
             .draw()
             .map_err(|e| e.to_string())?;
@@ -324,6 +372,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_legend_goes_to_the_corner_without_data() {
+        let mut panel = Panel::new("t", "round", "%");
+        // A falling line fills the upper left and the lower right.
+        panel.series.push(Series::new("a", Style::Line, 0, vec![(0.0, 10.0), (10.0, 0.0)]));
+        let corner = legend_corner(&panel, (0.0, 10.0), (0.0, 10.0), |y| y);
+        assert!(matches!(corner, SeriesLabelPosition::UpperRight), "{corner:?}");
+        // An error bar reaching into the lower right (the compare figure's last test point)
+        // and a baseline across the top leave the lower left.
+        panel.series = vec![
+            Series::new("m", Style::Markers, 0, vec![(0.0, 9.0), (10.0, 4.0)])
+                .with_band(vec![(10.0, 0.5, 7.5)]),
+            Series::new("b", Style::Dashed, 1, vec![(0.0, 7.0), (10.0, 7.0)]),
+        ];
+        let corner = legend_corner(&panel, (0.0, 10.0), (0.0, 10.0), |y| y);
+        assert!(matches!(corner, SeriesLabelPosition::LowerLeft), "{corner:?}");
+    }
 
     #[test]
     fn mean_and_band_use_the_rounds_every_run_has() {
