@@ -177,6 +177,15 @@ fn bench_config(
     }
 }
 
+/// Finds (or fetches) every model but the one the bench writes itself.
+fn find_models(models: &[String]) -> Result<()> {
+    for name in models.iter().filter(|m| m.as_str() != RANDOM_ROBERTA) {
+        experiment::resolve_model(name, &mut |m| eprintln!("{m}"))
+            .with_context(|| format!("--models {name}"))?;
+    }
+    Ok(())
+}
+
 /// `device` is `cpu` or `cuda:N`; on a GPU the CPU's peak, the linear layers and the CPU peers
 /// are left out (they would measure the host, not the device).
 pub fn run(
@@ -190,6 +199,8 @@ pub fn run(
         anyhow::bail!("--weights: name at least one of f32, bf16, quantized");
     }
     let iters = iters.max(1);
+    // Before minutes of measuring, so that a misspelt model fails first.
+    find_models(models)?;
     let mut lines = Vec::new();
     let threads = compute_threads();
     let on_cpu = device_name == "cpu";
@@ -620,4 +631,17 @@ pub fn cluster_overhead(
 fn mean_round_s(rounds: &[crate::RoundLine]) -> f64 {
     let gaps: Vec<f64> = rounds.windows(2).map(|w| w[1].wall_s - w[0].wall_s).collect();
     gaps.iter().sum::<f64>() / gaps.len().max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_model_is_refused_by_name_and_the_random_one_needs_no_files() {
+        let models = vec![RANDOM_ROBERTA.to_string(), "not-a-model".to_string()];
+        let err = find_models(&models).unwrap_err();
+        assert!(format!("{err:#}").contains("--models not-a-model"), "{err:#}");
+        find_models(&models[..1]).unwrap();
+    }
 }
