@@ -7,9 +7,10 @@ MODEL_DIR holds config.json + model.safetensors (the minilm asset fedbpt fetches
 uniform, so none of the work is padding. Prints one JSON line: tokens/s and GFLOP/s
 (2 x non-embedding params per token).
 """
-import argparse, json, time
+import argparse, json
 import torch
 from transformers import BertConfig, BertModel
+from timing import mean_seconds  # bench/timing.py, beside this script
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model_dir"); ap.add_argument("--batch", type=int, default=32)
@@ -26,13 +27,8 @@ g = torch.Generator().manual_seed(0)
 ids = torch.randint(1000, cfg.vocab_size, (a.batch, a.seq), generator=g)
 mask = torch.ones_like(ids)
 with torch.inference_mode():
-    for _ in range(3):
-        model(input_ids=ids, attention_mask=mask)
-    t = time.perf_counter()
-    for _ in range(a.iters):
-        model(input_ids=ids, attention_mask=mask)
-    dt = time.perf_counter() - t
-tok = a.batch * a.seq * a.iters / dt
+    dt = mean_seconds(lambda: model(input_ids=ids, attention_mask=mask), a.iters, warmup=3)
+tok = a.batch * a.seq / dt
 print(json.dumps({"peer": f"torch {torch.__version__} eager {a.dtype}", "dtype": a.dtype, "batch": a.batch,
                   "seq": a.seq, "threads": a.threads, "tokens_per_s": round(tok),
                   "gflops": round(tok * 2 * nonemb / 1e9, 1), "nonemb_params": nonemb}))

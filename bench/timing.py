@@ -1,9 +1,10 @@
-"""Timing shared by the peer scripts: one untimed warm-up call, then the mean of `iters` calls."""
+"""Timing shared by the peer scripts: `warmup` untimed calls, then the mean of `iters` calls."""
 import time
 
 
-def mean_seconds(fn, iters):
-    fn()
+def mean_seconds(fn, iters, warmup=1):
+    for _ in range(warmup):
+        fn()
     t = time.perf_counter()
     for _ in range(iters):
         fn()

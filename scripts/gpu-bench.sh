@@ -9,8 +9,8 @@
 # Everything it uses travels with the tree or is named here; nothing is downloaded:
 #   FEDBPT_BIN         the binary built by scripts/check-cuda-build.sh (default
 #                      <repo>/target-cuda/release/fedbpt)
-#   FEDBPT_HOME        the asset cache with models/smollm2 and data/mr already fetched
-#                      (`fedbpt fetch smollm2 mr` on a machine that reaches the registry); default
+#   FEDBPT_HOME        the asset cache with models/smollm2, models/minilm and data/mr fetched
+#                      (`fedbpt fetch smollm2 minilm mr` on a machine that reaches the registry); default
 #                      ~/.cache/fedbpt
 #   FEDBPT_CUDA_LIBS   directories with libcudart.so.13, libcublas.so.13, libcublasLt.so.13,
 #                      libcurand.so.10, libnvrtc.so.13 (colon-separated) when the machine has no
@@ -43,7 +43,7 @@ die() {
 [[ -x $bin ]] || die "no binary at $bin (set FEDBPT_BIN; build it with scripts/check-cuda-build.sh)"
 command -v nvidia-smi >/dev/null || die "nvidia-smi not found: no NVIDIA driver here"
 [[ -f $config ]] || die "$config is missing"
-for asset in models/smollm2 data/mr; do
+for asset in models/smollm2 models/minilm data/mr; do
     [[ -f $FEDBPT_HOME/$asset/.fedbpt-complete ]] ||
         die "$FEDBPT_HOME/$asset is not fetched (set FEDBPT_HOME; this machine cannot download it)"
 done

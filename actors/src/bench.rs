@@ -303,7 +303,7 @@ pub fn run(
                     let new = suffix_tokens.map(|t| t / rows).unwrap_or(8).clamp(1, seq.max(2) - 1);
                     let gguf = experiment::resolve_model(name, &mut |m| eprintln!("{m}"))?;
                     for dtype in ["f32", "bf16"] {
-                        for line in peer_causal(&gguf, rows, seq, new, dtype) {
+                        for line in peer_causal(&gguf, rows, seq, new, threads, dtype) {
                             let line = with_share(line, peak);
                             println!("{line}");
                             lines.push(line);
@@ -325,7 +325,7 @@ pub fn run(
                     let seq = (batch.tokens_per_pass as f64 / batch.len().max(1) as f64).round();
                     for &pop in &populations {
                         for dtype in ["f32", "bf16"] {
-                            let line = peer(&dir, batch.len() * pop, seq as usize, dtype);
+                            let line = peer(&dir, batch.len() * pop, seq as usize, threads, dtype);
                             let line = with_share(line, peak);
                             println!("{line}");
                             lines.push(line);
@@ -446,10 +446,12 @@ fn peer_script(script: &str, args: &[String], needs: &str) -> Vec<serde_json::Va
 }
 
 /// A causal peer's arguments: the GGUF, `rows` x `seq` tokens (prefix) and `rows` x `new`
-/// tokens over a cached context (suffix).
-fn causal_args(gguf: &Path, rows: usize, seq: usize, new: usize) -> Vec<String> {
+/// tokens over a cached context (suffix), on `threads` threads (our forwards' count).
+fn causal_args(gguf: &Path, rows: usize, seq: usize, new: usize, threads: usize) -> Vec<String> {
     vec![
         gguf.display().to_string(),
+        "--threads".into(),
+        threads.to_string(),
         "--batch".into(),
         rows.to_string(),
         "--seq".into(),
@@ -466,9 +468,10 @@ fn peer_causal(
     rows: usize,
     seq: usize,
     new: usize,
+    threads: usize,
     dtype: &str,
 ) -> Vec<serde_json::Value> {
-    let mut args = causal_args(gguf, rows, seq, new);
+    let mut args = causal_args(gguf, rows, seq, new, threads);
     args.extend(["--dtype".into(), dtype.into()]);
     peer_script("peer_causal.py", &args, "torch transformers accelerate gguf")
 }
@@ -482,16 +485,24 @@ fn peer_llamacpp(
     new: usize,
     threads: usize,
 ) -> Vec<serde_json::Value> {
-    let mut args = causal_args(gguf, rows, seq, new);
-    args.extend(["--threads".into(), threads.to_string()]);
+    let args = causal_args(gguf, rows, seq, new, threads);
     let needs = "gguf llama-cpp-python (from source, see bench/peer_llamacpp.py)";
     peer_script("peer_llamacpp.py", &args, needs)
 }
 
-/// PyTorch's BertModel on the same MiniLM weights and shapes (`batch` rows of `seq` tokens).
-fn peer(model_dir: &Path, batch: usize, seq: usize, dtype: &str) -> serde_json::Value {
+/// PyTorch's BertModel on the same MiniLM weights and shapes (`batch` rows of `seq` tokens) on
+/// `threads` threads.
+fn peer(
+    model_dir: &Path,
+    batch: usize,
+    seq: usize,
+    threads: usize,
+    dtype: &str,
+) -> serde_json::Value {
     let args = [
         model_dir.display().to_string(),
+        "--threads".into(),
+        threads.to_string(),
         "--batch".into(),
         batch.to_string(),
         "--seq".into(),

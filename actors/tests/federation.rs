@@ -233,8 +233,8 @@ fn thread_counts_change_no_accuracy_and_losses_only_by_rounding() {
     }
 }
 
-/// `bench-scale` on the stand-in: every one of 2,000 clients is started with its shard, a round
-/// contacts only the sampled ones, and a round's messages do not grow with the idle clients.
+/// `bench-scale` on the stand-in: all 2,000 clients start, a round contacts (and prepares the
+/// shards of) only the sampled ones, and a round's messages do not grow with the idle clients.
 #[test]
 fn many_clients_start_and_a_round_reaches_only_the_sampled() {
     let bin = env!("CARGO_BIN_EXE_fedbpt");
