@@ -199,8 +199,11 @@ pub fn run(
         anyhow::bail!("--weights: name at least one of f32, bf16, quantized");
     }
     let iters = iters.max(1);
-    // Before minutes of measuring, so that a misspelt model fails first.
+    // Before minutes of measuring (and writing a random checkpoint), so that a misspelt model,
+    // a device this build cannot open or a taken output path fails first.
     find_models(models)?;
+    let device = experiment::device(device_name)?;
+    crate::check_json_out(json_out)?;
     let mut lines = Vec::new();
     let threads = compute_threads();
     let on_cpu = device_name == "cpu";
@@ -232,7 +235,6 @@ pub fn run(
             let mut reference_scores: Option<Vec<Vec<f32>>> = None;
             for &weights in formats {
                 let cfg = bench_config(name, random.as_ref(), placement, weights);
-                let device = experiment::device(device_name)?;
                 let model = experiment::load_model(&cfg, &device, &mut |m| eprintln!("{m}"))?;
                 let (_, split) = experiment::load_split(&cfg, &mut |m| eprintln!("{m}"))?;
                 let task = cfg.task_spec()?;
@@ -336,8 +338,7 @@ pub fn run(
         }
     }
     if let Some(p) = json_out {
-        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+        crate::write_json_lines(p, &lines)?;
     }
     Ok(())
 }
@@ -654,5 +655,21 @@ mod tests {
         let err = find_models(&models).unwrap_err();
         assert!(format!("{err:#}").contains("--models not-a-model"), "{err:#}");
         find_models(&models[..1]).unwrap();
+    }
+
+    #[test]
+    fn a_json_output_is_checked_first_and_a_finished_one_is_not_overwritten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let finished = tmp.path().join("bench.json");
+        std::fs::write(&finished, "{\"bench\": \"peak\"}\n").unwrap();
+        let err = crate::check_json_out(Some(&finished)).unwrap_err().to_string();
+        assert!(err.contains("bench.json") && err.contains("exists"), "{err}");
+        assert_eq!(std::fs::read_to_string(&finished).unwrap(), "{\"bench\": \"peak\"}\n");
+
+        let nested = tmp.path().join("new/dir/bench.json");
+        crate::check_json_out(Some(&nested)).unwrap();
+        crate::write_json_lines(&nested, &[json!({"a": 1}), json!({"b": 2})]).unwrap();
+        assert_eq!(std::fs::read_to_string(&nested).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
+        crate::check_json_out(None).unwrap();
     }
 }

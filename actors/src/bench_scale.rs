@@ -60,6 +60,7 @@ pub fn run(
         bail!("--clients: give client counts of at least 1");
     }
     check(template)?;
+    crate::check_json_out(json_out)?;
     let exe = std::env::current_exe().context("locating the fedbpt binary")?;
     let mut rows: Vec<Value> = Vec::new();
     for &n in clients {
@@ -89,8 +90,7 @@ pub fn run(
     }
     add_memory_per_client(&mut rows);
     if let Some(p) = json_out {
-        let text: String = rows.iter().map(|l| format!("{l}\n")).collect();
-        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+        crate::write_json_lines(p, &rows)?;
     }
     eprintln!("{}", table(&rows));
     Ok(())

@@ -382,6 +382,30 @@ pub(crate) fn default_out(config: &Path, seed: u64) -> PathBuf {
     PathBuf::from("runs").join(format!("{stem}-seed{seed}"))
 }
 
+/// Checks a benchmark's `--json` path before minutes of measuring: its folder is created, and
+/// a file already there (a finished result) is refused rather than overwritten.
+pub(crate) fn check_json_out(path: Option<&Path>) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    if path.exists() {
+        bail!(
+            "--json {}: the file exists (a finished result is not overwritten: move it, or name another)",
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).with_context(|| format!("--json: creating {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes one JSON object per line to `path` (checked by [`check_json_out`]), atomically.
+pub(crate) fn write_json_lines(path: &Path, lines: &[serde_json::Value]) -> Result<()> {
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
 /// Writes `value` as pretty JSON to `path` atomically (write, then rename).
 pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
