@@ -401,18 +401,21 @@ pub(crate) fn check_json_out(path: Option<&Path>) -> Result<()> {
 /// Writes one JSON object per line to `path` (checked by [`check_json_out`]), atomically.
 pub(crate) fn write_json_lines(path: &Path, lines: &[serde_json::Value]) -> Result<()> {
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-    let tmp = path.with_extension("jsonl.tmp");
-    fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    write_atomic(path, text.as_bytes())
 }
 
-/// Writes `value` as pretty JSON to `path` atomically (write, then rename).
+/// Writes `value` as pretty JSON to `path` atomically.
 pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    fs::write(&tmp, serde_json::to_vec_pretty(value)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    write_atomic(path, &serde_json::to_vec_pretty(value)?)
+}
+
+/// Writes `bytes` beside `path`, then renames: a reader never sees half a file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
 fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> {
