@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::data::sources::Columns;
-use crate::models::llama::WeightFormat;
+use crate::models::linear::WeightFormat;
 use crate::models::{Placement, PromptMode};
 use crate::objective::LossType;
 use crate::strategy::{QuorumPolicy, ServerSigma};
@@ -367,8 +367,9 @@ pub struct Config {
     /// `smollm2`, `minilm`, a local path (GGUF file or model directory) or a hub id.
     pub model_name: String,
     pub backend: BackendKind,
-    /// Linear layers in f32, bf16 (CPU; about twice as fast with AVX-512 BF16) or, for GGUF
-    /// files, kept quantized.
+    /// Linear layers in bf16 on the CPU's fastest kernel (`auto`, the default; f32 where that
+    /// kernel would be the portable loop, and off the CPU), f32, bf16, or, for GGUF files, kept
+    /// quantized.
     pub weights: WeightFormat,
     pub n_prompt_tokens: usize,
     pub intrinsic_dim: usize,
@@ -435,7 +436,7 @@ impl Default for Config {
             task_name: "mr".into(),
             model_name: "smollm2".into(),
             backend: BackendKind::Auto,
-            weights: WeightFormat::F32,
+            weights: WeightFormat::Auto,
             n_prompt_tokens: 5,
             intrinsic_dim: 100,
             k_shot: 32,

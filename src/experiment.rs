@@ -11,7 +11,8 @@ use crate::config::{Aggregation, BackendKind, Config, DataFile};
 use crate::data::split::{dedup_examples, k_shot, test_split, Split};
 use crate::data::{sources, Dataset};
 use crate::models::bert::{MaskedLm, SentenceEncoder};
-use crate::models::llama::{CausalLm, WeightFormat};
+use crate::models::linear::LinearFormat;
+use crate::models::llama::CausalLm;
 use crate::models::{PromptModel, PromptSettings};
 use crate::seeds::{derive, tag};
 use crate::strategy::{Aggregator, FedAvgBbt, FedBpt};
@@ -77,18 +78,30 @@ pub fn load_model(
     device: &Device,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Arc<dyn PromptModel>> {
+    let format = cfg.weights.resolve(device)?;
+    load_model_as(cfg, format, device, progress)
+}
+
+/// [`load_model`] with the linear layers built as `format` whatever `cfg.weights` says (the
+/// bench measures every kernel in one process).
+pub fn load_model_as(
+    cfg: &Config,
+    format: LinearFormat,
+    device: &Device,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Arc<dyn PromptModel>> {
     #[cfg(feature = "stand-in")]
     if cfg.model_name == "stand-in" {
         return Ok(Arc::new(crate::models::stand_in::StandIn::new(prompt_settings(cfg))));
     }
-    let path = resolve_model(&cfg.model_name, progress)?;
-    if cfg.weights == WeightFormat::Bf16 && !crate::models::bf16::has_fast_kernel() {
+    if format == LinearFormat::Packed(crate::kernels::Kernel::Portable) {
         progress(
-            "warning: weights = bf16 but this CPU lacks AVX-512 BF16: a portable loop computes the \
-             same sums, slower than f32; set weights = \"f32\" for speed",
+            "warning: the bf16 linear layers run the portable loop (no AVX2 or better kernel \
+             here, or FEDBPT_KERNEL=portable): slower than weights = \"f32\"",
         );
     }
-    load_model_path(&path, cfg, prompt_settings(cfg), device)
+    let path = resolve_model(&cfg.model_name, progress)?;
+    load_model_path(&path, cfg, prompt_settings(cfg), format, device)
 }
 
 /// The file or directory `model_name` stands for: an embedded model (fetched when missing), an
@@ -122,6 +135,7 @@ fn load_model_path(
     path: &Path,
     cfg: &Config,
     settings: PromptSettings,
+    format: LinearFormat,
     device: &Device,
 ) -> Result<Arc<dyn PromptModel>> {
     let is_gguf = path.extension().is_some_and(|e| e == "gguf");
@@ -133,11 +147,11 @@ fn load_model_path(
     Ok(match kind {
         BackendKind::Causal => {
             let mut m = if is_gguf {
-                CausalLm::from_gguf(path, settings, cfg.weights, device)?
+                CausalLm::from_gguf(path, settings, format, device)?
             } else {
                 let mut m = CausalLm::from_safetensors_dir(path, settings, device)?;
-                if unquantized_as_bf16(cfg.weights)? {
-                    m.use_bf16()?;
+                if let Some(kernel) = unquantized_kernel(format)? {
+                    m.use_packed(kernel)?;
                 }
                 m
             };
@@ -146,15 +160,15 @@ fn load_model_path(
         }
         BackendKind::Mlm => {
             let mut m = MaskedLm::load(path, settings, device)?;
-            if unquantized_as_bf16(cfg.weights)? {
-                m.use_bf16()?;
+            if let Some(kernel) = unquantized_kernel(format)? {
+                m.use_packed(kernel)?;
             }
             Arc::new(m)
         }
         BackendKind::Encoder => {
             let mut m = SentenceEncoder::load(path, settings, device)?;
-            if unquantized_as_bf16(cfg.weights)? {
-                m.use_bf16()?;
+            if let Some(kernel) = unquantized_kernel(format)? {
+                m.use_packed(kernel)?;
             }
             Arc::new(m)
         }
@@ -162,15 +176,16 @@ fn load_model_path(
     })
 }
 
-/// For a model loaded in f32 (safetensors): whether to switch it to bf16; `quantized` is an
-/// error there.
-fn unquantized_as_bf16(weights: WeightFormat) -> Result<bool> {
-    match weights {
-        WeightFormat::F32 => Ok(false),
-        WeightFormat::Bf16 => Ok(true),
-        WeightFormat::Quantized => {
-            Err(Error::config("weights", "`quantized` applies to GGUF files only; use f32 or bf16"))
-        }
+/// For a model loaded in f32 (safetensors): the kernel to pack it for, if any; `quantized` is
+/// an error there.
+fn unquantized_kernel(format: LinearFormat) -> Result<Option<crate::kernels::Kernel>> {
+    match format {
+        LinearFormat::F32 => Ok(None),
+        LinearFormat::Packed(kernel) => Ok(Some(kernel)),
+        LinearFormat::Quantized => Err(Error::config(
+            "weights",
+            "`quantized` applies to GGUF files only; use auto, f32 or bf16",
+        )),
     }
 }
 

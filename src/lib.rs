@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod experiment;
+pub mod kernels;
 pub mod local_search;
 pub mod machine;
 pub mod models;

@@ -1,7 +1,8 @@
 //! The CPU's arithmetic peak, measured: register-bound loops of independent fused multiply-adds
 //! (f32) and bf16 dot products, on every thread at once. `fedbpt bench` reports each forward and
-//! linear layer as a share of these. They are the vector units' peaks (AVX-512 or AVX2, and
-//! AVX-512 BF16); a CPU with AMX tiles has a higher bf16 matrix peak that no kernel here uses.
+//! linear layer as a share of these: the vector units' peaks (AVX-512 or AVX2, and AVX-512
+//! BF16) and, where the CPU has AMX, the tiles' bf16 peak (a loop of `tdpbf16ps` over four
+//! accumulator tiles).
 
 use std::time::Instant;
 
@@ -14,6 +15,8 @@ pub struct Peak {
     pub f32_gflops: f64,
     /// `None` without AVX-512 BF16.
     pub bf16_gflops: Option<f64>,
+    /// AMX tiles, bf16; `None` without AMX.
+    pub amx_bf16_gflops: Option<f64>,
 }
 
 /// Runs each loop on `threads` threads at once, best of three, about `seconds` per try.
@@ -22,7 +25,10 @@ pub fn measure(threads: usize, seconds: f64) -> Peak {
     let f32_kernel = kernels::f32_name();
     let f32_gflops = best_rate(threads, seconds, kernels::f32_loop);
     let bf16_gflops = kernels::has_bf16().then(|| best_rate(threads, seconds, kernels::bf16_loop));
-    Peak { threads, f32_kernel, f32_gflops, bf16_gflops }
+    let amx_bf16_gflops = crate::kernels::Kernel::Amx
+        .available()
+        .then(|| best_rate(threads, seconds, kernels::amx_loop));
+    Peak { threads, f32_kernel, f32_gflops, bf16_gflops, amx_bf16_gflops }
 }
 
 /// `run(iters)` does `iters` rounds and returns the FLOPs done (and a value to keep alive).
@@ -92,6 +98,10 @@ mod kernels {
         }
     }
 
+    pub fn amx_loop(iters: u64) -> (f64, f32) {
+        (crate::kernels::amx_peak_loop(iters).unwrap_or(0.0), 0.0)
+    }
+
     #[target_feature(enable = "avx512f")]
     fn fma512(iters: u64) -> (f64, f32) {
         let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
@@ -153,6 +163,9 @@ mod kernels {
     pub fn bf16_loop(_: u64) -> (f64, f32) {
         (0.0, 0.0)
     }
+    pub fn amx_loop(_: u64) -> (f64, f32) {
+        (0.0, 0.0)
+    }
 }
 
 /// Eight independent scalar multiply-adds per iteration (the compiler may vectorize them).
@@ -187,7 +200,7 @@ mod tests {
         if kernels::has_bf16() {
             let (flops, sum) = kernels::bf16_loop(n);
             // 16 accumulators x 16 lanes, each adding 2 x (1e-3 in bf16) per iteration.
-            let per = crate::models::bf16::from_bf16(crate::models::bf16::to_bf16(1e-3));
+            let per = crate::kernels::from_bf16(crate::kernels::to_bf16(1e-3));
             assert_eq!(flops, (n * 16 * 16 * 4) as f64);
             let want = 16.0 * 16.0 * 2.0 * per * n as f32;
             assert!((sum - want).abs() / want < 1e-2, "{sum} vs {want}");

@@ -329,7 +329,7 @@ fn bf16_weights_stay_near_the_f32_network_and_keep_rows_independent() {
     let s = settings(n, PromptMode::Add, Placement::Prefix);
     let exact = MaskedLm::load(dir.path(), s.clone(), &Device::Cpu).unwrap();
     let mut model = MaskedLm::load(dir.path(), s, &Device::Cpu).unwrap();
-    model.use_bf16().unwrap();
+    model.use_packed(fedbpt::kernels::Kernel::available_all()[0]).unwrap();
     let exs = examples();
     let batch = model.prepare(&sst2(), &exs, None).unwrap();
     let p = prompt(n, 3, 0.5);

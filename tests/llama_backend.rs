@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use fedbpt::data::Example;
-use fedbpt::models::llama::{CausalLm, WeightFormat};
+use fedbpt::kernels::Kernel;
+use fedbpt::models::linear::LinearFormat;
+use fedbpt::models::llama::CausalLm;
 use fedbpt::models::{Placement, PromptMode, PromptModel, PromptSettings, ScoreJob, TokenNoise};
 use fedbpt::task::TaskSpec;
 use rand::{Rng, SeedableRng};
@@ -150,7 +152,8 @@ fn quantized_path_matches_candle_quantized_llama() {
         .to_vec1()
         .unwrap();
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    for format in [WeightFormat::Quantized, WeightFormat::F32, WeightFormat::Bf16] {
+    let packed = Kernel::available_all().into_iter().map(LinearFormat::Packed);
+    for format in [LinearFormat::Quantized, LinearFormat::F32].into_iter().chain(packed) {
         let m = CausalLm::from_gguf(
             &path,
             settings(Placement::Suffix, PromptMode::Add),
@@ -166,9 +169,9 @@ fn quantized_path_matches_candle_quantized_llama() {
         // dequantized, activations exact) differs by the activation rounding alone; bf16 rounds
         // weights and activations to 8 mantissa bits.
         let tol = match format {
-            WeightFormat::Quantized => 0.02,
-            WeightFormat::F32 => 0.05,
-            WeightFormat::Bf16 => 0.08,
+            LinearFormat::Quantized => 0.02,
+            LinearFormat::F32 => 0.05,
+            LinearFormat::Packed(_) => 0.08,
         };
         eprintln!("{format:?}: max diff {d} (logit scale {scale})");
         assert!(d < tol * scale, "{format:?}: max diff {d} (scale {scale})");
@@ -183,7 +186,7 @@ fn cached_batched_suffix_scores_equal_single_sequence_forwards() {
         let m = CausalLm::from_gguf(
             &path,
             settings(Placement::Suffix, mode),
-            WeightFormat::F32,
+            LinearFormat::F32,
             &Device::Cpu,
         )
         .unwrap();
@@ -236,11 +239,12 @@ fn jobs_merged_into_one_pass_score_as_they_would_alone() {
     let path = write_gguf(dir.path());
     let n = 3 * HIDDEN;
     for (placement, format) in [
-        (Placement::Suffix, WeightFormat::F32),
-        (Placement::Suffix, WeightFormat::Quantized),
-        (Placement::Prefix, WeightFormat::F32),
-        (Placement::Suffix, WeightFormat::Bf16),
-        (Placement::Prefix, WeightFormat::Bf16),
+        (Placement::Suffix, LinearFormat::F32),
+        (Placement::Suffix, LinearFormat::Quantized),
+        (Placement::Prefix, LinearFormat::F32),
+        (Placement::Suffix, LinearFormat::Packed(Kernel::Portable)),
+        (Placement::Prefix, LinearFormat::Packed(Kernel::Portable)),
+        (Placement::Suffix, LinearFormat::Packed(Kernel::available_all()[0])),
     ] {
         let mut m =
             CausalLm::from_gguf(&path, settings(placement, PromptMode::Add), format, &Device::Cpu)
@@ -296,7 +300,7 @@ fn prefix_placement_matches_single_sequence_forward() {
     let m = CausalLm::from_gguf(
         &path,
         settings(Placement::Prefix, PromptMode::Add),
-        WeightFormat::F32,
+        LinearFormat::F32,
         &Device::Cpu,
     )
     .unwrap();
@@ -326,7 +330,7 @@ fn token_noise_is_seeded_and_bounded() {
     let m = CausalLm::from_gguf(
         &path,
         settings(Placement::Suffix, PromptMode::Add),
-        WeightFormat::F32,
+        LinearFormat::F32,
         &Device::Cpu,
     )
     .unwrap();
@@ -357,7 +361,7 @@ fn token_noise_is_seeded_and_bounded() {
         let m = CausalLm::from_gguf(
             &path,
             settings(placement, PromptMode::Add),
-            WeightFormat::F32,
+            LinearFormat::F32,
             &Device::Cpu,
         )
         .unwrap();
@@ -385,7 +389,7 @@ fn bad_inputs_are_errors_naming_the_culprit() {
     let m = CausalLm::from_gguf(
         &path,
         settings(Placement::Suffix, PromptMode::Add),
-        WeightFormat::F32,
+        LinearFormat::F32,
         &Device::Cpu,
     )
     .unwrap();
@@ -406,7 +410,7 @@ fn bad_inputs_are_errors_naming_the_culprit() {
         CausalLm::from_gguf(
             p,
             settings(Placement::Suffix, PromptMode::Add),
-            WeightFormat::F32,
+            LinearFormat::F32,
             &Device::Cpu,
         )
         .err()
@@ -520,7 +524,7 @@ fn safetensors_llama_matches_candle_llama() {
     assert!(max_abs_diff(&got, &want) < 1e-4, "max diff {}", max_abs_diff(&got, &want));
     // Switched to bf16: near the reference, not equal to it.
     let mut half = load();
-    half.use_bf16().unwrap();
+    half.use_packed(Kernel::available_all()[0]).unwrap();
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = max_abs_diff(&half.next_token_logits(&ids, None).unwrap(), &want);
     assert!(d > 0.0 && d < 0.08 * scale, "bf16: max diff {d} at logit scale {scale}");
@@ -553,7 +557,7 @@ fn corrupt_gguf_headers_are_refused_naming_the_file() {
         truncated,
     ] {
         let s = settings(Placement::Suffix, PromptMode::Add);
-        let e = CausalLm::from_gguf(&p, s, WeightFormat::F32, &Device::Cpu).err().expect("refused");
+        let e = CausalLm::from_gguf(&p, s, LinearFormat::F32, &Device::Cpu).err().expect("refused");
         let name = p.file_name().unwrap().to_string_lossy().to_string();
         assert!(e.to_string().contains(&name), "{e}");
     }
@@ -567,7 +571,7 @@ fn indistinct_label_words_and_oversized_prompts_are_refused() {
     let load = |n: usize| {
         let s =
             PromptSettings { n_prompt_tokens: n, ..settings(Placement::Suffix, PromptMode::Add) };
-        CausalLm::from_gguf(&path, s, WeightFormat::F32, &Device::Cpu).unwrap()
+        CausalLm::from_gguf(&path, s, LinearFormat::F32, &Device::Cpu).unwrap()
     };
     let m = load(3);
     let mut t = task();

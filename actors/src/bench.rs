@@ -13,9 +13,10 @@ use serde_json::json;
 
 use fedbpt::config::{BackendKind, Config};
 use fedbpt::experiment;
-use fedbpt::models::llama::WeightFormat;
+use fedbpt::kernels::{ops, Kernel, PackedLinear};
+use fedbpt::models::linear::LinearFormat;
 use fedbpt::models::random_checkpoint::{self, RobertaShape};
-use fedbpt::models::{bf16, ops, Placement, PromptModel, ScoreJob};
+use fedbpt::models::{Placement, PromptModel, ScoreJob};
 use fedbpt::peak::{self, Peak};
 
 /// Non-embedding parameters: 2 FLOPs each per token is the forward's matmul work.
@@ -153,17 +154,11 @@ impl Drop for TempModel {
 
 /// The run configuration of one measurement. The random RoBERTa runs as BBT runs its MLMs:
 /// the masked-LM head, 50 prompt tokens (the paper's) at the prefix.
-fn bench_config(
-    name: &str,
-    random: Option<&TempModel>,
-    placement: Placement,
-    weights: WeightFormat,
-) -> Config {
+fn bench_config(name: &str, random: Option<&TempModel>, placement: Placement) -> Config {
     let cfg = Config {
         model_name: name.to_string(),
         task_name: "mr".into(),
         placement,
-        weights,
         ..Config::default()
     };
     match random {
@@ -190,13 +185,15 @@ fn find_models(models: &[String]) -> Result<()> {
 /// are left out (they would measure the host, not the device).
 pub fn run(
     models: &[String],
-    formats: &[WeightFormat],
+    formats: &[LinearFormat],
     iters: usize,
     device_name: &str,
     json_out: Option<&Path>,
 ) -> Result<()> {
     if formats.is_empty() {
-        anyhow::bail!("--weights: name at least one of f32, bf16, quantized");
+        anyhow::bail!(
+            "--weights: name at least one format (f32, bf16, bf16-KERNEL, kernels, quantized)"
+        );
     }
     let iters = iters.max(1);
     // Before minutes of measuring (and writing a random checkpoint), so that a misspelt model,
@@ -234,8 +231,9 @@ pub fn run(
         for placement in placements {
             let mut reference_scores: Option<Vec<Vec<f32>>> = None;
             for &weights in formats {
-                let cfg = bench_config(name, random.as_ref(), placement, weights);
-                let model = experiment::load_model(&cfg, &device, &mut |m| eprintln!("{m}"))?;
+                let cfg = bench_config(name, random.as_ref(), placement);
+                let model =
+                    experiment::load_model_as(&cfg, weights, &device, &mut |m| eprintln!("{m}"))?;
                 let (_, split) = experiment::load_split(&cfg, &mut |m| eprintln!("{m}"))?;
                 let task = cfg.task_spec()?;
                 let exs = &split.test[..examples.min(split.test.len())];
@@ -244,7 +242,7 @@ pub fn run(
                 let prepare_s = t.elapsed().as_secs_f64();
                 let out_dim = cfg.n_prompt_tokens * model.info().hidden_size;
                 let flops_per_token = 2.0 * non_embedding_params(model.as_ref()) as f64;
-                let weights_name = format!("{weights:?}").to_lowercase();
+                let weights_name = weights.name();
                 for &pop in &populations {
                     // Prefix placement reruns whole sequences per candidate: one population is
                     // plenty.
@@ -304,9 +302,9 @@ pub fn run(
                     let seq = (batch.tokens_per_pass as f64 / rows as f64).round() as usize;
                     let new = suffix_tokens.map(|t| t / rows).unwrap_or(8).clamp(1, seq.max(2) - 1);
                     let gguf = experiment::resolve_model(name, &mut |m| eprintln!("{m}"))?;
-                    for dtype in ["f32", "bf16"] {
-                        for line in peer_causal(&gguf, rows, seq, new, threads, dtype) {
-                            let line = with_share(line, peak);
+                    for variant in peer_variants(formats) {
+                        for line in peer_causal(&gguf, rows, seq, new, threads, &variant) {
+                            let line = variant.tag(line, &model.info().name, None, peak);
                             println!("{line}");
                             lines.push(line);
                         }
@@ -326,9 +324,10 @@ pub fn run(
                     // examples x candidates.
                     let seq = (batch.tokens_per_pass as f64 / batch.len().max(1) as f64).round();
                     for &pop in &populations {
-                        for dtype in ["f32", "bf16"] {
-                            let line = peer(&dir, batch.len() * pop, seq as usize, threads, dtype);
-                            let line = with_share(line, peak);
+                        for variant in peer_variants(formats) {
+                            let line =
+                                peer(&dir, batch.len() * pop, seq as usize, threads, &variant);
+                            let line = variant.tag(line, &model.info().name, Some(pop), peak);
                             println!("{line}");
                             lines.push(line);
                         }
@@ -337,10 +336,153 @@ pub fn run(
             }
         }
     }
+    for line in versus(&lines) {
+        println!("{line}");
+        lines.push(line);
+    }
     if let Some(p) = json_out {
         crate::write_json_lines(p, &lines)?;
     }
     Ok(())
+}
+
+/// A way to run a PyTorch peer: its dtype and the instruction set it is held to (oneDNN's
+/// `ONEDNN_MAX_CPU_ISA`, MKL's `MKL_ENABLE_INSTRUCTIONS`), for comparing each of our kernels
+/// with PyTorch on the same instructions.
+struct PeerVariant {
+    dtype: &'static str,
+    /// `default` (whatever PyTorch picks, AMX included), `avx512_core_bf16` or `avx2`.
+    isa: &'static str,
+    env: Vec<(&'static str, &'static str)>,
+}
+
+impl PeerVariant {
+    /// The peer's line with what it was held to, the model and shape it stands beside (for
+    /// [`versus`]) and its share of the peak of its dtype.
+    fn tag(
+        &self,
+        mut line: serde_json::Value,
+        model: &str,
+        candidates: Option<usize>,
+        peak: Option<&Peak>,
+    ) -> serde_json::Value {
+        line["isa"] = json!(self.isa);
+        line["beside_model"] = json!(model);
+        line["candidates"] = json!(candidates.unwrap_or(1));
+        if let Some(g) = line["gflops"].as_f64() {
+            let format = match (self.dtype, self.isa) {
+                ("bf16", "default") if peak.is_some_and(|p| p.amx_bf16_gflops.is_some()) => {
+                    "bf16-amx"
+                }
+                ("bf16", "avx2") => "bf16-avx2",
+                ("bf16", _) => "bf16-avx512bf16",
+                _ => "f32",
+            };
+            line["share_of_peak"] = json!(share(peak, format, g));
+        }
+        line
+    }
+}
+
+/// PyTorch f32 and bf16 as it runs by default, and held to the instruction set of each of our
+/// kernels being measured below AMX.
+fn peer_variants(formats: &[LinearFormat]) -> Vec<PeerVariant> {
+    let mut out = vec![
+        PeerVariant { dtype: "f32", isa: "default", env: vec![] },
+        PeerVariant { dtype: "bf16", isa: "default", env: vec![] },
+    ];
+    if formats.contains(&LinearFormat::Packed(Kernel::Avx512Bf16)) {
+        let env = vec![("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")];
+        out.push(PeerVariant { dtype: "bf16", isa: "avx512_core_bf16", env });
+    }
+    if formats.contains(&LinearFormat::Packed(Kernel::Avx2)) {
+        let env = vec![("ONEDNN_MAX_CPU_ISA", "AVX2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2")];
+        out.push(PeerVariant { dtype: "bf16", isa: "avx2", env: env.clone() });
+        out.push(PeerVariant { dtype: "f32", isa: "avx2", env });
+    }
+    out
+}
+
+/// The peer ISA each of our formats is compared with.
+fn peer_isa_for(format: &str) -> Option<&'static str> {
+    match format {
+        "f32" | "bf16-amx" => Some("default"),
+        "bf16-avx512bf16" => Some("avx512_core_bf16"),
+        "bf16-avx2" => Some("avx2"),
+        _ => None,
+    }
+}
+
+/// Our throughput over each peer's on the same model, placement, candidates and instruction
+/// set (above 1: ours is faster): the bench's verdicts, one line per pair.
+fn versus(lines: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    let ours = lines.iter().filter(|l| l["bench"].is_null() && l["peer"].is_null());
+    let mut out = Vec::new();
+    for o in ours {
+        let (Some(format), Some(ours_tps)) = (o["weights"].as_str(), o["tokens_per_s"].as_f64())
+        else {
+            continue;
+        };
+        let Some(isa) = peer_isa_for(format) else { continue };
+        for p in lines.iter().filter(|p| {
+            p["isa"].as_str() == Some(isa)
+                && p["beside_model"] == o["model"]
+                && p["candidates"] == o["candidates"]
+                && (p["placement"].is_null() || p["placement"] == o["placement"])
+        }) {
+            let Some(peer_tps) = p["tokens_per_s"].as_f64().filter(|t| *t > 0.0) else {
+                continue;
+            };
+            out.push(json!({
+                "bench": "versus",
+                "model": o["model"],
+                "placement": o["placement"],
+                "candidates": o["candidates"],
+                "ours": format,
+                "peer": p["peer"],
+                "peer_dtype": p["dtype"],
+                "peer_isa": isa,
+                "speedup": ours_tps / peer_tps,
+            }));
+        }
+    }
+    out
+}
+
+/// The formats `--weights` names (see `fedbpt bench --help`), in order, without repeats.
+pub fn parse_formats(names: &[String]) -> Result<Vec<LinearFormat>> {
+    let mut out: Vec<LinearFormat> = Vec::new();
+    for name in names {
+        let found = match name.trim() {
+            "f32" => vec![LinearFormat::F32],
+            "quantized" => vec![LinearFormat::Quantized],
+            "bf16" => vec![LinearFormat::Packed(
+                fedbpt::kernels::active().map_err(|e| anyhow::anyhow!("--weights bf16: {e}"))?,
+            )],
+            "kernels" => Kernel::available_all()
+                .into_iter()
+                .filter(|k| *k != Kernel::Portable)
+                .map(LinearFormat::Packed)
+                .collect(),
+            other => {
+                let kernel =
+                    other.strip_prefix("bf16-").and_then(Kernel::parse).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--weights: `{other}` is not f32, quantized, bf16, bf16-KERNEL \
+                         (amx, avx512bf16, avx2, portable) or kernels"
+                        )
+                    })?;
+                kernel.self_check().map_err(|e| anyhow::anyhow!("--weights {other}: {e}"))?;
+                vec![LinearFormat::Packed(kernel)]
+            }
+        };
+        for f in found {
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Threads the forwards use: `RAYON_NUM_THREADS` when set (candle's pool reads it), else
@@ -353,17 +495,21 @@ fn compute_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
-/// `gflops` as a share of the measured peak of `format` (none for formats without one).
+/// `gflops` as a share of the measured peak of the unit `format` runs on: the f32 FMA peak for
+/// f32 and the AVX2 and portable kernels (which multiply in f32), the `vdpbf16ps` peak for
+/// AVX-512 BF16, the tiles' for AMX; none for formats without one.
 fn share(peak: Option<&Peak>, format: &str, gflops: f64) -> Option<f64> {
     let peak = peak?;
     match format {
-        "f32" => Some(gflops / peak.f32_gflops),
-        "bf16" => peak.bf16_gflops.map(|p| gflops / p),
+        "f32" | "bf16-avx2" | "bf16-portable" => Some(gflops / peak.f32_gflops),
+        "bf16-avx512bf16" => peak.bf16_gflops.map(|p| gflops / p),
+        "bf16-amx" => peak.amx_bf16_gflops.map(|p| gflops / p),
         _ => None,
     }
 }
 
-/// A peer's line with its share of the peak of its dtype.
+/// The llama.cpp peer's line with its share: its line declares the GGUF's own format (q4_1),
+/// which has no measured peak, so the share stays null.
 fn with_share(mut line: serde_json::Value, peak: Option<&Peak>) -> serde_json::Value {
     if let (Some(g), Some(d)) = (line["gflops"].as_f64(), line["dtype"].as_str()) {
         line["share_of_peak"] = json!(share(peak, d, g));
@@ -371,9 +517,9 @@ fn with_share(mut line: serde_json::Value, peak: Option<&Peak>) -> serde_json::V
     line
 }
 
-/// One linear layer at BBT's shapes: candle's f32 matmul against the bf16 kernel, each beside
-/// its peak. The rows are MiniLM's FFN up and down at 32 sentences x 30 tokens and at 20
-/// candidates' worth, and SmolLM2's gate/up and down at 64 x 10 rows.
+/// One linear layer at BBT's shapes: candle's f32 matmul and each bf16 kernel this CPU has,
+/// each beside its peak. The rows are MiniLM's FFN up and down at 32 sentences x 30 tokens and
+/// at 20 candidates' worth, and SmolLM2's gate/up and down at 64 x 10 rows.
 fn linear_layers(peak: &Peak) -> Result<Vec<serde_json::Value>> {
     use candle_core::{Device, Tensor};
     let best_of = |n: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
@@ -394,36 +540,45 @@ fn linear_layers(peak: &Peak) -> Result<Vec<serde_json::Value>> {
         let x = Tensor::randn(0f32, 1.0, (rows, inputs), &dev)?;
         let w = Tensor::randn(0f32, 0.05, (outputs, inputs), &dev)?;
         let b = Tensor::zeros(outputs, candle_core::DType::F32, &dev)?;
-        let packed = bf16::Bf16Linear::from_tensors(&w, Some(&b))?;
         let flops = 2.0 * (rows * inputs * outputs) as f64;
         let f32_s = best_of(5, &mut || {
             ops::linear(&x, &w, Some(&b))?;
             Ok(())
         })?;
-        let bf16_s = best_of(5, &mut || {
-            packed.forward(&x)?;
-            Ok(())
-        })?;
-        let (f32_g, bf16_g) = (flops / f32_s / 1e9, flops / bf16_s / 1e9);
-        lines.push(json!({
+        let f32_g = flops / f32_s / 1e9;
+        let mut line = json!({
             "bench": "linear",
             "rows": rows, "inputs": inputs, "outputs": outputs,
             "f32_gflops": f32_g,
             "f32_share_of_peak": share(Some(peak), "f32", f32_g),
-            "bf16_gflops": bf16_g,
-            "bf16_share_of_peak": share(Some(peak), "bf16", bf16_g),
-            "bf16_fast_kernel": bf16::has_fast_kernel(),
-        }));
+        });
+        for kernel in Kernel::available_all() {
+            let packed = PackedLinear::from_tensors(&w, Some(&b), kernel)?;
+            let s = best_of(5, &mut || {
+                packed.forward(&x)?;
+                Ok(())
+            })?;
+            let g = flops / s / 1e9;
+            let format = LinearFormat::Packed(kernel).name();
+            line[format!("{format}_gflops")] = json!(g);
+            line[format!("{format}_share_of_peak")] = json!(share(Some(peak), &format, g));
+        }
+        lines.push(line);
     }
     Ok(lines)
 }
 
 /// Runs a peer script of `bench/` with `$FEDBPT_PEER_PYTHON` (default `python3`); its JSON
 /// lines, or one line saying why it is unavailable.
-fn peer_script(script: &str, args: &[String], needs: &str) -> Vec<serde_json::Value> {
+fn peer_script(
+    script: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+    needs: &str,
+) -> Vec<serde_json::Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench").join(script);
     let python = std::env::var("FEDBPT_PEER_PYTHON").unwrap_or_else(|_| "python3".into());
-    match Command::new(&python).arg(&script).args(args).output() {
+    match Command::new(&python).arg(&script).args(args).envs(env.iter().copied()).output() {
         Ok(o) if o.status.success() => {
             let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
                 .lines()
@@ -470,11 +625,11 @@ fn peer_causal(
     seq: usize,
     new: usize,
     threads: usize,
-    dtype: &str,
+    variant: &PeerVariant,
 ) -> Vec<serde_json::Value> {
     let mut args = causal_args(gguf, rows, seq, new, threads);
-    args.extend(["--dtype".into(), dtype.into()]);
-    peer_script("peer_causal.py", &args, "torch transformers accelerate gguf")
+    args.extend(["--dtype".into(), variant.dtype.into()]);
+    peer_script("peer_causal.py", &args, &variant.env, "torch transformers accelerate gguf")
 }
 
 /// llama.cpp (llama-cpp-python's low-level API) on the same GGUF, weights as stored, at the same
@@ -488,7 +643,7 @@ fn peer_llamacpp(
 ) -> Vec<serde_json::Value> {
     let args = causal_args(gguf, rows, seq, new, threads);
     let needs = "gguf llama-cpp-python (from source, see bench/peer_llamacpp.py)";
-    peer_script("peer_llamacpp.py", &args, needs)
+    peer_script("peer_llamacpp.py", &args, &[], needs)
 }
 
 /// PyTorch's BertModel on the same MiniLM weights and shapes (`batch` rows of `seq` tokens) on
@@ -498,7 +653,7 @@ fn peer(
     batch: usize,
     seq: usize,
     threads: usize,
-    dtype: &str,
+    variant: &PeerVariant,
 ) -> serde_json::Value {
     let args = [
         model_dir.display().to_string(),
@@ -509,9 +664,10 @@ fn peer(
         "--seq".into(),
         seq.to_string(),
         "--dtype".into(),
-        dtype.into(),
+        variant.dtype.into(),
     ];
-    let mut lines = peer_script("peer_minilm.py", &args, "torch transformers").into_iter();
+    let mut lines =
+        peer_script("peer_minilm.py", &args, &variant.env, "torch transformers").into_iter();
     lines.next().unwrap_or_else(|| json!({"peer": "unavailable: peer_minilm.py printed nothing"}))
 }
 
@@ -671,5 +827,58 @@ mod tests {
         crate::write_json_lines(&nested, &[json!({"a": 1}), json!({"b": 2})]).unwrap();
         assert_eq!(std::fs::read_to_string(&nested).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
         crate::check_json_out(None).unwrap();
+    }
+
+    #[test]
+    fn weights_names_parse_and_a_misspelt_or_missing_kernel_is_refused_by_flag() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let got = parse_formats(&names(&["f32", "bf16-portable", "f32"])).unwrap();
+        assert_eq!(got, vec![LinearFormat::F32, LinearFormat::Packed(Kernel::Portable)]);
+        let all = parse_formats(&names(&["kernels"])).unwrap();
+        assert!(!all.contains(&LinearFormat::Packed(Kernel::Portable)));
+        assert_eq!(all.len(), Kernel::available_all().len() - 1);
+        let err = parse_formats(&names(&["bf16-sse"])).unwrap_err().to_string();
+        assert!(err.contains("--weights") && err.contains("bf16-sse"), "{err}");
+        for k in Kernel::ALL.into_iter().filter(|k| !k.available()) {
+            let err = parse_formats(&names(&[&format!("bf16-{}", k.name())])).unwrap_err();
+            assert!(err.to_string().contains("cannot run"), "{err}");
+        }
+    }
+
+    #[test]
+    fn versus_pairs_each_kernel_with_the_peer_on_its_instruction_set() {
+        let ours = |w: &str, tps: f64| json!({"model": "m", "weights": w, "placement": "suffix", "candidates": 1, "tokens_per_s": tps});
+        let peer = |isa: &str, dtype: &str, tps: f64, placement: serde_json::Value| {
+            json!({"peer": "torch", "dtype": dtype, "isa": isa, "beside_model": "m",
+                   "candidates": 1, "placement": placement, "tokens_per_s": tps})
+        };
+        let lines = vec![
+            ours("bf16-avx2", 300.0),
+            ours("bf16-avx512bf16", 900.0),
+            peer("avx2", "bf16", 100.0, json!("suffix")),
+            peer("avx2", "f32", 150.0, json!("suffix")),
+            peer("avx2", "bf16", 1.0, json!("prefix")),
+            peer("avx512_core_bf16", "bf16", 450.0, serde_json::Value::Null),
+            json!({"peer": "unavailable: no torch"}),
+        ];
+        let v = versus(&lines);
+        let got: Vec<(String, String, f64)> = v
+            .iter()
+            .map(|l| {
+                (
+                    l["ours"].as_str().unwrap().to_string(),
+                    l["peer_dtype"].as_str().unwrap().to_string(),
+                    l["speedup"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("bf16-avx2".into(), "bf16".into(), 3.0),
+                ("bf16-avx2".into(), "f32".into(), 2.0),
+                ("bf16-avx512bf16".into(), "bf16".into(), 2.0),
+            ]
+        );
     }
 }

@@ -703,6 +703,7 @@ mod tests {
             prepare_requests: 0,
             wall_s: 1.0,
             test_setup_s: 0.0,
+            linear_layers: vec!["f32".into()],
             config: cfg.clone(),
         };
         (summary, Vec::new())

@@ -15,6 +15,7 @@ use fedbpt::data::split::{
 use fedbpt::data::{Dataset, Example};
 use fedbpt::experiment::{self, TEST_SPLIT_SEED};
 use fedbpt::local_search::Objective;
+use fedbpt::models::linear::LinearFormat;
 use fedbpt::models::{Prepared, PromptModel};
 use fedbpt::objective::{BestOnDev, Metric};
 use fedbpt::seeds::{derive, tag};
@@ -80,6 +81,10 @@ pub struct FedSummary {
     /// run in this process did it (`compare` and `bench-faults` run many).
     #[serde(default)]
     pub test_setup_s: f64,
+    /// How each device's linear layers ran: `f32`, `quantized` or `bf16-<kernel>` (the kernel
+    /// `weights = "auto"` or `"bf16"` chose, or `FEDBPT_KERNEL` forced).
+    #[serde(default)]
+    pub linear_layers: Vec<String>,
     pub config: Config,
 }
 
@@ -90,6 +95,8 @@ type PreparedTest = (Arc<Vec<Example>>, Arc<Prepared>, (f64, f64));
 /// replicas, the corpus, the prepared test set and its baselines.
 pub struct Env {
     pub replicas: Vec<Arc<dyn PromptModel>>,
+    /// What each replica's linear layers were built as.
+    pub formats: Vec<LinearFormat>,
     pub task: Arc<TaskSpec>,
     pub dataset: Dataset,
     test: Option<PreparedTest>,
@@ -98,10 +105,12 @@ pub struct Env {
 impl Env {
     /// Loads the configured model on every configured device and the corpus.
     pub fn load(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<Env> {
-        let mut replicas = Vec::new();
+        let (mut replicas, mut formats) = (Vec::new(), Vec::new());
         for name in &cfg.runtime.devices {
             let device = experiment::device(name)?;
-            replicas.push(experiment::load_model(cfg, &device, progress)?);
+            let format = cfg.weights.resolve(&device)?;
+            replicas.push(experiment::load_model_as(cfg, format, &device, progress)?);
+            formats.push(format);
         }
         let dataset = experiment::load_dataset(cfg, progress)?;
         for w in &dataset.warnings {
@@ -120,7 +129,7 @@ impl Env {
                 dataset.label_names
             );
         }
-        Ok(Env { replicas, task: Arc::new(task), dataset, test: None })
+        Ok(Env { replicas, formats, task: Arc::new(task), dataset, test: None })
     }
 }
 
@@ -436,6 +445,7 @@ async fn run_with_pool(
                     prepare_requests: pool.prepare_count(),
                     wall_s: started.elapsed().as_secs_f64(),
                     test_setup_s,
+                    linear_layers: env.formats.iter().map(|f| f.name()).collect(),
                     config: (**cfg).clone(),
                 },
                 records,

@@ -141,8 +141,10 @@ enum Command {
         /// random weights, written to a temp dir: needs no model files).
         #[arg(long, value_delimiter = ',', default_values_t = vec!["minilm".to_string(), "smollm2".to_string()])]
         models: Vec<String>,
-        /// Weight formats to measure (f32, bf16, quantized), each beside the first.
-        #[arg(long, value_delimiter = ',', default_values_t = vec!["f32".to_string(), "bf16".to_string()])]
+        /// Weight formats to measure, each beside the first: f32, quantized, bf16 (the kernel
+        /// `weights = "bf16"` would use), bf16-KERNEL (amx, avx512bf16, avx2, portable), or
+        /// kernels (every kernel this CPU has but the portable loop).
+        #[arg(long, value_delimiter = ',', default_values_t = vec!["f32".to_string(), "kernels".to_string()])]
         weights: Vec<String>,
         /// Repetitions per measurement.
         #[arg(long, default_value_t = 5)]
@@ -296,14 +298,7 @@ fn real_main() -> Result<()> {
             fed::compare(&config, out, &seeds, &methods, &partitions, &overrides)
         }
         Command::Bench { models, weights, iters, device, json } => {
-            let formats = weights
-                .iter()
-                .map(|w| {
-                    serde_json::from_value(serde_json::Value::String(w.clone())).map_err(|_| {
-                        anyhow::anyhow!("--weights: `{w}` is not f32, bf16 or quantized")
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let formats = bench::parse_formats(&weights)?;
             bench::run(&models, &formats, iters, &device, json.as_deref())
         }
         Command::BenchFaults { config, rates, seeds, overrides, out } => fed::bench_faults(

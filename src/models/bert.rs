@@ -24,11 +24,12 @@ use tokenizers::Tokenizer;
 use super::bert_encoder::Encoder;
 use super::distinct_label_ids;
 use super::{
-    downcast, ops, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings,
-    ScoreJob, TokenNoise,
+    downcast, ModelInfo, Placement, Prepared, PromptMode, PromptModel, PromptSettings, ScoreJob,
+    TokenNoise,
 };
 use crate::data::split::noise_tokens;
 use crate::data::Example;
+use crate::kernels::{ops, Kernel};
 use crate::task::{render, Piece, TaskSpec};
 use crate::{Error, Result};
 
@@ -913,10 +914,10 @@ impl<H: ScoringHead> PromptedBert<H> {
         Ok(Self { body, head })
     }
 
-    /// Multiplies the encoder's linear layers in bf16 from now on (see [`super::bf16`]); an MLM
-    /// head stays f32.
-    pub fn use_bf16(&mut self) -> Result<()> {
-        Ok(self.body.encoder.use_bf16()?)
+    /// Multiplies the encoder's linear layers in bf16 on `kernel` from now on (see
+    /// [`crate::kernels`]); an MLM head stays f32.
+    pub fn use_packed(&mut self, kernel: Kernel) -> Result<()> {
+        self.body.encoder.use_packed(kernel)
     }
 
     /// Token ids of a prepared batch, with or without the placeholders (for inspection).

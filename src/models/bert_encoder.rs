@@ -9,7 +9,7 @@
 //! - query, key and value come from one fused `[3h, h]` matmul, biases ride in the matmuls;
 //! - on the CPU, attention runs per sequence over its own tokens ([`ops::varlen_attention`]);
 //!   elsewhere on the padded layout with a mask, as candle does;
-//! - the erf GELU is the vectorized one of [`super::ops`].
+//! - the erf GELU is the vectorized one of [`crate::kernels::ops`].
 //!
 //! A parity test against candle's `BertForMaskedLM` (`tests/bert_backends.rs`) guards the
 //! equivalence.
@@ -18,48 +18,23 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{layer_norm, linear, LayerNorm, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
-use super::bf16::Bf16Linear;
-use super::ops;
+use crate::kernels::{ops, Kernel};
+use crate::models::linear::Linear;
 
-/// A linear layer: its `[out, in]` weight and `[out]` bias in f32, or both packed for bf16.
-enum Dense {
-    F32 { weight: Tensor, bias: Option<Tensor> },
-    Bf16(Bf16Linear),
-}
-
-impl Dense {
-    fn load(vb: VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Self> {
-        let l = linear(inputs, outputs, vb)?;
-        Ok(Dense::F32 { weight: l.weight().clone(), bias: l.bias().cloned() })
-    }
-
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Dense::F32 { weight, bias } => ops::linear(xs, weight, bias.as_ref()),
-            Dense::Bf16(packed) => packed.forward(xs),
-        }
-    }
-
-    /// Replaces the f32 weights by their bf16 packing (one copy of the weights stays).
-    fn pack_bf16(&mut self) -> candle_core::Result<()> {
-        if let Dense::F32 { weight, bias } = self {
-            if !weight.device().is_cpu() {
-                candle_core::bail!("bf16 weights are implemented for the CPU only");
-            }
-            *self = Dense::Bf16(Bf16Linear::from_tensors(weight, bias.as_ref())?);
-        }
-        Ok(())
-    }
+/// A linear layer of the encoder, loaded in f32 (packed later by [`BertEncoder::use_packed`]).
+fn dense(vb: VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Linear> {
+    let l = linear(inputs, outputs, vb)?;
+    Ok(Linear::F32 { weight: l.weight().clone(), bias: l.bias().cloned() })
 }
 
 struct Layer {
     /// Query, key and value projections stacked: `[3h, h]` weight and `[3h]` bias.
-    qkv: Dense,
-    attention_out: Dense,
+    qkv: Linear,
+    attention_out: Linear,
     attention_norm: LayerNorm,
-    intermediate: Dense,
+    intermediate: Linear,
     act: HiddenAct,
-    output: Dense,
+    output: Linear,
     output_norm: LayerNorm,
 }
 
@@ -75,12 +50,12 @@ impl Layer {
         let bias = parts.iter().map(|l| l.bias().cloned()).collect::<Option<Vec<_>>>();
         let bias = bias.map(|b| Tensor::cat(&b, 0)).transpose()?;
         Ok(Self {
-            qkv: Dense::F32 { weight, bias },
-            attention_out: Dense::load(vb.pp("attention.output.dense"), h, h)?,
+            qkv: Linear::F32 { weight, bias },
+            attention_out: dense(vb.pp("attention.output.dense"), h, h)?,
             attention_norm: layer_norm(h, eps, vb.pp("attention.output.LayerNorm"))?,
-            intermediate: Dense::load(vb.pp("intermediate.dense"), h, config.intermediate_size)?,
+            intermediate: dense(vb.pp("intermediate.dense"), h, config.intermediate_size)?,
             act: config.hidden_act,
-            output: Dense::load(vb.pp("output.dense"), config.intermediate_size, h)?,
+            output: dense(vb.pp("output.dense"), config.intermediate_size, h)?,
             output_norm: layer_norm(h, eps, vb.pp("output.LayerNorm"))?,
         })
     }
@@ -209,8 +184,9 @@ impl Encoder {
         Ok(Self { layers, heads: config.num_attention_heads })
     }
 
-    /// Multiplies every linear layer in bf16 from now on (see [`super::bf16`]); CPU only.
-    pub fn use_bf16(&mut self) -> candle_core::Result<()> {
+    /// Multiplies every linear layer in bf16 on `kernel` from now on (see [`crate::kernels`]);
+    /// CPU only.
+    pub fn use_packed(&mut self, kernel: Kernel) -> crate::Result<()> {
         for layer in &mut self.layers {
             for dense in [
                 &mut layer.qkv,
@@ -218,7 +194,7 @@ impl Encoder {
                 &mut layer.intermediate,
                 &mut layer.output,
             ] {
-                dense.pack_bf16()?;
+                dense.pack(kernel)?;
             }
         }
         Ok(())

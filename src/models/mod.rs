@@ -15,10 +15,9 @@ use crate::Result;
 
 pub mod bert;
 pub mod bert_encoder;
-pub mod bf16;
 pub mod gguf_check;
+pub mod linear;
 pub mod llama;
-pub mod ops;
 pub mod random_checkpoint;
 #[cfg(feature = "stand-in")]
 pub mod stand_in;

@@ -6,10 +6,10 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
-use super::linear::Linear;
 use super::masks::{block_mask, past_starts};
 use super::CausalLm;
-use crate::models::{bf16, ops};
+use crate::kernels::{self, ops};
+use crate::models::linear::Linear;
 use crate::{Error, Result};
 
 /// GGUF files store q/k rows interleaved (llama.cpp's permutation), safetensors half-split.
@@ -36,8 +36,8 @@ pub(super) struct Layer {
 impl Layer {
     /// The q, k and v projections of the normed input; in bf16 they share one rounding of it.
     fn qkv(&self, hn: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        if let (Linear::Bf16(q), Linear::Bf16(k), Linear::Bf16(v)) = (&self.q, &self.k, &self.v) {
-            let mut out = bf16::forward_shared(&[q, k, v], hn)?.into_iter();
+        if let (Some(q), Some(k), Some(v)) = (self.q.packed(), self.k.packed(), self.v.packed()) {
+            let mut out = kernels::forward_shared(&[q, k, v], hn)?.into_iter();
             if let (Some(q), Some(k), Some(v)) = (out.next(), out.next(), out.next()) {
                 return Ok((q, k, v));
             }
@@ -47,8 +47,8 @@ impl Layer {
 
     /// `silu(gate(hn)) * up(hn)`; in bf16 one fused pass.
     fn gated(&self, hn: &Tensor) -> Result<Tensor> {
-        if let (Linear::Bf16(g), Linear::Bf16(u)) = (&self.gate, &self.up) {
-            return Ok(bf16::forward_swiglu(g, u, hn)?);
+        if let (Some(g), Some(u)) = (self.gate.packed(), self.up.packed()) {
+            return Ok(kernels::forward_swiglu(g, u, hn)?);
         }
         Ok(ops::swiglu(&self.gate.forward(hn)?, &self.up.forward(hn)?)?)
     }

@@ -1,7 +1,7 @@
 //! Loading a [`CausalLm`]: from a GGUF file (weights dequantized or kept quantized, see
-//! [`WeightFormat`]) or from a Hugging Face safetensors directory, and the assembly both share
-//! (shape checks, rotary tables, embedding statistics). Also [`CausalLm::use_bf16`], which
-//! switches loaded f32 weights to bf16.
+//! [`LinearFormat`]) or from a Hugging Face safetensors directory, and the assembly both share
+//! (shape checks, rotary tables, embedding statistics). Also [`CausalLm::use_packed`], which
+//! packs loaded f32 weights as bf16 for a kernel.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,9 +12,10 @@ use tokenizers::Tokenizer;
 
 use super::config::LlamaConfig;
 use super::decoder::{rope_tables, Layer, RopeStyle};
-use super::linear::{Linear, WeightFormat};
 use super::tokenizer::{load_tokenizer_json, tokenizer_from_gguf};
 use super::{model_err, CausalLm, SUFFIX_PASS_ROWS};
+use crate::kernels::Kernel;
+use crate::models::linear::{Linear, LinearFormat};
 use crate::models::{ModelInfo, PromptSettings};
 use crate::{Error, Result};
 
@@ -24,7 +25,7 @@ impl CausalLm {
     pub fn from_gguf(
         path: &Path,
         settings: PromptSettings,
-        format: WeightFormat,
+        format: LinearFormat,
         device: &Device,
     ) -> Result<Self> {
         // candle's reader trusts the header's counts and lengths: check them first.
@@ -88,10 +89,10 @@ impl CausalLm {
         )
     }
 
-    /// Multiplies every f32 linear layer in bf16 from now on (see [`crate::models::bf16`]); the
-    /// embeddings and the output rows stay f32. Quantized layers are refused: load the GGUF
-    /// file with [`WeightFormat::Bf16`] instead.
-    pub fn use_bf16(&mut self) -> Result<()> {
+    /// Multiplies every linear layer in bf16 on `kernel` from now on (see [`crate::kernels`]);
+    /// the embeddings and the output rows stay f32. Quantized layers are refused: load the GGUF
+    /// file as [`LinearFormat::Packed`] instead.
+    pub fn use_packed(&mut self, kernel: Kernel) -> Result<()> {
         for layer in &mut self.layers {
             for lin in [
                 &mut layer.q,
@@ -102,13 +103,7 @@ impl CausalLm {
                 &mut layer.up,
                 &mut layer.down,
             ] {
-                if matches!(lin, Linear::Quant(_)) {
-                    return Err(Error::Model(
-                        "quantized layers cannot be switched to bf16; load with weights = bf16"
-                            .into(),
-                    ));
-                }
-                lin.pack_bf16()?;
+                lin.pack(kernel)?;
             }
         }
         Ok(())
@@ -143,7 +138,8 @@ impl CausalLm {
                 .to_dtype(DType::F32)
                 .map_err(Error::from)
         };
-        let lin = |name: &str| -> Result<Linear> { Ok(Linear::Dense(get(name)?)) };
+        let lin =
+            |name: &str| -> Result<Linear> { Ok(Linear::F32 { weight: get(name)?, bias: None }) };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");

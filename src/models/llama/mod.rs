@@ -1,9 +1,10 @@
 //! Causal LMs of the Llama family (SmolLM2, Llama 2/3, ...) as prompt-tuning backends.
 //!
-//! Weights load from GGUF files (quantized; kept quantized or dequantized to f32) or from Hugging
-//! Face safetensors directories. candle-transformers' Llama takes token ids only, so the forward
-//! pass is written here: it takes input embeddings (to inject the soft prompt), an explicit
-//! attention mask (left padding, several candidates per sequence) and a reusable key/value cache.
+//! Weights load from GGUF files (quantized; kept quantized, dequantized to f32 or packed as bf16)
+//! or from Hugging Face safetensors directories. The forward pass is written here rather than
+//! taken from candle-transformers' Llama: it takes an explicit attention mask (left padding,
+//! several candidates per sequence), a key/value cache of each example's text reused by every
+//! candidate, and the project's linear layers and attention kernels.
 //!
 //! Class score = next-token logit of each label word after the rendered template. With
 //! [`Placement::Suffix`] the text before `{prompt}` is run once per example and its key/value
@@ -12,8 +13,7 @@
 //!
 //! The files of this module:
 //! - `config.rs`: [`LlamaConfig`] and its parsing from GGUF metadata or `config.json`;
-//! - `load.rs`: loading from GGUF or safetensors, and [`CausalLm::use_bf16`];
-//! - `linear.rs`: [`WeightFormat`] and the linear layers (f32, quantized, bf16);
+//! - `load.rs`: loading from GGUF or safetensors, and [`CausalLm::use_packed`];
 //! - `tokenizer.rs`: `tokenizer.json` loading, or a BPE tokenizer built from GGUF metadata;
 //! - `decoder.rs`: the transformer layers, rotary tables, key/value cache and the decoder pass
 //!   with its attention paths;
@@ -25,7 +25,6 @@
 mod batch;
 mod config;
 mod decoder;
-mod linear;
 mod load;
 mod masks;
 mod scoring;
@@ -48,7 +47,6 @@ use load::tensor_std;
 use masks::causal_mask;
 
 pub use config::LlamaConfig;
-pub use linear::WeightFormat;
 pub use tokenizer::load_tokenizer_json;
 
 /// A Llama-family causal LM with soft-prompt injection.
