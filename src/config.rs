@@ -359,6 +359,22 @@ pub const MAX_INTRINSIC_DIM: usize = 10_000;
 /// Largest CMA-ES population (a population is `d x popsize` f64, and each candidate a forward).
 pub const MAX_POPSIZE: usize = 10_000;
 
+/// A u64 from a TOML integer (up to 2^63 - 1) or a string of digits (any u64).
+fn u64_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(v) => Ok(v),
+        Raw::Text(t) => t.trim().parse().map_err(|_| {
+            serde::de::Error::custom(format!("`{t}` is not a whole number from 0 to {}", u64::MAX))
+        }),
+    }
+}
+
 /// Every knob of a run. Names follow the reference job where it has one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -377,6 +393,9 @@ pub struct Config {
     /// Dev examples per class; 0 means `k_shot`, as the reference draws them. Smaller keeps the
     /// per-round evaluation fixed when `k_shot` grows with the number of clients.
     pub dev_k_shot: usize,
+    /// Any u64; TOML integers stop at 2^63 - 1, so larger seeds are written as strings
+    /// (`seed = "18446744073709551615"`, or `--set seed=18446744073709551615`).
+    #[serde(deserialize_with = "u64_or_string")]
     pub seed: u64,
     pub loss_type: LossType,
     pub cat_or_add: PromptMode,
@@ -539,12 +558,15 @@ impl Config {
                     .ok_or_else(|| Error::config(key, format!("`{part}` is not a table")))?;
             }
             table.insert(parts[parts.len() - 1].to_string(), value);
+            // The text parsed alone and every earlier override with it: a failure now is this
+            // override's, and the error names it alone.
+            toml::Value::Table(doc.clone())
+                .try_into::<Config>()
+                .map_err(|e| Error::config(key, format!("--set `{ov}`: {}", e.message().trim())))?;
         }
-        let cfg: Config = toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| {
-            // The text parsed alone, so the overrides are at fault: name them.
-            let given = overrides.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ");
-            Error::config("", format!("--set {given}: {}", e.message().trim()))
-        })?;
+        let cfg: Config = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::config("", e.message().trim().to_string()))?;
         cfg.validate().map_err(|e| match e {
             Error::Config { key, msg } => {
                 // The last --set of a key is the one that took effect.
@@ -752,6 +774,25 @@ mod tests {
         let sets = ["perturb_rate=0.5".into(), "perturb_rate=2".into()];
         let e = Config::from_toml_str("", &sets).unwrap_err().to_string();
         assert!(e.contains("--set `perturb_rate=2`"), "{e}");
+        // Among several overrides, only the one at fault is named.
+        let sets = ["seed=3".into(), "k_shot=many".into(), "iid=false".into()];
+        let e = Config::from_toml_str("", &sets).unwrap_err().to_string();
+        assert!(e.contains("`k_shot=many`") && !e.contains("seed=3") && !e.contains("iid"), "{e}");
+    }
+
+    #[test]
+    fn a_seed_anywhere_in_the_u64_range_is_accepted() {
+        let top = Config::from_toml_str("", &["seed=18446744073709551615".into()]).unwrap();
+        assert_eq!(top.seed, u64::MAX);
+        let text = Config::from_toml_str("seed = \"18446744073709551615\"", &[]).unwrap();
+        assert_eq!(text.seed, u64::MAX);
+        // It survives the JSON of summaries and checkpoints.
+        let json = serde_json::to_string(&top).unwrap();
+        assert_eq!(serde_json::from_str::<Config>(&json).unwrap().seed, u64::MAX);
+        let e = Config::from_toml_str("", &["seed=-1".into()]).unwrap_err().to_string();
+        assert!(e.contains("seed=-1"), "{e}");
+        let e = Config::from_toml_str("", &["seed=18446744073709551616".into()]).unwrap_err();
+        assert!(e.to_string().contains("not a whole number"), "{e}");
     }
 
     #[test]

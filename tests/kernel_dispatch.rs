@@ -41,7 +41,8 @@ fn run_child(value: Option<&str>) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout);
     stdout
         .lines()
-        .find_map(|l| l.strip_prefix("REPORT "))
+        // The harness prints `test NAME ... ` before the child's line.
+        .find_map(|l| l.split_once("REPORT ").map(|(_, report)| report))
         .unwrap_or_else(|| panic!("no report from the child: {stdout}"))
         .to_string()
 }

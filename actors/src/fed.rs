@@ -15,9 +15,10 @@ use fedbpt_actors::figures::{
 };
 use fedbpt_actors::plot::mean_std;
 use fedbpt_actors::profile::Profiler;
+use fedbpt_actors::run_dir::{read_metrics, RunDir};
 use fedbpt_actors::server::{Checkpoint, RoundRecord};
 
-use crate::{default_out, say, write_json_atomic};
+use crate::{default_out, say};
 
 pub(crate) fn runtime(cfg: &Config) -> Result<tokio::runtime::Runtime> {
     if cfg.runtime.compute_threads > 0 {
@@ -89,29 +90,28 @@ impl MetricsLog {
 }
 
 impl ClosedMetricsLog {
-    /// Moves the new lines into place as `metrics.jsonl`.
-    pub(crate) fn publish(self) -> Result<()> {
-        let done = self.partial.with_file_name("metrics.jsonl");
-        fs::rename(&self.partial, &done)
-            .with_context(|| format!("renaming {} to {}", self.partial.display(), done.display()))
+    /// Stages the new lines to replace `metrics.jsonl` with the rest of the result.
+    pub(crate) fn stage(self, publish: &mut fedbpt_actors::run_dir::Publish<'_>) {
+        publish.existing(self.partial, "metrics.jsonl");
     }
 }
 
-/// Runs one federation into `out`. Nothing there is replaced before the run finishes: rounds
+/// Runs one federation into `dir`. Nothing there is replaced before the run finishes: rounds
 /// land in `metrics.jsonl.partial`, which becomes `metrics.jsonl` beside the new `summary.json`
-/// and `accuracy.png` at the end, so a run that fails (in validation, loading, restore or a
-/// round) leaves a finished run in `out` as it was. Only `checkpoint.json` follows the new run
-/// from its first round on, so that `--resume` can continue it.
+/// and `accuracy.png` at the end (all three staged first, then renamed together), so a run that
+/// fails (in validation, loading, restore, a round or drawing its figure) leaves a finished run
+/// in `dir` as it was. Only `checkpoint.json` follows the new run from its first round on, so
+/// that `--resume` can continue it.
 pub(crate) fn run_one(
     rt: &tokio::runtime::Runtime,
     cfg: &Config,
     env: &mut Env,
-    out: &Path,
+    dir: &RunDir,
     label: &str,
     resume: Option<Checkpoint>,
     clients: Clients,
 ) -> Result<(FedSummary, Vec<RoundRecord>)> {
-    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let out = dir.path();
     let mut metrics = MetricsLog::new(out);
     let bar = progress(cfg.num_rounds, &format!("{label}: preparing"));
     let opts = RunOptions { checkpoint_dir: Some(out.to_path_buf()), resume, clients };
@@ -128,16 +128,16 @@ pub(crate) fn run_one(
     bar.finish_and_clear();
     let metrics = metrics.close()?;
     let (summary, records) = result?;
-    write_json_atomic(&out.join("summary.json"), &summary)?;
-    metrics.publish()?;
-    let png = out.join("accuracy.png");
-    let tmp = out.join("accuracy.png.tmp.png");
-    run_figure(&tmp, &summary, &records)?;
-    fs::rename(&tmp, &png).with_context(|| format!("renaming to {}", png.display()))?;
+    let mut publish = dir.publish();
+    publish.json("summary.json", &summary)?;
+    publish.file("accuracy.png", |tmp| run_figure(tmp, &summary, &records))?;
+    metrics.stage(&mut publish);
+    publish.commit()?;
     Ok((summary, records))
 }
 
-/// `fedbpt plot DIR`: redraws `accuracy.png` of the finished run in `dir`.
+/// `fedbpt plot DIR`: redraws `accuracy.png` of the finished run in `dir`; a run whose records
+/// do not cover its summary's rounds is refused (the figure would be partial).
 pub fn plot(dir: &Path) -> Result<()> {
     let summary_path = dir.join("summary.json");
     let summary: FedSummary = serde_json::from_slice(
@@ -145,22 +145,22 @@ pub fn plot(dir: &Path) -> Result<()> {
     )
     .with_context(|| format!("{}: not a fedbpt run summary", summary_path.display()))?;
     let metrics_path = dir.join("metrics.jsonl");
-    let text = fs::read_to_string(&metrics_path)
-        .with_context(|| format!("reading {}", metrics_path.display()))?;
-    let records: Vec<RoundRecord> = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| {
-                format!("{}:{}: not a round record", metrics_path.display(), i + 1)
-            })
-        })
-        .collect::<Result<_>>()?;
-    let png = dir.join("accuracy.png");
-    let tmp = dir.join("accuracy.png.tmp.png");
-    run_figure(&tmp, &summary, &records)?;
-    fs::rename(&tmp, &png).with_context(|| format!("renaming to {}", png.display()))?;
-    say(&format!("wrote {}", png.display()));
+    let records = read_metrics(&metrics_path)?;
+    let rounds: Vec<usize> = records.iter().map(|r| r.round).collect();
+    if rounds != (1..=summary.rounds).collect::<Vec<_>>() {
+        bail!(
+            "{}: rounds {rounds:?}, but {} says the run had {} rounds: not a finished run's \
+             records, so accuracy.png is left as it is",
+            metrics_path.display(),
+            summary_path.display(),
+            summary.rounds
+        );
+    }
+    let run_dir = RunDir::open(dir, "DIR")?;
+    let mut publish = run_dir.publish();
+    publish.file("accuracy.png", |tmp| run_figure(tmp, &summary, &records))?;
+    publish.commit()?;
+    say(&format!("wrote {}", dir.join("accuracy.png").display()));
     Ok(())
 }
 
@@ -169,12 +169,7 @@ pub fn plot(dir: &Path) -> Result<()> {
 fn finished_run(dir: &Path, cfg: &Config) -> Option<(FedSummary, Vec<RoundRecord>)> {
     let summary: FedSummary =
         serde_json::from_slice(&fs::read(dir.join("summary.json")).ok()?).ok()?;
-    let records: Vec<RoundRecord> = fs::read_to_string(dir.join("metrics.jsonl"))
-        .ok()?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .ok()?;
+    let records = read_metrics(&dir.join("metrics.jsonl")).ok()?;
     let current = summary.format == fedbpt_actors::server::CHECKPOINT_FORMAT;
     (current && summary.config == *cfg && records.len() == summary.rounds)
         .then_some((summary, records))
@@ -192,7 +187,8 @@ fn run_or_reuse(
         say(&format!("{label}: reusing the finished run in {}", dir.display()));
         return Ok(done);
     }
-    run_one(rt, cfg, env, dir, label, None, Clients::Local)
+    let dir = RunDir::open(dir, "--out")?;
+    run_one(rt, cfg, env, &dir, label, None, Clients::Local)
 }
 
 /// The configuration, output directory and checkpoint of a run started from `config` or
@@ -231,6 +227,10 @@ pub fn run(
     overrides: &[String],
 ) -> Result<()> {
     let (cfg, out, checkpoint) = run_setup(config, resume, out, overrides)?;
+    // Before minutes of loading: a taken or unusable directory, or a --trace path that cannot
+    // be written, fails first.
+    let dir = RunDir::open(&out, "--out")?;
+    check_trace(trace)?;
     let rt = runtime(&cfg)?;
     let mut env = Env::load(&cfg, &mut |m| say(m))?;
     say(&format!(
@@ -243,13 +243,26 @@ pub fn run(
         method_name(&cfg)
     ));
     let profiler = trace.map(|_| Profiler::start());
-    let result = run_one(&rt, &cfg, &mut env, &out, "run", checkpoint, Clients::Local);
+    let result = run_one(&rt, &cfg, &mut env, &dir, "run", checkpoint, Clients::Local);
     Profiler::stop();
     let (s, _records) = result?;
     if let (Some(p), Some(trace)) = (profiler, trace) {
         write_profile(&p, trace, &out.join("messages.csv"))?;
     }
     print_summary(&s, &out);
+    Ok(())
+}
+
+/// Checks a `--trace` path before the run: not a directory, its folder creatable.
+pub(crate) fn check_trace(trace: Option<&Path>) -> Result<()> {
+    let Some(trace) = trace else { return Ok(()) };
+    if trace.is_dir() {
+        bail!("--trace {}: is a directory (name a file, e.g. trace.json)", trace.display());
+    }
+    if let Some(parent) = trace.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)
+            .with_context(|| format!("--trace {}: creating its folder", trace.display()))?;
+    }
     Ok(())
 }
 
@@ -382,6 +395,8 @@ pub fn compare(
         let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
         PathBuf::from("runs").join(format!("{stem}-compare"))
     });
+    distinct_seeds(seeds)?;
+    let out_dir = RunDir::open(&out, "--out")?;
     let rt = runtime(&base)?;
     let mut env = Env::load(&base, &mut |m| say(m))?;
     // [partition][method] -> per-seed runs, filled method by method so that an interrupted
@@ -412,9 +427,8 @@ pub fn compare(
     }
     let model_name = env.replicas[0].info().name.clone();
     let md = compare_table(&base, &env.task.name, &model_name, seeds, &selected, &runs);
-    fs::create_dir_all(&out)?;
-    fs::write(out.join("compare.md"), &md)
-        .with_context(|| format!("writing {}", out.join("compare.md").display()))?;
+    let mut publish = out_dir.publish();
+    publish.bytes("compare.md", md.as_bytes())?;
     let json: Vec<serde_json::Value> = runs
         .iter()
         .zip(["iid", "non-iid"])
@@ -434,7 +448,7 @@ pub fn compare(
             })
         })
         .collect();
-    write_json_atomic(&out.join("compare.json"), &json)?;
+    publish.json("compare.json", &json)?;
     let partitions: Vec<(&str, Vec<MethodRuns<'_>>)> = runs
         .iter()
         .zip(["iid", "non-iid"])
@@ -453,16 +467,14 @@ pub fn compare(
             (part, methods)
         })
         .collect();
-    compare_figure(
-        &out.join("compare.png"),
-        &format!(
-            "{}, {}, {} seeds (mean +- sd)",
-            env.replicas[0].info().name,
-            env.task.name,
-            seeds.len()
-        ),
-        &partitions,
-    )?;
+    let title = format!(
+        "{}, {}, {} seeds (mean +- sd)",
+        env.replicas[0].info().name,
+        env.task.name,
+        seeds.len()
+    );
+    publish.file("compare.png", |tmp| compare_figure(tmp, &title, &partitions))?;
+    publish.commit()?;
     println!("{md}");
     say(&format!(
         "wrote {}, {} and {}",
@@ -590,6 +602,8 @@ pub fn bench_faults(
     overrides: &[String],
 ) -> Result<()> {
     let base = Config::load(config, overrides)?;
+    distinct_seeds(seeds)?;
+    let out_dir = RunDir::open(&out, "--out")?;
     let rt = runtime(&base)?;
     let mut env = Env::load(&base, &mut |m| say(m))?;
     let mut md = format!(
@@ -642,16 +656,27 @@ pub fn bench_faults(
         plot_rows.push(KillRateRow { rate, finals: finals.clone(), bests: bests.clone() });
         rows.push(serde_json::json!({"kill_fraction": rate, "final_test_acc": finals, "best_dev_test_acc": bests, "wall_s": walls}));
     }
-    fs::create_dir_all(&out)?;
-    fs::write(out.join("faults.md"), &md)
-        .with_context(|| format!("writing {}", out.join("faults.md").display()))?;
-    fs::write(out.join("faults.json"), serde_json::to_vec_pretty(&rows)?)?;
-    faults_figure(
-        &out.join("faults.png"),
-        &format!("{}, {} clients, seeds {:?}", env.task.name, base.num_users, seeds),
-        &plot_rows,
-    )?;
+    let mut publish = out_dir.publish();
+    publish.bytes("faults.md", md.as_bytes())?;
+    publish.json("faults.json", &rows)?;
+    let title = format!("{}, {} clients, seeds {:?}", env.task.name, base.num_users, seeds);
+    publish.file("faults.png", |tmp| faults_figure(tmp, &title, &plot_rows))?;
+    publish.commit()?;
     println!("{md}");
+    Ok(())
+}
+
+/// Refuses a seed list with repeats: a mean and spread over the same run twice would claim a
+/// precision the runs do not have.
+fn distinct_seeds(seeds: &[u64]) -> Result<()> {
+    if seeds.is_empty() {
+        bail!("--seeds: name at least one seed");
+    }
+    for (i, s) in seeds.iter().enumerate() {
+        if seeds[..i].contains(s) {
+            bail!("--seeds: seed {s} is named twice (each seed is one run; a repeat would count it twice)");
+        }
+    }
     Ok(())
 }
 
@@ -704,6 +729,7 @@ mod tests {
             wall_s: 1.0,
             test_setup_s: 0.0,
             linear_layers: vec!["f32".into()],
+            data_fingerprint: String::new(),
             config: cfg.clone(),
         };
         (summary, Vec::new())

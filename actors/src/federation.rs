@@ -85,6 +85,9 @@ pub struct FedSummary {
     /// `weights = "auto"` or `"bf16"` chose, or `FEDBPT_KERNEL` forced).
     #[serde(default)]
     pub linear_layers: Vec<String>,
+    /// [`fedbpt::data::Dataset::fingerprint`] of the corpus the run drew its data from.
+    #[serde(default)]
+    pub data_fingerprint: String,
     pub config: Config,
 }
 
@@ -97,6 +100,8 @@ pub struct Env {
     pub replicas: Vec<Arc<dyn PromptModel>>,
     /// What each replica's linear layers were built as.
     pub formats: Vec<LinearFormat>,
+    /// [`fedbpt::data::Dataset::fingerprint`] of `dataset`.
+    pub data_fingerprint: String,
     pub task: Arc<TaskSpec>,
     pub dataset: Dataset,
     test: Option<PreparedTest>,
@@ -129,7 +134,8 @@ impl Env {
                 dataset.label_names
             );
         }
-        Ok(Env { replicas, formats, task: Arc::new(task), dataset, test: None })
+        let data_fingerprint = dataset.fingerprint();
+        Ok(Env { replicas, formats, data_fingerprint, task: Arc::new(task), dataset, test: None })
     }
 }
 
@@ -226,6 +232,20 @@ pub async fn run(
     let started = Instant::now();
     let cfg = Arc::new(cfg.clone());
     check_search_memory(&cfg)?;
+    if let Some(recorded) = opts.resume.as_ref().and_then(|cp| cp.data_fingerprint.as_deref()) {
+        if recorded != env.data_fingerprint {
+            let source = match &cfg.data {
+                Some(d) => format!("config key `data.path` ({})", d.path.display()),
+                None => format!("the embedded data set `{}`", cfg.task_name),
+            };
+            bail!(
+                "{source} holds other data than the checkpoint's run trained on (fingerprint \
+                 {}..., the checkpoint's {}...): continue it on the same data, or start anew",
+                &env.data_fingerprint[..12],
+                &recorded[..recorded.len().min(12)]
+            );
+        }
+    }
     let data = partition(&cfg, &env.dataset)?;
     let train_examples: usize = data.shards.iter().map(|s| s.len()).sum();
     let pool = spawn_pool(&cfg, env).await?;
@@ -366,6 +386,7 @@ async fn run_with_pool(
             checkpoint_dir: opts.checkpoint_dir,
             resume: opts.resume.clone(),
             roster_patience,
+            data_fingerprint: env.data_fingerprint.clone(),
         },
     )
     .await?;
@@ -446,6 +467,7 @@ async fn run_with_pool(
                     wall_s: started.elapsed().as_secs_f64(),
                     test_setup_s,
                     linear_layers: env.formats.iter().map(|f| f.name()).collect(),
+                    data_fingerprint: env.data_fingerprint.clone(),
                     config: (**cfg).clone(),
                 },
                 records,

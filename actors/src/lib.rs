@@ -18,6 +18,7 @@ pub mod pool;
 pub mod profile;
 pub mod remote_roster;
 pub mod round;
+pub mod run_dir;
 pub mod server;
 pub mod supervisor;
 pub mod transport;

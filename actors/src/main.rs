@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use fedbpt::assets;
 use fedbpt::config::Config;
 use fedbpt::experiment;
+use fedbpt_actors::run_dir::{write_atomic, RunDir};
 
 mod bench;
 mod bench_scale;
@@ -404,19 +405,10 @@ pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<(
     write_atomic(path, &serde_json::to_vec_pretty(value)?)
 }
 
-/// Writes `bytes` beside `path`, then renames: a reader never sees half a file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
-}
-
 fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> {
     let cfg = Config::load(config, overrides)?;
     let out = out.unwrap_or_else(|| default_out(config, cfg.seed));
-    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let dir = RunDir::open(&out, "--out")?;
     let device =
         experiment::device(cfg.runtime.devices.first().map(String::as_str).unwrap_or("cpu"))?;
     let model = experiment::load_model(&cfg, &device, &mut |m| say(m))?;
@@ -463,8 +455,10 @@ fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> 
     bar.finish_and_clear();
     let metrics = metrics.close()?;
     let summary = summary?;
-    write_json_atomic(&out.join("summary.json"), &summary)?;
-    metrics.publish()?;
+    let mut publish = dir.publish();
+    publish.json("summary.json", &summary)?;
+    metrics.stage(&mut publish);
+    publish.commit()?;
     println!(
         "manual prompt {:.2}% | z=0 {:.2}% | final {:.2}% | best-on-dev {:.2}% (dev {:.2}%) | {} evaluations in {:.0}s -> {}",
         100.0 * summary.zero_shot_test_acc,

@@ -59,6 +59,37 @@ pub struct RoundRecord {
     pub wall_s: f64,
 }
 
+impl RoundRecord {
+    /// Whether the record's values are in their ranges (accuracies in [0, 1], losses, sigma and
+    /// times finite and not negative): a restored or re-read record that is not is refused.
+    pub fn check(&self) -> Result<(), String> {
+        let in_unit = |name: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("round {}: {name} {v} is not in [0, 1]", self.round))
+            }
+        };
+        let non_negative = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(format!("round {}: {name} {v} is not a finite non-negative number", self.round))
+            }
+        };
+        in_unit("dev_acc", self.dev_acc)?;
+        if let Some(t) = self.test_acc {
+            in_unit("test_acc", t)?;
+        }
+        non_negative("dev_loss", self.dev_loss)?;
+        if let Some(l) = self.train_loss {
+            non_negative("train_loss", l)?;
+        }
+        non_negative("sigma", self.sigma)?;
+        non_negative("wall_s", self.wall_s)
+    }
+}
+
 /// What a round reads and changes of the server's state.
 pub struct RoundContext<'a> {
     pub cfg: &'a Config,

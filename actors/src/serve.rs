@@ -9,8 +9,9 @@ use fedbpt_actors::cluster::{self, ClientSide, ServerSide};
 use fedbpt_actors::federation::{self, Clients, Env};
 
 use fedbpt_actors::profile::{merge_chrome_traces, Profiler};
+use fedbpt_actors::run_dir::RunDir;
 
-use crate::fed::{print_summary, run_one, run_setup, runtime, write_profile};
+use crate::fed::{check_trace, print_summary, run_one, run_setup, runtime, write_profile};
 use crate::say;
 
 fn address(flag: &str, text: &str) -> Result<SocketAddr> {
@@ -32,6 +33,8 @@ pub fn serve(
     let listen = address("--listen", listen)?;
     let cookie = cluster::cookie(cookie_file)?;
     let (cfg, out, checkpoint) = run_setup(config, resume, out, overrides)?;
+    let dir = RunDir::open(&out, "--out")?;
+    check_trace(trace)?;
     let rt = runtime(&cfg)?;
     let side = rt.block_on(ServerSide::start(&cfg, listen, cookie))?;
     say(&format!(
@@ -46,7 +49,7 @@ pub fn serve(
             &rt,
             &cfg,
             &mut env,
-            &out,
+            &dir,
             "serve",
             checkpoint,
             Clients::Remote(side.roster.clone()),
@@ -89,6 +92,7 @@ pub fn join(
     let started = std::time::Instant::now();
     let cookie = cluster::cookie(cookie_file)?;
     let cfg = Config::load(config, overrides)?;
+    check_trace(trace)?;
     let sites = cluster::parse_sites(sites, cfg.num_users)?;
     let names: Vec<String> = sites.iter().map(|i| (i + 1).to_string()).collect();
     // Stable across restarts of the same process, so that it takes its sites back.

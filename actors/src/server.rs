@@ -33,6 +33,10 @@ pub struct Checkpoint {
     pub best_dev: Option<BestOnDev>,
     pub records: Vec<RoundRecord>,
     pub config: Config,
+    /// [`fedbpt::data::Dataset::fingerprint`] of the data the run trained on (absent in
+    /// checkpoints written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_fingerprint: Option<String>,
 }
 
 impl Checkpoint {
@@ -73,7 +77,18 @@ impl Checkpoint {
             let rounds: Vec<usize> = self.records.iter().map(|r| r.round).collect();
             return Err(format!("records for rounds {rounds:?} after round {}", self.round));
         }
+        for r in &self.records {
+            r.check()?;
+        }
         if let Some(b) = &self.best_dev {
+            let in_range = (0.0..=1.0).contains(&b.metric) && b.loss.is_finite() && b.loss >= 0.0;
+            if !in_range {
+                return Err(format!(
+                    "best-on-dev metric {} (not in [0, 1]) or loss {} (not a finite \
+                     non-negative number)",
+                    b.metric, b.loss
+                ));
+            }
             if b.z.len() != cfg.intrinsic_dim {
                 return Err(format!(
                     "best-on-dev vector of dimension {}, intrinsic_dim is {}",
@@ -124,6 +139,8 @@ pub struct ServerArgs {
     pub resume: Option<Checkpoint>,
     /// How long a roster request may take ([`RoundContext::roster_patience`]).
     pub roster_patience: std::time::Duration,
+    /// Recorded in every checkpoint.
+    pub data_fingerprint: String,
 }
 
 pub struct ServerState {
@@ -209,6 +226,7 @@ fn write_checkpoint(state: &ServerState, round: usize) -> Result<(), String> {
         best_dev: state.best_dev.clone(),
         records: state.records.clone(),
         config: (*state.args.cfg).clone(),
+        data_fingerprint: Some(state.args.data_fingerprint.clone()),
     };
     let path = dir.join("checkpoint.json");
     let tmp = dir.join("checkpoint.json.tmp");

@@ -11,6 +11,8 @@ use std::sync::OnceLock;
 /// The instruction sets the kernels use, as this process may run them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Features {
+    /// AVX-512 F, BW, DQ and VL (and FMA).
+    pub avx512f: bool,
     pub avx2_fma: bool,
     pub avx512_bf16: bool,
     /// AMX tiles with bf16 products, permission granted.
@@ -23,9 +25,41 @@ pub fn features() -> Features {
     *FEATURES.get_or_init(detect)
 }
 
+/// The widest vectors the element-wise and attention kernels use in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VectorLevel {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+/// AVX-512 where the CPU has it, unless `FEDBPT_KERNEL` holds the linear layers to AVX2 or the
+/// portable loop (then the whole forward runs as on a CPU without AVX-512, so that a forced
+/// level measures that kind of machine); AVX2 and FMA where the CPU has those; else baseline.
+pub fn vector_level() -> VectorLevel {
+    static LEVEL: OnceLock<VectorLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let f = features();
+        let held_below_avx512 = super::forced()
+            && matches!(super::active(), Ok(super::Kernel::Avx2 | super::Kernel::Portable));
+        if f.avx512f && !held_below_avx512 {
+            VectorLevel::Avx512
+        } else if f.avx2_fma {
+            VectorLevel::Avx2
+        } else {
+            VectorLevel::Baseline
+        }
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Features {
     Features {
+        avx512f: is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("fma"),
         avx2_fma: is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
         avx512_bf16: is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16"),
         amx_bf16: amx::cpu_has_it() && amx::os_saves_tiles() && amx::request_permission(),
@@ -34,7 +68,7 @@ fn detect() -> Features {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect() -> Features {
-    Features { avx2_fma: false, avx512_bf16: false, amx_bf16: false }
+    Features { avx512f: false, avx2_fma: false, avx512_bf16: false, amx_bf16: false }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -24,23 +24,32 @@ use candle_transformers::models::bert::HiddenAct;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// Defines `fn $name(args)` that runs `$generic(args)` compiled with AVX2 and FMA enabled when
-/// the CPU has them (detected at run time), else as built. Without FMA, `mul_add` is a libm call
-/// per element, and the build's baseline x86-64 has neither, so the element-wise loops below
-/// would not vectorize.
-macro_rules! with_avx2 {
+/// Defines `fn $name(args)` that runs `$generic(args)` compiled for the widest vectors this
+/// process uses ([`super::cpu::vector_level`]: AVX-512, else AVX2 and FMA), else as built. The
+/// same operations in every build (no reassociation), so the same bits. Without FMA, `mul_add`
+/// is a libm call per element, and the build's baseline x86-64 has neither, so the element-wise
+/// loops below would not vectorize.
+macro_rules! with_simd {
     ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) => $generic:ident) => {
         $(#[$doc])*
         $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                use super::cpu::{vector_level, VectorLevel};
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                fn wide($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 fn fast($($arg: $ty),*) {
                     $generic($($arg),*)
                 }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has both features, checked just above.
-                    return unsafe { fast($($arg),*) };
+                match vector_level() {
+                    // SAFETY: the CPU has these features (`vector_level` checked them).
+                    VectorLevel::Avx512 => return unsafe { wide($($arg),*) },
+                    // SAFETY: as above.
+                    VectorLevel::Avx2 => return unsafe { fast($($arg),*) },
+                    VectorLevel::Baseline => {}
                 }
             }
             $generic($($arg),*)
@@ -91,8 +100,8 @@ fn gelu_slice_generic(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-with_avx2! {
-    /// [`gelu_slice_generic`], compiled for AVX2 + FMA where the CPU has them.
+with_simd! {
+    /// [`gelu_slice_generic`], compiled for the widest vectors in use.
     fn gelu_slice(src: &[f32], dst: &mut [f32]) => gelu_slice_generic
 }
 
@@ -136,8 +145,8 @@ fn masked_softmax_generic(scores: &mut [f32], mask: &[f32], n: usize) {
     }
 }
 
-with_avx2! {
-    /// [`masked_softmax_generic`], compiled for AVX2 + FMA where the CPU has them.
+with_simd! {
+    /// [`masked_softmax_generic`], compiled for the widest vectors in use.
     fn masked_softmax(scores: &mut [f32], mask: &[f32], n: usize) => masked_softmax_generic
 }
 
@@ -148,8 +157,8 @@ fn swiglu_slice_generic(gate: &[f32], up: &[f32], dst: &mut [f32]) {
     }
 }
 
-with_avx2! {
-    /// [`swiglu_slice_generic`], compiled for AVX2 + FMA where the CPU has them.
+with_simd! {
+    /// [`swiglu_slice_generic`], compiled for the widest vectors in use.
     pub(crate) fn swiglu_slice(gate: &[f32], up: &[f32], dst: &mut [f32]) => swiglu_slice_generic
 }
 
@@ -224,6 +233,156 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     } else {
         candle_nn::ops::silu(gate)? * up
     }
+}
+
+/// One row of [`add_rms_norm`]: `sum = x + y` and `normed = sum / rms(sum) * weight`, in
+/// candle's order of operations (a sequential sum of squares, then `s / m * w`).
+#[inline(always)]
+fn add_rms_norm_row_generic(
+    x: &[f32],
+    y: &[f32],
+    w: &[f32],
+    eps: f32,
+    sum: &mut [f32],
+    normed: &mut [f32],
+) {
+    for ((s, &a), &b) in sum.iter_mut().zip(x).zip(y) {
+        *s = a + b;
+    }
+    let sum2: f32 = sum.iter().map(|&v| v * v).sum();
+    let m = (sum2 / sum.len() as f32 + eps).sqrt();
+    for ((d, &s), &a) in normed.iter_mut().zip(sum.iter()).zip(w) {
+        *d = s / m * a;
+    }
+}
+
+with_simd! {
+    /// [`add_rms_norm_row_generic`], compiled for the widest vectors in use.
+    fn add_rms_norm_row(x: &[f32], y: &[f32], w: &[f32], eps: f32, sum: &mut [f32], normed: &mut [f32]) => add_rms_norm_row_generic
+}
+
+/// The residual add `x + y` (`[n, h]`) and the next RMS norm of it (`weight` `[h]`) in one
+/// parallel pass over rows; candle's add runs on one thread. The same bits as `x + y` followed
+/// by `candle_nn::ops::rms_norm` (tested). Off the CPU or for other dtypes, those two ops.
+pub fn add_rms_norm(
+    x: &Tensor,
+    y: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let fast = x.device().is_cpu()
+        && [x, y, weight].iter().all(|t| t.dtype() == DType::F32)
+        && x.rank() == 2
+        && x.dims() == y.dims()
+        && weight.dims1()? == x.dim(1)?;
+    if !fast {
+        let sum = (x + y)?;
+        let normed = candle_nn::ops::rms_norm(&sum, weight, eps)?;
+        return Ok((sum, normed));
+    }
+    let (x, y, weight) = (x.contiguous()?, y.contiguous()?, weight.contiguous()?);
+    let (n, h) = x.dims2()?;
+    let (mut sum, mut normed) = (vec![0f32; n * h], vec![0f32; n * h]);
+    with_f32(&x, "residual", |xs| {
+        with_f32(&y, "residual update", |ys| {
+            with_f32(&weight, "rms norm weight", |w| {
+                if h == 0 {
+                    return Ok(());
+                }
+                // Enough rows per task that scheduling costs nothing.
+                let rows = (CHUNK / h).max(1);
+                sum.par_chunks_mut(rows * h)
+                    .zip(normed.par_chunks_mut(rows * h))
+                    .enumerate()
+                    .for_each(|(c, (sum, normed))| {
+                        let at = c * rows * h;
+                        for (r, (s, d)) in
+                            sum.chunks_exact_mut(h).zip(normed.chunks_exact_mut(h)).enumerate()
+                        {
+                            let row = at + r * h..at + (r + 1) * h;
+                            add_rms_norm_row(&xs[row.clone()], &ys[row], w, eps, s, d);
+                        }
+                    });
+                Ok(())
+            })
+        })
+    })?;
+    let device = x.device();
+    Ok((Tensor::from_vec(sum, (n, h), device)?, Tensor::from_vec(normed, (n, h), device)?))
+}
+
+/// One row of [`add_layer_norm`]: `normed = (s - mean) / sqrt(var + eps) * weight + bias` of
+/// `s = x + y`, in candle's order of operations (sequential sums of values and squares).
+#[inline(always)]
+fn add_layer_norm_row_generic(x: &[f32], y: &[f32], wb: [&[f32]; 2], eps: f32, normed: &mut [f32]) {
+    let [w, b] = wb;
+    let (mut sum, mut sum2) = (0f32, 0f32);
+    for ((d, &a), &c) in normed.iter_mut().zip(x).zip(y) {
+        let v = a + c;
+        *d = v;
+        sum += v;
+        sum2 += v * v;
+    }
+    let n = normed.len() as f32;
+    let mean = sum / n;
+    let var = sum2 / n - mean * mean;
+    let inv_std = (var + eps).sqrt().recip();
+    for ((d, &alpha), &beta) in normed.iter_mut().zip(w).zip(b) {
+        *d = (*d - mean) * inv_std * alpha + beta;
+    }
+}
+
+with_simd! {
+    /// [`add_layer_norm_row_generic`], compiled for the widest vectors in use.
+    fn add_layer_norm_row(x: &[f32], y: &[f32], wb: [&[f32]; 2], eps: f32, normed: &mut [f32]) => add_layer_norm_row_generic
+}
+
+/// BERT's post-norm residual, `layer_norm(x + y)` with `weight` and `bias` (`[h]`), in one
+/// parallel pass over rows; candle's add runs on one thread. The same bits as `x + y` followed
+/// by candle_nn's `LayerNorm` (tested). Off the CPU or for other dtypes, those two ops.
+pub fn add_layer_norm(
+    x: &Tensor,
+    y: &Tensor,
+    norm: &candle_nn::LayerNorm,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    let (weight, Some(bias)) = (norm.weight(), norm.bias()) else {
+        return candle_nn::Module::forward(norm, &(x + y)?);
+    };
+    let fast = x.device().is_cpu()
+        && [x, y, weight, bias].iter().all(|t| t.dtype() == DType::F32)
+        && x.rank() == 2
+        && x.dims() == y.dims()
+        && weight.dims1()? == x.dim(1)?
+        && bias.dims1()? == x.dim(1)?;
+    if !fast {
+        return candle_nn::Module::forward(norm, &(x + y)?);
+    }
+    let (x, y) = (x.contiguous()?, y.contiguous()?);
+    let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
+    let (n, h) = x.dims2()?;
+    let mut normed = vec![0f32; n * h];
+    with_f32(&x, "residual", |xs| {
+        with_f32(&y, "residual update", |ys| {
+            with_f32(&weight, "layer norm weight", |w| {
+                with_f32(&bias, "layer norm bias", |b| {
+                    if h == 0 {
+                        return Ok(());
+                    }
+                    let rows = (CHUNK / h).max(1);
+                    normed.par_chunks_mut(rows * h).enumerate().for_each(|(c, normed)| {
+                        let at = c * rows * h;
+                        for (r, d) in normed.chunks_exact_mut(h).enumerate() {
+                            let row = at + r * h..at + (r + 1) * h;
+                            add_layer_norm_row(&xs[row.clone()], &ys[row], [w, b], eps, d);
+                        }
+                    });
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    Tensor::from_vec(normed, (n, h), x.device())
 }
 
 /// The activation a BERT-family config names.
@@ -662,8 +821,8 @@ fn block_task_generic(q: &[f32], kv: [&[f32]; 4], dst: &mut [f32], dims: [usize;
     }
 }
 
-with_avx2! {
-    /// [`block_task_generic`], compiled for AVX2 + FMA where the CPU has them.
+with_simd! {
+    /// [`block_task_generic`], compiled for the widest vectors in use.
     fn block_task(
         q: &[f32],
         kv: [&[f32]; 4],
@@ -821,6 +980,46 @@ mod tests {
         let diff = (ours - theirs).unwrap().abs().unwrap().max(0).unwrap();
         let diff = diff.to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "max diff {diff}");
+    }
+
+    #[test]
+    fn add_rms_norm_gives_candles_add_and_rms_norm_bits() {
+        let dev = Device::Cpu;
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        // One row, rows past a task's chunk, a width that is no multiple of a vector.
+        for (n, h) in [(1, 576), (70, 576), (3, 37)] {
+            let x = Tensor::randn(0f32, 1.0, (n, h), &dev).unwrap();
+            let y = Tensor::randn(0f32, 0.5, (n, h), &dev).unwrap();
+            let w = Tensor::randn(1f32, 0.1, h, &dev).unwrap();
+            let (sum, normed) = add_rms_norm(&x, &y, &w, 1e-5).unwrap();
+            let want_sum = (&x + &y).unwrap();
+            let want = candle_nn::ops::rms_norm(&want_sum, &w, 1e-5).unwrap();
+            assert_eq!(bits(&sum), bits(&want_sum));
+            assert_eq!(bits(&normed), bits(&want), "[{n}, {h}]");
+        }
+        // Mismatched shapes take candle's path, which refuses them.
+        let x = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+        assert!(add_rms_norm(&x, &x, &Tensor::ones(3, DType::F32, &dev).unwrap(), 1e-5).is_err());
+    }
+
+    #[test]
+    fn add_layer_norm_gives_candles_add_and_layer_norm_bits() {
+        let dev = Device::Cpu;
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        for (n, h) in [(1, 384), (90, 384), (3, 37)] {
+            let x = Tensor::randn(0f32, 1.0, (n, h), &dev).unwrap();
+            let y = Tensor::randn(0.3f32, 0.5, (n, h), &dev).unwrap();
+            let w = Tensor::randn(1f32, 0.1, h, &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.1, h, &dev).unwrap();
+            let norm = candle_nn::LayerNorm::new(w, b, 1e-12);
+            let got = add_layer_norm(&x, &y, &norm, 1e-12).unwrap();
+            let want = candle_nn::Module::forward(&norm, &(&x + &y).unwrap()).unwrap();
+            assert_eq!(bits(&got), bits(&want), "[{n}, {h}]");
+        }
     }
 
     #[test]

@@ -47,8 +47,10 @@ pub const DEFAULT_PLACEHOLDER: &str = " .";
 const MAX_LEN_CAP: usize = 512;
 
 /// Rows x padded length of one forward pass; bounds activation memory (the attention scores of
-/// a pass take heads x this x length floats).
-const TOKENS_PER_PASS: usize = 16_384;
+/// a pass take heads x this x length floats). Small enough that a pass's largest intermediate
+/// (this x the FFN width in f32) stays under glibc's largest mmap threshold (32 MB), so that
+/// passes reuse freed heap memory instead of faulting in fresh pages.
+const TOKENS_PER_PASS: usize = 4_096;
 
 /// Reads and checks a BERT-family `config.json`.
 ///

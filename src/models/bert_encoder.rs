@@ -14,7 +14,7 @@
 //! A parity test against candle's `BertForMaskedLM` (`tests/bert_backends.rs`) guards the
 //! equivalence.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{layer_norm, linear, LayerNorm, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
@@ -36,6 +36,8 @@ struct Layer {
     act: HiddenAct,
     output: Linear,
     output_norm: LayerNorm,
+    /// Both norms' epsilon.
+    eps: f32,
 }
 
 impl Layer {
@@ -57,6 +59,7 @@ impl Layer {
             act: config.hidden_act,
             output: dense(vb.pp("output.dense"), config.intermediate_size, h)?,
             output_norm: layer_norm(h, eps, vb.pp("output.LayerNorm"))?,
+            eps: eps as f32,
         })
     }
 
@@ -68,10 +71,14 @@ impl Layer {
         } else {
             padded_attention(&qkv, pack, heads)?
         };
-        let attended =
-            self.attention_norm.forward(&(self.attention_out.forward(&context)? + xs)?)?;
+        let attended = ops::add_layer_norm(
+            &self.attention_out.forward(&context)?,
+            xs,
+            &self.attention_norm,
+            self.eps,
+        )?;
         let inner = ops::activation(&self.intermediate.forward(&attended)?, self.act)?;
-        self.output_norm.forward(&(self.output.forward(&inner)? + attended)?)
+        ops::add_layer_norm(&self.output.forward(&inner)?, &attended, &self.output_norm, self.eps)
     }
 }
 

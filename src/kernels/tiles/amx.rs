@@ -60,7 +60,9 @@ pub(super) unsafe fn release() {
 /// AMX must be configured on this thread; `a` must hold 16 rows of `kpairs` words and `b` a
 /// panel of `kpairs * NR` words.
 pub(super) unsafe fn block(a: &[u32], kpairs: usize, b: &[u32], tile: &mut Tile) {
-    assert!(kpairs % 16 == 0 && a.len() >= MAX_TILE_ROWS * kpairs && b.len() >= kpairs * NR);
+    assert!(
+        kpairs.is_multiple_of(16) && a.len() >= MAX_TILE_ROWS * kpairs && b.len() >= kpairs * NR
+    );
     let a_stride = kpairs * 4;
     let b_stride = NR * 4;
     // SAFETY (all blocks): tiles configured by the caller; every tile load reads 16 rows of 64

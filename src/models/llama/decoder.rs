@@ -236,8 +236,13 @@ impl CausalLm {
             return Err(Error::Model(format!("output column {bad} is past the segment's end")));
         }
         let mut kept = vec![Vec::new(); segs.len()];
+        // The normed input of the next layer's attention: each residual add below computes it
+        // in the same pass.
+        let mut hn = match self.layers.first() {
+            Some(first) => candle_nn::ops::rms_norm(&x, &first.attn_norm, eps)?,
+            None => x.clone(),
+        };
         for (li, layer) in self.layers.iter().enumerate() {
-            let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let (q_all, k_all, v_all) = layer.qkv(&hn)?;
             let mut ys = Vec::with_capacity(segs.len());
             for (si, (seg, g)) in segs.iter().zip(&geometry).enumerate() {
@@ -304,10 +309,13 @@ impl CausalLm {
                     (x, y) = (x.index_select(&idx, 0)?, y.index_select(&idx, 0)?);
                 }
             }
-            x = (x + layer.o.forward(&y)?)?;
-            let hn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let ff = layer.gated(&hn)?;
-            x = (x + layer.down.forward(&ff)?)?;
+            let ffn_in;
+            (x, ffn_in) = ops::add_rms_norm(&x, &layer.o.forward(&y)?, &layer.ffn_norm, eps)?;
+            let down = layer.down.forward(&layer.gated(&ffn_in)?)?;
+            match self.layers.get(li + 1) {
+                Some(next) => (x, hn) = ops::add_rms_norm(&x, &down, &next.attn_norm, eps)?,
+                None => x = (x + down)?,
+            }
         }
         let mut first = 0;
         let mut hidden = Vec::with_capacity(segs.len());
