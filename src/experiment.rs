@@ -7,9 +7,12 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use crate::assets;
-use crate::config::{Aggregation, BackendKind, Config, DataFile};
-use crate::data::split::{dedup_examples, k_shot, test_split, Split};
-use crate::data::{sources, Dataset};
+use crate::config::{client_index, Aggregation, BackendKind, Config, DataFile, NoniidSplit};
+use crate::data::split::{
+    dedup_examples, k_shot, partition_client_mix, partition_dirichlet, partition_iid, test_split,
+    Split,
+};
+use crate::data::{sources, Dataset, Example};
 use crate::models::bert::{MaskedLm, SentenceEncoder};
 use crate::models::linear::LinearFormat;
 use crate::models::llama::CausalLm;
@@ -359,10 +362,74 @@ pub fn load_split(cfg: &Config, progress: &mut dyn FnMut(&str)) -> Result<(Datas
     if let Some(w) = clamped {
         progress(&format!("warning: {w}"));
     }
-    let (rest, test) = test_split(&ds, test_size, TEST_SPLIT_SEED)?;
+    let split = split_of(cfg, &ds, test_size)?;
+    Ok((ds, split))
+}
+
+/// The fixed test split (`test_size` sentences, the same for every seed), then the seed's
+/// k-shot training and dev sets from the rest.
+fn split_of(cfg: &Config, ds: &Dataset, test_size: usize) -> Result<Split> {
+    let (rest, test) = test_split(ds, test_size, TEST_SPLIT_SEED)?;
     let (train, dev) =
         k_shot(&rest, ds.label_names.len(), cfg.k_shot, cfg.dev_per_class(), cfg.seed)?;
-    Ok((ds, Split { train, dev, test }))
+    Ok(Split { train, dev, test })
+}
+
+/// A federation's data: each client's training shard, the dev set and the test set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FederatedSplit {
+    pub shards: Vec<Vec<Example>>,
+    pub dev: Vec<Example>,
+    pub test: Vec<Example>,
+}
+
+/// The federated split of `ds` for `cfg`: [`load_split`]'s test, dev and training sets, the
+/// training set partitioned over `num_users` clients (iid, or non-iid by `noniid_split`), and
+/// a site's own shard file (`cluster.shards`) in place of its part. A function of the config
+/// and the corpus alone: every process of a federation derives the same split.
+pub fn federated_split(cfg: &Config, ds: &Dataset) -> Result<FederatedSplit> {
+    let (test_size, _) = test_size_for(cfg, ds.examples.len())?;
+    let Split { train, dev, test } = split_of(cfg, ds, test_size)?;
+    let n_classes = ds.label_names.len();
+    let seed = derive(cfg.seed, &[tag::PARTITION]);
+    let parts = if cfg.iid {
+        partition_iid(train.len(), cfg.num_users, seed)?
+    } else {
+        let labels: Vec<usize> = train.iter().map(|e| e.label).collect();
+        match cfg.noniid_split {
+            NoniidSplit::ClientMix => {
+                partition_client_mix(&labels, n_classes, cfg.num_users, cfg.alpha_dir, seed)?
+            }
+            NoniidSplit::ClassShares => {
+                partition_dirichlet(&labels, n_classes, cfg.num_users, cfg.alpha_dir, seed)?
+            }
+        }
+    };
+    let mut shards: Vec<Vec<Example>> =
+        parts.into_iter().map(|idx| idx.into_iter().map(|i| train[i].clone()).collect()).collect();
+    for own in &cfg.cluster.shards {
+        let key = "cluster.shards";
+        let i = client_index(&own.site, cfg.num_users)
+            .ok_or_else(|| Error::config(key, format!("`{}` is not a client", own.site)))?;
+        let file = load_shard_file(cfg, &own.file())
+            .map_err(|e| Error::config(key, format!("the shard of {}: {e}", own.site)))?;
+        if file.label_names != ds.label_names {
+            return Err(Error::config(
+                key,
+                format!(
+                    "{} has classes {:?}, the corpus {:?}",
+                    own.path.display(),
+                    file.label_names,
+                    ds.label_names
+                ),
+            ));
+        }
+        if file.examples.is_empty() {
+            return Err(Error::config(key, format!("{} holds no examples", own.path.display())));
+        }
+        shards[i] = file.examples;
+    }
+    Ok(FederatedSplit { shards, dev, test })
 }
 
 #[cfg(test)]
@@ -377,6 +444,71 @@ mod tests {
             p
         );
         Config::from_toml_str(&text, &[]).unwrap()
+    }
+
+    fn corpus(n: usize) -> Dataset {
+        Dataset {
+            name: "toy".into(),
+            label_names: vec!["negative".into(), "positive".into()],
+            examples: (0..n)
+                .map(|i| Example { text: format!("text {i}"), text_b: None, label: i % 2 })
+                .collect(),
+            warnings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_federated_split_is_a_function_of_the_config_and_the_corpus() {
+        let ds = corpus(600);
+        let sets = |extra: &[&str]| {
+            let mut v: Vec<String> =
+                ["test_size=100", "k_shot=40", "num_users=4", "seed=5"].map(String::from).into();
+            v.extend(extra.iter().map(|s| s.to_string()));
+            Config::from_toml_str("", &v).unwrap()
+        };
+        let iid = sets(&[]);
+        let a = federated_split(&iid, &ds).unwrap();
+        assert_eq!(a, federated_split(&iid, &ds).unwrap(), "two processes, two splits");
+        assert_eq!(a.shards.len(), 4);
+        assert_eq!(a.shards.iter().map(Vec::len).sum::<usize>(), 80);
+        assert_eq!((a.dev.len(), a.test.len()), (80, 100));
+        // The same test set for every seed; another seed, other shards.
+        let other = federated_split(&sets(&["seed=6"]), &ds).unwrap();
+        assert_eq!(other.test, a.test);
+        assert_ne!(other.shards, a.shards);
+        // Non-iid: the shards' class mixes differ from one another.
+        let skewed = federated_split(&sets(&["iid=false", "alpha_dir=0.1"]), &ds).unwrap();
+        let positives: Vec<f64> = skewed
+            .shards
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.iter().filter(|e| e.label == 1).count() as f64 / s.len() as f64)
+            .collect();
+        let spread = positives.iter().cloned().fold(f64::NAN, f64::max)
+            - positives.iter().cloned().fold(f64::NAN, f64::min);
+        assert!(spread > 0.3, "class shares {positives:?}");
+        // A site's own file replaces its part; a site that is no client is refused by key.
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("own.csv");
+        std::fs::write(&csv, "text,label\nmine,positive\nalso mine,negative\n").unwrap();
+        let own = format!(
+            "cluster.shards=[{{site=\"site-2\", path=\"{}\", format=\"csv\", columns={{text=\"text\", label=\"label\"}}}}]",
+            csv.display()
+        );
+        let with_file = federated_split(&sets(&[&own]), &ds).unwrap();
+        assert_eq!(with_file.shards[1].len(), 2);
+        assert_eq!(with_file.shards[0], a.shards[0]);
+        let stranger = own.replace("site-2", "site-9");
+        let all: Vec<String> = ["test_size=100", "k_shot=40", "num_users=4", "seed=5"]
+            .into_iter()
+            .map(String::from)
+            .chain([stranger])
+            .collect();
+        let e = Config::from_toml_str("", &all)
+            .map_err(|e| e.to_string())
+            .and_then(|c| federated_split(&c, &ds).map_err(|e| e.to_string()));
+        let e = e.expect_err("a site that is no client");
+        assert!(e.contains("cluster.shards") || e.contains("site-9"), "{e}");
     }
 
     #[test]

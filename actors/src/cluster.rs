@@ -140,6 +140,8 @@ pub struct Registry;
 
 pub struct RegistryArgs {
     pub config: Value,
+    /// The server's corpus fingerprint, which every client process's must equal.
+    pub data_fingerprint: String,
     pub num_users: usize,
     pub roster: ActorRef<SupervisorMsg>,
     /// The server's node: which peers are connected.
@@ -207,6 +209,15 @@ fn admit(state: &mut RegistryState, join: Join, connected: &[String]) -> Result<
         .map_err(|e| format!("{who}: its configuration is not JSON: {e}"))?;
     if let Some(diff) = config_difference(&state.args.config, &config) {
         return Err(format!("{who}: its configuration differs from the server's at {diff}"));
+    }
+    if join.data != state.args.data_fingerprint {
+        let short = |f: &str| f.chars().take(12).collect::<String>();
+        return Err(format!(
+            "{who}: its data differs from the server's under the same configuration (`data.path` \
+             or the embedded data set: fingerprint {}..., the server's {}...)",
+            short(&join.data),
+            short(&state.args.data_fingerprint)
+        ));
     }
     if join.sites.is_empty() {
         return Err(format!("{who}: no sites"));
@@ -291,8 +302,14 @@ pub struct ServerSide {
 }
 
 impl ServerSide {
-    /// Starts the node, the remote roster and the registry.
-    pub async fn start(cfg: &Config, listen: SocketAddr, cookie: String) -> Result<ServerSide> {
+    /// Starts the node, the remote roster and the registry, which admits client processes whose
+    /// configuration and corpus (`data_fingerprint`) are the server's.
+    pub async fn start(
+        cfg: &Config,
+        listen: SocketAddr,
+        cookie: String,
+        data_fingerprint: String,
+    ) -> Result<ServerSide> {
         refuse_local_kills(cfg)?;
         let node = start_node("fedbpt-server", cookie, cfg).await?;
         let counters = SocketCounters::default();
@@ -314,6 +331,7 @@ impl ServerSide {
             Registry,
             RegistryArgs {
                 config,
+                data_fingerprint,
                 num_users: cfg.num_users,
                 roster: roster.clone(),
                 node: node.clone(),
@@ -381,13 +399,15 @@ pub struct ClientSide {
 const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 
 impl ClientSide {
-    /// Connects to the server at `connect` and asks it to admit `sites`.
+    /// Connects to the server at `connect` and asks it to admit `sites`; `data_fingerprint` is
+    /// this process's corpus's.
     pub async fn join(
         cfg: &Config,
         connect: &str,
         cookie: String,
         name: &str,
         sites: &[usize],
+        data_fingerprint: &str,
     ) -> Result<ClientSide> {
         let node = start_node(name, cookie, cfg).await?;
         let (tx, disconnected) = tokio::sync::mpsc::unbounded_channel();
@@ -400,6 +420,7 @@ impl ClientSide {
             node: name.to_string(),
             sites: sites.to_vec(),
             config: serde_json::to_string(cfg)?,
+            data: data_fingerprint.to_string(),
         };
         let mut side = ClientSide {
             node,

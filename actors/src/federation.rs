@@ -8,17 +8,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use fedbpt::bbt::projection_for;
-use fedbpt::config::{client_index, Aggregation, Config, NoniidSplit};
-use fedbpt::data::split::{
-    k_shot, partition_client_mix, partition_dirichlet, partition_iid, test_split,
-};
+use fedbpt::config::{client_index, Aggregation, Config};
 use fedbpt::data::{Dataset, Example};
-use fedbpt::experiment::{self, TEST_SPLIT_SEED};
+use fedbpt::experiment;
 use fedbpt::local_search::Objective;
 use fedbpt::models::linear::LinearFormat;
 use fedbpt::models::{Prepared, PromptModel};
 use fedbpt::objective::{BestOnDev, Metric};
-use fedbpt::seeds::{derive, tag};
 use fedbpt::task::TaskSpec;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorCell, ActorRef};
@@ -146,48 +142,15 @@ struct Data {
     test: Arc<Vec<Example>>,
 }
 
+/// The library's federated split ([`experiment::federated_split`]), shared as the actors hold
+/// it.
 fn partition(cfg: &Config, ds: &Dataset) -> Result<Data> {
-    let (test_size, _) = experiment::test_size_for(cfg, ds.examples.len())?;
-    let (rest, test) = test_split(ds, test_size, TEST_SPLIT_SEED)?;
-    let n_classes = ds.label_names.len();
-    let (train, dev) = k_shot(&rest, n_classes, cfg.k_shot, cfg.dev_per_class(), cfg.seed)?;
-    let seed = derive(cfg.seed, &[tag::PARTITION]);
-    let parts = if cfg.iid {
-        partition_iid(train.len(), cfg.num_users, seed)?
-    } else {
-        let labels: Vec<usize> = train.iter().map(|e| e.label).collect();
-        match cfg.noniid_split {
-            NoniidSplit::ClientMix => {
-                partition_client_mix(&labels, n_classes, cfg.num_users, cfg.alpha_dir, seed)?
-            }
-            NoniidSplit::ClassShares => {
-                partition_dirichlet(&labels, n_classes, cfg.num_users, cfg.alpha_dir, seed)?
-            }
-        }
-    };
-    let mut shards: Vec<Arc<Vec<Example>>> = parts
-        .into_iter()
-        .map(|idx| Arc::new(idx.into_iter().map(|i| train[i].clone()).collect()))
-        .collect();
-    for own in &cfg.cluster.shards {
-        let i = client_index(&own.site, cfg.num_users)
-            .ok_or_else(|| anyhow!("cluster.shards: `{}` is not a client", own.site))?;
-        let file = fedbpt::experiment::load_shard_file(cfg, &own.file())
-            .with_context(|| format!("cluster.shards: the shard of {}", own.site))?;
-        if file.label_names != ds.label_names {
-            bail!(
-                "cluster.shards: {} has classes {:?}, the corpus {:?}",
-                own.path.display(),
-                file.label_names,
-                ds.label_names
-            );
-        }
-        if file.examples.is_empty() {
-            bail!("cluster.shards: {} holds no examples", own.path.display());
-        }
-        shards[i] = Arc::new(file.examples);
-    }
-    Ok(Data { shards, dev: Arc::new(dev), test: Arc::new(test) })
+    let split = experiment::federated_split(cfg, ds)?;
+    Ok(Data {
+        shards: split.shards.into_iter().map(Arc::new).collect(),
+        dev: Arc::new(split.dev),
+        test: Arc::new(split.test),
+    })
 }
 
 /// The CMA-ES matrices of a round (each running search holds a `d x d` covariance and

@@ -229,14 +229,15 @@ enum Command {
 /// Keeps freed memory in the process instead of returning it to the kernel.
 ///
 /// A forward allocates and frees tens of multi-megabyte tensors; glibc hands each one back with
-/// `munmap` or a heap trim, and the next allocation pays page faults to get zeroed pages again:
-/// about a fifth of a MiniLM forward's time on this CPU (`fedbpt bench`). The process keeps its
-/// peak footprint instead, which it reaches every forward anyway.
+/// `munmap` or a heap trim, and the next allocation pays page faults to get zeroed pages again.
+/// The process keeps its peak footprint instead, which it reaches every forward anyway. glibc
+/// serves blocks above its largest mmap threshold (32 MB) with `mmap` whatever is asked, so the
+/// forwards keep their intermediates below that (`TOKENS_PER_PASS`, `SUFFIX_PASS_ROWS`).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
@@ -482,22 +483,16 @@ pub(crate) struct RoundLine {
     pub rest: serde_json::Value,
 }
 
-/// The rounds of the finished run in `dir`.
+/// The rounds of the finished run in `dir` (read by [`fedbpt_actors::run_dir::read_metrics`]).
 pub(crate) fn read_rounds(dir: &Path) -> Result<Vec<RoundLine>> {
-    let path = dir.join("metrics.jsonl");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .map(|(i, line)| {
-            let mut v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}: line {}", path.display(), i + 1))?;
-            let wall_s = v["wall_s"].as_f64().unwrap_or(0.0);
-            let bytes_up = v["bytes_up"].as_u64().unwrap_or(0) as usize;
-            let bytes_down = v["bytes_down"].as_u64().unwrap_or(0) as usize;
-            if let Some(o) = v.as_object_mut() {
+    fedbpt_actors::run_dir::read_metrics(&dir.join("metrics.jsonl"))?
+        .into_iter()
+        .map(|r| {
+            let mut rest = serde_json::to_value(&r)?;
+            if let Some(o) = rest.as_object_mut() {
                 o.remove("wall_s");
             }
-            Ok(RoundLine { wall_s, bytes_up, bytes_down, rest: v })
+            Ok(RoundLine { wall_s: r.wall_s, bytes_up: r.bytes_up, bytes_down: r.bytes_down, rest })
         })
         .collect()
 }

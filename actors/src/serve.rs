@@ -36,7 +36,10 @@ pub fn serve(
     let dir = RunDir::open(&out, "--out")?;
     check_trace(trace)?;
     let rt = runtime(&cfg)?;
-    let side = rt.block_on(ServerSide::start(&cfg, listen, cookie))?;
+    // The corpus alone (seconds), so that client processes are checked against it while the
+    // model loads.
+    let fingerprint = fedbpt::experiment::load_dataset(&cfg, &mut |_| {})?.fingerprint();
+    let side = rt.block_on(ServerSide::start(&cfg, listen, cookie, fingerprint))?;
     say(&format!(
         "serve: listening on {listen} for {} sites, {} rounds -> {}",
         cfg.num_users,
@@ -101,7 +104,8 @@ pub fn join(
     let env = Env::load(&cfg, &mut |m| say(m))?;
     let profiler = trace.map(|_| Profiler::start());
     let done = rt.block_on(async {
-        let mut side = ClientSide::join(&cfg, connect, cookie, &name, &sites).await?;
+        let mut side =
+            ClientSide::join(&cfg, connect, cookie, &name, &sites, &env.data_fingerprint).await?;
         say(&format!(
             "join: node `{name}` admitted for site-{} at {connect}",
             names.join(", site-")

@@ -172,13 +172,16 @@ impl BytesConvertable for TrainReply {
     }
 }
 
-/// A client process asking to take part: its node's name, the sites it runs, and its
-/// configuration (JSON), which must match the server's outside the per-process sections.
+/// A client process asking to take part: its node's name, the sites it runs, its configuration
+/// (JSON), which must match the server's outside the per-process sections, and the fingerprint
+/// of the corpus it loaded ([`fedbpt::data::Dataset::fingerprint`]), which must match the
+/// server's: the same `data.path` can hold other data on another machine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Join {
     pub node: String,
     pub sites: Vec<usize>,
     pub config: String,
+    pub data: String,
 }
 
 /// A join request as it arrived.
@@ -267,8 +270,12 @@ mod tests {
         assert_eq!(TrainReply::from_bytes(ok.clone().into_bytes()), ok);
         let err = TrainReply(Err("deadline passed".into()));
         assert_eq!(TrainReply::from_bytes(err.clone().into_bytes()), err);
-        let join =
-            JoinRequest::Valid(Join { node: "n".into(), sites: vec![0, 4], config: "{}".into() });
+        let join = JoinRequest::Valid(Join {
+            node: "n".into(),
+            sites: vec![0, 4],
+            config: "{}".into(),
+            data: "ab".into(),
+        });
         assert_eq!(JoinRequest::from_bytes(join.clone().into_bytes()), join);
     }
 
@@ -289,8 +296,12 @@ mod tests {
         // A valid payload of another message is no request.
         let reply = TrainReply(Err("x".into())).into_bytes();
         assert!(rejected(reply).contains("TrainReply payload where a Train belongs"));
-        let join =
-            JoinRequest::Valid(Join { node: "n".into(), sites: vec![], config: String::new() });
+        let join = JoinRequest::Valid(Join {
+            node: "n".into(),
+            sites: vec![],
+            config: String::new(),
+            data: String::new(),
+        });
         assert!(rejected(join.into_bytes()).contains("Join payload"));
         // Replies that do not decode become an error the server records.
         let TrainReply(r) = TrainReply::from_bytes(b"FBPT\x01\x00\x02\xff\xff".to_vec());

@@ -351,7 +351,12 @@ async fn wrong_frames(addr: &str) -> (String, Result<String, String>) {
         other => panic!("the registry answered a Train payload with {other:?}"),
     };
     let real: ActorRef<RegistryMsg> = registry.into();
-    let huge = Join { node: "prober".into(), sites: vec![5], config: "x".repeat(17 << 20) };
+    let huge = Join {
+        node: "prober".into(),
+        sites: vec![5],
+        config: "x".repeat(17 << 20),
+        data: String::new(),
+    };
     let oversize = match real
         .call(
             |reply| RegistryMsg::Join(JoinRequest::Valid(huge), reply),
@@ -568,10 +573,33 @@ fn a_client_process_that_sends_bad_updates_cannot_end_the_run() {
         }
         ractor_cluster::client_connect(&node, format!("127.0.0.1:{port}")).await.unwrap();
         let registry: ActorRef<RegistryMsg> = registry().await.into();
+        let data = fedbpt::experiment::load_dataset(&cfg, &mut |_| {}).unwrap().fingerprint();
+        // The same configuration over other data (the same path, another machine's file):
+        // refused, naming the data.
+        let other = Join {
+            node: "liar".into(),
+            sites: vec![9],
+            config: serde_json::to_string(&cfg).unwrap(),
+            data: data.chars().rev().collect(),
+        };
+        let answer = registry
+            .call(
+                |reply| RegistryMsg::Join(JoinRequest::Valid(other), reply),
+                Some(Duration::from_secs(20)),
+            )
+            .await
+            .unwrap();
+        match answer {
+            CallResult::Success(JoinReply(Err(why))) => {
+                assert!(why.contains("data differs") && why.contains("data.path"), "{why}")
+            }
+            other => panic!("a join over other data was answered {other:?}"),
+        }
         let join = Join {
             node: "liar".into(),
             sites: vec![9],
             config: serde_json::to_string(&cfg).unwrap(),
+            data,
         };
         let answer = registry
             .call(

@@ -19,13 +19,13 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 
 pub mod cpu;
+mod layout;
 pub mod ops;
 mod packed;
 mod tiles;
 
-pub use packed::{
-    forward_shared, forward_swiglu, from_bf16, to_bf16, PackedLinear, MAX_TILE_ROWS, NR,
-};
+pub use layout::{from_bf16, to_bf16, MAX_TILE_ROWS, NR};
+pub use packed::{forward_shared, forward_swiglu, PackedLinear};
 
 /// The environment variable that forces a kernel.
 pub const KERNEL_VAR: &str = "FEDBPT_KERNEL";

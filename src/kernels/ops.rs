@@ -594,7 +594,7 @@ impl CustomOp1 for VarlenAttention<'_> {
 
 /// Self-attention of each sequence over its own tokens. `qkv`: `[n, 3h]`, the query, key and
 /// value rows of sequences packed back to back (`lengths` tokens each, no padding); returns the
-/// `[n, h]` context rows, heads side by side. CPU and f32 only: see [`super::bert_encoder`] for
+/// `[n, h]` context rows, heads side by side. CPU and f32 only: see `models::bert`'s encoder for
 /// the padded path other devices take.
 pub fn varlen_attention(
     qkv: &Tensor,

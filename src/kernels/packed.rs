@@ -1,94 +1,18 @@
-//! The linear layer `y = x . W^T + b` with `W` held as bf16, packed once at load.
-//!
-//! Layout, shared by every kernel: the `[out, in]` weight in panels of [`NR`] output columns;
-//! within a panel, input positions in pairs `(2j, 2j + 1)`, one 32-bit word per column and pair
-//! (the even one in the low half): what `vdpbf16ps` multiplies against a broadcast pair of input
-//! values, and, 16 columns and 16 pairs at a time, the layout an AMX tile of B reads (rows 192
-//! bytes apart). Pairs are padded with zeros to a multiple of 16 and the buffers are 64-byte
-//! aligned, as tile loads want. Each matmul's input is rounded to bf16 once (shared by layers
-//! that read the same input) and the products are accumulated in f32.
+//! The linear layer `y = x . W^T + b` with `W` held as bf16, packed once at load in the layout
+//! of [`super::layout`]. Each matmul's input is rounded to bf16 once (shared by layers that read
+//! the same input) and the products are accumulated in f32.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::layout::{from_bf16, pair, to_bf16, RoundedInput, Words, MAX_TILE_ROWS, NR, PAIR_BLOCK};
 use super::ops::SharedMut;
 use super::tiles::{self, Tile};
 use super::Kernel;
 
-/// Output columns per panel: three 16-lane vectors, or three AMX tiles.
-pub const NR: usize = 48;
-/// Most rows a kernel computes per block (an AMX tile's 16).
-pub const MAX_TILE_ROWS: usize = 16;
-/// Input pairs per AMX tile row (64 bytes): the packed pairs are a multiple of this.
-const PAIR_BLOCK: usize = 16;
 /// Rows per parallel task (with one panel): enough that a task amortizes its start and the
 /// AVX2 kernel's widening of the panel.
 const ROWS_PER_TASK: usize = 128;
-
-/// f32 -> bf16 bits as `vcvtneps2bf16` rounds: to nearest even, denormals to signed zero, NaN
-/// stays NaN.
-pub fn to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    if x.is_subnormal() {
-        return ((bits >> 16) & 0x8000) as u16;
-    }
-    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
-    (rounded >> 16) as u16
-}
-
-/// bf16 bits -> f32 (exact).
-pub fn from_bf16(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
-}
-
-/// Two bf16 values in one word: `lo` in the low half, as `vdpbf16ps` and AMX read pairs.
-pub(super) fn pair(lo: f32, hi: f32) -> u32 {
-    to_bf16(lo) as u32 | ((to_bf16(hi) as u32) << 16)
-}
-
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-struct Line([u32; 16]);
-
-/// 32-bit words in 64-byte aligned lines, zero-initialized.
-#[derive(Clone)]
-pub(super) struct Words {
-    lines: Vec<Line>,
-    len: usize,
-}
-
-impl Words {
-    pub(super) fn zeroed(len: usize) -> Self {
-        Self { lines: vec![Line([0; 16]); len.div_ceil(16)], len }
-    }
-
-    pub(super) fn as_slice(&self) -> &[u32] {
-        // SAFETY: `lines` holds at least `len` u32 (16 per line), contiguous and initialized.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u32] {
-        // SAFETY: as in `as_slice`, borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
-    }
-}
-
-impl std::fmt::Debug for Words {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Words({})", self.len)
-    }
-}
-
-/// A matmul's input rounded to bf16, in the form its kernel reads.
-pub(super) enum RoundedInput {
-    /// `[rows padded to MAX_TILE_ROWS][kpairs]` pair words (zero rows and pairs past the end).
-    Pairs(Words),
-    /// `[rows][2 * pairs]` rounded values as f32 (the AVX2 kernel broadcasts them).
-    Floats(Vec<f32>),
-}
 
 /// A linear layer with `W` packed as bf16 panels for one [`Kernel`].
 #[derive(Debug, Clone)]
@@ -109,8 +33,8 @@ impl PackedLinear {
     /// Packs a row-major `[outputs, inputs]` weight for `kernel`.
     ///
     /// # Panics
-    /// If `weight` does not hold `outputs * inputs` values or `bias` not `outputs`
-    /// ([`Self::from_tensors`] checks shapes and returns an error instead).
+    /// If `weight` does not hold `outputs * inputs` values, `bias` not `outputs`, or this CPU
+    /// cannot run `kernel` ([`Self::from_tensors`] checks all three and returns an error).
     pub fn new(
         weight: &[f32],
         outputs: usize,
@@ -119,6 +43,7 @@ impl PackedLinear {
         kernel: Kernel,
     ) -> Self {
         assert_eq!(weight.len(), outputs * inputs, "weight is not [{outputs}, {inputs}]");
+        assert!(kernel.available(), "this CPU cannot run the {} kernel", kernel.name());
         if let Some(b) = &bias {
             assert_eq!(b.len(), outputs, "bias is not [{outputs}]");
         }
@@ -147,6 +72,9 @@ impl PackedLinear {
         if !weight.device().is_cpu() {
             candle_core::bail!("bf16 weights are implemented for the CPU only");
         }
+        if !kernel.available() {
+            candle_core::bail!("this CPU cannot run the {} kernel", kernel.name());
+        }
         let w = weight.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let b = bias
             .map(|b| b.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>())
@@ -169,8 +97,12 @@ impl PackedLinear {
         self.kernel
     }
 
-    /// The same weights for another kernel (the packing is shared: no copy of the layout work).
+    /// The same weights for another kernel (every kernel reads the same packing).
+    ///
+    /// # Panics
+    /// If this CPU cannot run `kernel`.
     pub fn with_kernel(&self, kernel: Kernel) -> Self {
+        assert!(kernel.available(), "this CPU cannot run the {} kernel", kernel.name());
         Self { kernel, ..self.clone() }
     }
 

@@ -107,8 +107,12 @@ impl Linear {
         }
     }
 
-    /// Re-packs the layer for `kernel` (an f32 layer is packed; a quantized one is refused).
+    /// Re-packs the layer for `kernel` (an f32 layer is packed; a quantized one, or a kernel
+    /// this CPU cannot run, is refused).
     pub fn pack(&mut self, kernel: Kernel) -> Result<()> {
+        if !kernel.available() {
+            return Err(Error::Model(format!("this CPU cannot run the {} kernel", kernel.name())));
+        }
         *self = match self {
             Linear::F32 { weight, bias } => {
                 Linear::Packed(PackedLinear::from_tensors(weight, bias.as_ref(), kernel)?)

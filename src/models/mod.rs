@@ -14,7 +14,6 @@ use crate::task::TaskSpec;
 use crate::Result;
 
 pub mod bert;
-pub mod bert_encoder;
 pub mod gguf_check;
 pub mod linear;
 pub mod llama;

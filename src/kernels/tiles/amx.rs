@@ -8,7 +8,7 @@
 
 use std::arch::asm;
 
-use super::super::packed::{MAX_TILE_ROWS, NR};
+use super::super::layout::{MAX_TILE_ROWS, NR};
 use super::Tile;
 
 /// Bytes per tile row: 16 f32, or 16 pairs of bf16.

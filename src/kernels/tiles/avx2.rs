@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::super::packed::NR;
+use super::super::layout::NR;
 use super::Tile;
 
 /// Columns per sub-panel (two 8-lane vectors).

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::super::packed::NR;
+use super::super::layout::NR;
 use super::Tile;
 
 /// `tile[i][c] = sum_j dot(a[i][j], b[j][c])` for `rows` (1..=8) rows of `a` (row stride

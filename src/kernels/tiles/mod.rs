@@ -2,7 +2,7 @@
 //! (`[rows][NR]` f32) from the rounded input and the panel's packed words. The task loop around
 //! them, the packing and the candle op are in [`super::packed`].
 
-use super::packed::{RoundedInput, MAX_TILE_ROWS, NR};
+use super::layout::{RoundedInput, MAX_TILE_ROWS, NR};
 use super::Kernel;
 
 #[cfg(target_arch = "x86_64")]

@@ -1,7 +1,7 @@
 //! The portable block: plain loops in `vdpbf16ps`'s order (the odd product first; each product
 //! of two bf16 values is exact in f32), so it gives the AVX-512 BF16 and AVX2 kernels' bits.
 
-use super::super::packed::{from_bf16, pair, NR};
+use super::super::layout::{from_bf16, pair, NR};
 use super::Tile;
 
 /// `tile[i][c] = sum_j dot(a[i][j], b[j][c])` for `rows` rows of `a` (row stride `stride`

@@ -144,8 +144,8 @@ impl CausalLm {
     /// `[prompt][example][class]` (one "prompt" when there are none: the manual prompt). Every
     /// (chunk, group of candidates) is a segment of about `suffix_pass_rows` rows or fewer, and
     /// consecutive segments share a decoder pass up to that many rows: the activations of a pass
-    /// this size stay in cache; one pass over all 20 candidates of a 64-example chunk (10,240
-    /// rows) ran about 1.1-1.2x slower on the build machine.
+    /// this size stay in cache, where one pass over all 20 candidates of a 64-example chunk
+    /// (10,240 rows) would not.
     fn suffix_passes(
         &self,
         work: &[(&CausalBatch, &[Tensor], bool)],
