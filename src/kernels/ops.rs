@@ -982,12 +982,14 @@ mod tests {
         assert!(diff < 1e-5, "max diff {diff}");
     }
 
+    /// A tensor's f32 values as bits, for comparisons that must be exact.
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
     #[test]
     fn add_rms_norm_gives_candles_add_and_rms_norm_bits() {
         let dev = Device::Cpu;
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
-        };
         // One row, rows past a task's chunk, a width that is no multiple of a vector.
         for (n, h) in [(1, 576), (70, 576), (3, 37)] {
             let x = Tensor::randn(0f32, 1.0, (n, h), &dev).unwrap();
@@ -1007,9 +1009,6 @@ mod tests {
     #[test]
     fn add_layer_norm_gives_candles_add_and_layer_norm_bits() {
         let dev = Device::Cpu;
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
-        };
         for (n, h) in [(1, 384), (90, 384), (3, 37)] {
             let x = Tensor::randn(0f32, 1.0, (n, h), &dev).unwrap();
             let y = Tensor::randn(0.3f32, 0.5, (n, h), &dev).unwrap();
