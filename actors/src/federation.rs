@@ -239,80 +239,13 @@ async fn run_with_pool(
     opts: RunOptions,
     on_round: &mut dyn FnMut(&RoundRecord),
 ) -> Result<(FedSummary, Vec<RoundRecord>)> {
-    let (data, pool, started) = (ctx.data, ctx.pool, ctx.started);
-    let spawned = &mut ctx.spawned;
-    // Evaluation runs on the device of `eval_clients` (validated by the config).
-    let eval_party = client_index(&cfg.eval_clients, cfg.num_users).unwrap_or(0);
+    let (pool, started) = (ctx.pool, ctx.started);
     let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?.clone();
     let objective = Objective { loss: cfg.loss_type, metric: env.task.metric };
     let projection = Arc::new(projection_for(cfg, model.as_ref())?);
-    let data_ref = spawn_data_loader(data).await?;
-    spawned.push(data_ref.get_cell());
-
-    // The evaluator's sets come from the data loader; the prepared test set is reused across
-    // runs of this process (the test split does not depend on the seed).
-    let (dev, test) = match data_ref
-        .call(|reply| DataMsg::EvalSets { stamp: profile::stamp(), reply }, None)
-        .await?
-    {
-        CallResult::Success(s) => s,
-        _ => bail!("the data loader did not serve the evaluation sets"),
-    };
-    let dev_prepared = pool.prepare(eval_party, "main", dev, None).await.map_err(|e| anyhow!(e))?;
-    let test_setup = Instant::now();
-    let (test_prepared, cached_baselines) = match &env.test {
-        Some((examples, prepared, baselines)) if **examples == *test => {
-            (prepared.clone(), Some(*baselines))
-        }
-        _ => (
-            pool.prepare(eval_party, "main", test.clone(), None).await.map_err(|e| anyhow!(e))?,
-            None,
-        ),
-    };
-    let (evaluator, _) = Actor::spawn(
-        None,
-        Evaluator,
-        EvalArgs {
-            pool: pool.clone(),
-            dev: dev_prepared,
-            test: test_prepared.clone(),
-            projection: projection.clone(),
-            objective,
-            party: eval_party,
-        },
-    )
-    .await?;
-    spawned.push(evaluator.get_cell());
-    let baselines = match cached_baselines {
-        Some(b) => b,
-        None => match evaluator
-            .call(|reply| EvalMsg::Baselines { stamp: profile::stamp(), reply }, None)
-            .await?
-        {
-            CallResult::Success(r) => r.map_err(|e| anyhow!(e))?,
-            _ => bail!("the evaluator did not answer"),
-        },
-    };
-    let test_setup_s =
-        if cached_baselines.is_some() { 0.0 } else { test_setup.elapsed().as_secs_f64() };
-    env.test = Some((test.clone(), test_prepared, baselines));
-    let z0 = vec![0f32; cfg.intrinsic_dim];
-    let initial = match evaluator
-        .call(
-            |reply| EvalMsg::Evaluate {
-                z: z0.clone(),
-                with_test: false,
-                from: "main",
-                stamp: profile::stamp(),
-                reply,
-            },
-            None,
-        )
-        .await?
-    {
-        CallResult::Success(r) => r.map_err(|e| anyhow!(e))?,
-        _ => bail!("the evaluator did not answer"),
-    };
+    let data_ref = spawn_data_loader(ctx.data).await?;
+    ctx.spawned.push(data_ref.get_cell());
+    let eval = start_evaluation(cfg, env, ctx, &data_ref, &projection, objective).await?;
 
     let deadline = Duration::from_secs_f64(cfg.runtime.round_timeout_s);
     let (supervisor, roster_patience) = match opts.clients {
@@ -323,28 +256,27 @@ async fn run_with_pool(
         Clients::Local => {
             let clients = client_args(cfg, pool, &data_ref, &projection, objective);
             let supervisor = spawn_supervisor(cfg, clients).await?;
-            spawned.push(supervisor.get_cell());
+            ctx.spawned.push(supervisor.get_cell());
             (supervisor, deadline)
         }
     };
 
-    let aggregator = experiment::aggregator_for(cfg)?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (server, _) = Actor::spawn(
         None,
         Server,
         ServerArgs {
             cfg: cfg.clone(),
-            aggregator,
+            aggregator: experiment::aggregator_for(cfg)?,
             supervisor,
-            evaluator: evaluator.clone(),
+            evaluator: eval.evaluator.clone(),
             events: tx,
             started,
             initial_dev: Some(BestOnDev {
-                metric: initial.dev_acc,
-                loss: initial.dev_loss,
+                metric: eval.initial.dev_acc,
+                loss: eval.initial.dev_loss,
                 step: 0,
-                z: z0,
+                z: vec![0f32; cfg.intrinsic_dim],
             }),
             checkpoint_dir: opts.checkpoint_dir,
             resume: opts.resume.clone(),
@@ -353,9 +285,130 @@ async fn run_with_pool(
         },
     )
     .await?;
-    spawned.push(server.get_cell());
+    ctx.spawned.push(server.get_cell());
+    let (records, finished) =
+        drive_rounds(cfg, &server, rx, opts.resume.as_ref(), on_round).await?;
+    let summary = summarize(cfg, env, ctx, &eval, &records, finished).await?;
+    Ok((summary, records))
+}
+
+/// Calls `actor` and waits for its answer; `who` names it in the error when it has none.
+async fn ask<M, T>(
+    actor: &ActorRef<M>,
+    msg: impl FnOnce(ractor::RpcReplyPort<T>) -> M,
+    who: &str,
+) -> Result<T>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+{
+    match actor.call(msg, None).await? {
+        CallResult::Success(answer) => Ok(answer),
+        _ => bail!("the {who} did not answer"),
+    }
+}
+
+/// The evaluator of a run, with the baselines on the test set and z = 0 on dev.
+struct EvalSetup {
+    evaluator: ActorRef<EvalMsg>,
+    /// The manual prompt's and z = 0's test accuracies.
+    baselines: (f64, f64),
+    /// z = 0 on dev (round 0).
+    initial: crate::messages::Evaluation,
+    test_examples: usize,
+    /// Time spent preparing the test set and its baselines (0 when `env` had them).
+    test_setup_s: f64,
+}
+
+/// Prepares the dev and test sets (the test set and its baselines are reused across runs of
+/// this process: the test split does not depend on the seed), spawns the evaluator on the
+/// device of `eval_clients`, and scores z = 0 on dev.
+async fn start_evaluation(
+    cfg: &Config,
+    env: &mut Env,
+    ctx: &mut RunContext<'_>,
+    data_ref: &ActorRef<DataMsg>,
+    projection: &Arc<fedbpt::projection::Projection>,
+    objective: Objective,
+) -> Result<EvalSetup> {
+    let pool = ctx.pool;
+    // Validated by the config.
+    let party = client_index(&cfg.eval_clients, cfg.num_users).unwrap_or(0);
+    let (dev, test) =
+        ask(data_ref, |reply| DataMsg::EvalSets { stamp: profile::stamp(), reply }, "data loader")
+            .await?;
+    let dev_prepared = pool.prepare(party, "main", dev, None).await.map_err(|e| anyhow!(e))?;
+    let test_setup = Instant::now();
+    let (test_prepared, cached_baselines) = match &env.test {
+        Some((examples, prepared, baselines)) if **examples == *test => {
+            (prepared.clone(), Some(*baselines))
+        }
+        _ => (pool.prepare(party, "main", test.clone(), None).await.map_err(|e| anyhow!(e))?, None),
+    };
+    let (evaluator, _) = Actor::spawn(
+        None,
+        Evaluator,
+        EvalArgs {
+            pool: pool.clone(),
+            dev: dev_prepared,
+            test: test_prepared.clone(),
+            projection: projection.clone(),
+            objective,
+            party,
+        },
+    )
+    .await?;
+    ctx.spawned.push(evaluator.get_cell());
+    let baselines = match cached_baselines {
+        Some(b) => b,
+        None => ask(
+            &evaluator,
+            |reply| EvalMsg::Baselines { stamp: profile::stamp(), reply },
+            "evaluator",
+        )
+        .await?
+        .map_err(|e| anyhow!(e))?,
+    };
+    let test_setup_s =
+        if cached_baselines.is_some() { 0.0 } else { test_setup.elapsed().as_secs_f64() };
+    let test_examples = test.len();
+    env.test = Some((test, test_prepared, baselines));
+    let z0 = vec![0f32; cfg.intrinsic_dim];
+    let initial = ask(
+        &evaluator,
+        |reply| EvalMsg::Evaluate {
+            z: z0,
+            with_test: false,
+            from: "main",
+            stamp: profile::stamp(),
+            reply,
+        },
+        "evaluator",
+    )
+    .await?
+    .map_err(|e| anyhow!(e))?;
+    Ok(EvalSetup { evaluator, baselines, initial, test_examples, test_setup_s })
+}
+
+/// What the server reports when its last round is done.
+struct Finished {
+    final_z: Vec<f32>,
+    best_dev_z: Vec<f32>,
+    best_dev_round: usize,
+    best_dev_acc: f64,
+}
+
+/// Starts the rounds (after a checkpoint's, whose records come first) and collects every
+/// round's record until the server finishes or fails.
+async fn drive_rounds(
+    cfg: &Config,
+    server: &ActorRef<ServerMsg>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<ServerEvent>,
+    resume: Option<&Checkpoint>,
+    on_round: &mut dyn FnMut(&RoundRecord),
+) -> Result<(Vec<RoundRecord>, Finished)> {
     let mut records = Vec::new();
-    let first = match &opts.resume {
+    let first = match resume {
         Some(cp) => {
             for r in &cp.records {
                 on_round(r);
@@ -369,76 +422,81 @@ async fn run_with_pool(
         bail!("the checkpoint is of a finished run ({} of {} rounds)", first - 1, cfg.num_rounds);
     }
     server.send_message(ServerMsg::RunRound { round: first, stamp: profile::stamp() })?;
-
-    let outcome = loop {
+    loop {
         match rx.recv().await {
             Some(ServerEvent::Round(r)) => {
                 on_round(&r);
                 records.push(r);
             }
             Some(ServerEvent::Finished { final_z, best_dev_z, best_dev_round, best_dev_acc }) => {
-                break Ok((final_z, best_dev_z, best_dev_round, best_dev_acc))
+                let finished = Finished { final_z, best_dev_z, best_dev_round, best_dev_acc };
+                return Ok((records, finished));
             }
-            Some(ServerEvent::Failed(e)) => break Err(anyhow!("server: {e}")),
-            None => break Err(anyhow!("the server stopped without finishing")),
+            Some(ServerEvent::Failed(e)) => bail!("server: {e}"),
+            None => bail!("the server stopped without finishing"),
         }
+    }
+}
+
+/// The run's `summary.json`: the final and best-on-dev test accuracies (evaluated now where the
+/// last round did not), traffic and forward counts.
+async fn summarize(
+    cfg: &Arc<Config>,
+    env: &Env,
+    ctx: &RunContext<'_>,
+    eval: &EvalSetup,
+    records: &[RoundRecord],
+    finished: Finished,
+) -> Result<FedSummary> {
+    let Finished { final_z, best_dev_z, best_dev_round, best_dev_acc } = finished;
+    let final_test_acc = match records.last().and_then(|r| r.test_acc) {
+        Some(a) => a,
+        None => test_acc(&eval.evaluator, final_z).await?,
     };
-    let result = match outcome {
-        Ok((final_z, best_dev_z, best_dev_round, best_dev_acc)) => {
-            let final_test_acc = match records.last().and_then(|r| r.test_acc) {
-                Some(a) => a,
-                None => test_acc(&evaluator, final_z).await?,
-            };
-            let best_dev_test_acc = if best_dev_round == cfg.num_rounds {
-                final_test_acc
-            } else {
-                test_acc(&evaluator, best_dev_z).await?
-            };
-            let total_bytes_up: usize = records.iter().map(|r| r.bytes_up).sum();
-            let total_bytes_down: usize = records.iter().map(|r| r.bytes_down).sum();
-            let client_rounds = (cfg.num_users * records.len()).max(1) as f64;
-            let replies: usize = records.iter().map(|r| r.clients_ok).sum();
-            let (score_requests, score_forwards) = pool.score_counts();
-            Ok((
-                FedSummary {
-                    format: crate::server::CHECKPOINT_FORMAT,
-                    model: model.info().name.clone(),
-                    task: env.task.name.clone(),
-                    aggregation: cfg.aggregation,
-                    iid: cfg.iid,
-                    seed: cfg.seed,
-                    metric: env.task.metric,
-                    zero_shot_test_acc: baselines.0,
-                    zero_prompt_test_acc: baselines.1,
-                    zero_prompt_dev_acc: initial.dev_acc,
-                    final_test_acc,
-                    best_dev_test_acc,
-                    best_dev_acc,
-                    best_dev_round,
-                    rounds: records.len(),
-                    clients: cfg.num_users,
-                    train_examples: 0,
-                    test_examples: test.len(),
-                    total_bytes_up,
-                    total_bytes_down,
-                    bytes_up_per_client_round: total_bytes_up as f64 / replies.max(1) as f64,
-                    bytes_down_per_client_round: total_bytes_down as f64 / client_rounds,
-                    fedavg_full_model_bytes_per_client_round: model.info().n_params * 4,
-                    score_requests,
-                    score_forwards,
-                    prepare_requests: pool.prepare_count(),
-                    wall_s: started.elapsed().as_secs_f64(),
-                    test_setup_s,
-                    linear_layers: env.formats.iter().map(|f| f.name()).collect(),
-                    data_fingerprint: env.data_fingerprint.clone(),
-                    config: (**cfg).clone(),
-                },
-                records,
-            ))
-        }
-        Err(e) => Err(e),
+    let best_dev_test_acc = if best_dev_round == cfg.num_rounds {
+        final_test_acc
+    } else {
+        test_acc(&eval.evaluator, best_dev_z).await?
     };
-    result
+    let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?;
+    let total_bytes_up: usize = records.iter().map(|r| r.bytes_up).sum();
+    let total_bytes_down: usize = records.iter().map(|r| r.bytes_down).sum();
+    let client_rounds = (cfg.num_users * records.len()).max(1) as f64;
+    let replies: usize = records.iter().map(|r| r.clients_ok).sum();
+    let (score_requests, score_forwards) = ctx.pool.score_counts();
+    Ok(FedSummary {
+        format: crate::server::CHECKPOINT_FORMAT,
+        model: model.info().name.clone(),
+        task: env.task.name.clone(),
+        aggregation: cfg.aggregation,
+        iid: cfg.iid,
+        seed: cfg.seed,
+        metric: env.task.metric,
+        zero_shot_test_acc: eval.baselines.0,
+        zero_prompt_test_acc: eval.baselines.1,
+        zero_prompt_dev_acc: eval.initial.dev_acc,
+        final_test_acc,
+        best_dev_test_acc,
+        best_dev_acc,
+        best_dev_round,
+        rounds: records.len(),
+        clients: cfg.num_users,
+        train_examples: 0,
+        test_examples: eval.test_examples,
+        total_bytes_up,
+        total_bytes_down,
+        bytes_up_per_client_round: total_bytes_up as f64 / replies.max(1) as f64,
+        bytes_down_per_client_round: total_bytes_down as f64 / client_rounds,
+        fedavg_full_model_bytes_per_client_round: model.info().n_params * 4,
+        score_requests,
+        score_forwards,
+        prepare_requests: ctx.pool.prepare_count(),
+        wall_s: ctx.started.elapsed().as_secs_f64(),
+        test_setup_s: eval.test_setup_s,
+        linear_layers: env.formats.iter().map(|f| f.name()).collect(),
+        data_fingerprint: env.data_fingerprint.clone(),
+        config: (**cfg).clone(),
+    })
 }
 
 /// The forward-worker pool of this process: the model replicas, workers as configured.
@@ -531,22 +589,13 @@ where
 }
 
 async fn test_acc(evaluator: &ractor::ActorRef<EvalMsg>, z: Vec<f32>) -> Result<f64> {
-    match evaluator
-        .call(
-            |reply| EvalMsg::Evaluate {
-                z,
-                with_test: true,
-                from: "main",
-                stamp: profile::stamp(),
-                reply,
-            },
-            None,
-        )
-        .await?
-    {
-        CallResult::Success(r) => {
-            r.map_err(|e| anyhow!(e))?.test_acc.ok_or_else(|| anyhow!("no test accuracy"))
-        }
-        _ => bail!("the evaluator did not answer"),
-    }
+    let msg = |reply| EvalMsg::Evaluate {
+        z,
+        with_test: true,
+        from: "main",
+        stamp: profile::stamp(),
+        reply,
+    };
+    let result = ask(evaluator, msg, "evaluator").await?.map_err(|e| anyhow!(e))?;
+    result.test_acc.ok_or_else(|| anyhow!("no test accuracy"))
 }
