@@ -145,7 +145,8 @@ pub fn run(
     let dev = model.prepare(task, &split.dev, None)?;
     let test = model.prepare(task, &split.test, None)?;
     let projection = projection_for(cfg, model)?;
-    let objective = Objective { loss: cfg.loss_type, metric: task.metric };
+    let objective =
+        Objective { loss: cfg.loss_type, metric: task.metric, balance: cfg.client_loss };
     let (zero_shot_test_acc, _) = evaluate(model, &test, None, objective)?;
     let zero = vec![0f32; projection.out_dim()];
     let (zero_prompt_test_acc, _) = evaluate(model, &test, Some(&zero), objective)?;

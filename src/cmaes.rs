@@ -60,6 +60,9 @@ pub enum Parents {
     /// All told candidates, with positive, rank-decreasing weights (pycma's `CMA_mu = popsize`,
     /// which the FedBPT reference server uses for its population of client means).
     All,
+    /// All told candidates with the same weight: the mean moves to their (clipped) average and
+    /// the ranking changes nothing but the record of who came first.
+    Equal,
 }
 
 /// Strategy parameters that depend on the dimension and the number of told candidates.
@@ -83,12 +86,15 @@ impl Params {
         let nf = n as f64;
         let mu = match parents {
             Parents::BestHalf => (lambda / 2).max(1),
-            Parents::All => lambda.max(1),
+            Parents::All | Parents::Equal => lambda.max(1),
         };
         // ln((lambda+1)/2) - ln(i) is the textbook choice for mu = lambda/2; with more parents it
         // would turn negative, so the offset grows to ln(mu + 1/2) to keep every weight positive.
         let offset = (mu as f64 + 0.5).max((lambda as f64 + 1.0) / 2.0).ln();
-        let raw: Vec<f64> = (1..=mu).map(|i| offset - (i as f64).ln()).collect();
+        let raw: Vec<f64> = match parents {
+            Parents::Equal => vec![1.0; mu],
+            _ => (1..=mu).map(|i| offset - (i as f64).ln()).collect(),
+        };
         let total: f64 = raw.iter().sum();
         let weights: Vec<f64> = raw.iter().map(|w| w / total).collect();
         let mueff = 1.0 / weights.iter().map(|w| w * w).sum::<f64>();
@@ -267,6 +273,19 @@ impl Cmaes {
         d.sqrt() + 2.0 * d / (d + 2.0)
     }
 
+    /// The recombination weight of each rank (best first) when `count` candidates are told:
+    /// positive for the parents, zero for the rest.
+    pub fn rank_weights(&self, count: usize) -> Vec<f64> {
+        let p = if count == self.params.lambda {
+            self.params.clone()
+        } else {
+            Params::new(self.dim, count, self.parents)
+        };
+        let mut w = p.weights;
+        w.resize(count, 0.0);
+        w
+    }
+
     /// Mahalanobis length of the step from the mean to `x` in units of sigma:
     /// `|| D^-1 B^T (x - mean) || / sigma` with the current eigensystem.
     pub fn mahalanobis_step(&self, x: &[f64]) -> f64 {
@@ -312,8 +331,7 @@ impl Cmaes {
             &recomputed
         };
 
-        let mut order: Vec<usize> = (0..count).collect();
-        order.sort_by(|&a, &b| fitness[a].total_cmp(&fitness[b]).then(a.cmp(&b)));
+        let order = ranking(fitness);
         let mu = p.weights.len();
 
         // Steps of the selected candidates in units of sigma, best first; an injected step is
@@ -497,6 +515,13 @@ impl Cmaes {
     pub fn best(&self) -> Option<(&[f64], f64)> {
         self.best.as_ref().map(|(x, f)| (x.as_slice(), *f))
     }
+}
+
+/// The indices of `fitness` best first (lowest first; ties by index), as [`Cmaes::tell`] ranks.
+pub fn ranking(fitness: &[f64]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..fitness.len()).collect();
+    order.sort_by(|&a, &b| fitness[a].total_cmp(&fitness[b]).then(a.cmp(&b)));
+    order
 }
 
 /// Parents (positively weighted candidates) of a default-configured generation of `popsize`:

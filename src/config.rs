@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::data::sources::Columns;
 use crate::models::linear::WeightFormat;
 use crate::models::{Placement, PromptMode};
-use crate::objective::LossType;
-use crate::strategy::{QuorumPolicy, ServerSigma};
+use crate::objective::{ClientLoss, LossType};
+use crate::strategy::{QuorumPolicy, ServerFitness, ServerSigma, ServerWeights};
 use crate::task::TaskSpec;
 use crate::{Error, Result};
 
@@ -439,6 +439,12 @@ pub struct Config {
     pub aggregation: Aggregation,
     /// How FedBPT's server sets the step size it sends (`aggregation = "fedbpt"` only).
     pub server_sigma: ServerSigma,
+    /// What FedBPT's server ranks the client means by (`aggregation = "fedbpt"` only).
+    pub server_fitness: ServerFitness,
+    /// How FedBPT's server weighs the ranked client means (`aggregation = "fedbpt"` only).
+    pub server_weights: ServerWeights,
+    /// How a client averages its loss over its shard to rank its candidates.
+    pub client_loss: ClientLoss,
     pub runtime: Runtime,
     pub cluster: Cluster,
     /// Fault injection (none by default).
@@ -488,6 +494,9 @@ impl Default for Config {
             eval_every: 1,
             aggregation: Aggregation::Fedbpt,
             server_sigma: ServerSigma::Reference,
+            server_fitness: ServerFitness::Loss,
+            server_weights: ServerWeights::Rank,
+            client_loss: ClientLoss::Mean,
             runtime: Runtime::default(),
             cluster: Cluster::default(),
             faults: Faults::default(),
@@ -694,6 +703,14 @@ impl Config {
         if self.runtime.devices.is_empty() {
             return Err(Error::config("runtime.devices", "needs at least one device"));
         }
+        if self.aggregation != Aggregation::Fedbpt {
+            if self.server_fitness != ServerFitness::Loss {
+                return Err(Error::config("server_fitness", "only FedBPT's server ranks clients"));
+            }
+            if self.server_weights != ServerWeights::Rank {
+                return Err(Error::config("server_weights", "only FedBPT's server ranks clients"));
+            }
+        }
         self.faults.validate(self.num_users, self.num_rounds)?;
         self.cluster.validate(self.num_users)?;
         if client_index(&self.eval_clients, self.num_users).is_none() {
@@ -754,6 +771,36 @@ mod tests {
         assert!(!c.iid);
         assert!(Config::from_toml_str("", &["nokey=1".into()]).is_err());
         assert!(Config::from_toml_str("", &["seed".into()]).is_err());
+    }
+
+    #[test]
+    fn server_variants_parse_and_belong_to_fedbpt() {
+        let sets = [
+            "server_fitness=\"improvement\"".into(),
+            "server_weights=\"equal\"".into(),
+            "client_loss=\"class-balanced\"".into(),
+        ];
+        let c = Config::from_toml_str("", &sets).unwrap();
+        assert_eq!(c.server_fitness, ServerFitness::Improvement);
+        assert_eq!(c.server_weights, ServerWeights::Equal);
+        assert_eq!(c.client_loss, ClientLoss::ClassBalanced);
+        let d = Config::default();
+        assert_eq!(
+            (d.server_fitness, d.server_weights),
+            (ServerFitness::Loss, ServerWeights::Rank)
+        );
+        assert_eq!(d.client_loss, ClientLoss::Mean);
+        let e =
+            Config::from_toml_str("aggregation = \"fedavg\"\nserver_fitness = \"permuted\"", &[])
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("server_fitness"), "{e}");
+        let e = Config::from_toml_str("aggregation = \"fedavg\"\nserver_weights = \"equal\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server_weights"), "{e}");
+        let e = Config::from_toml_str("server_fitness = \"gain\"", &[]).unwrap_err().to_string();
+        assert!(e.contains("server_fitness") || e.contains("gain"), "{e}");
     }
 
     #[test]

@@ -27,14 +27,17 @@ pub const TEST_SPLIT_SEED: u64 = 20_231_003;
 /// The server's aggregation rule as configured, at its starting state.
 pub fn aggregator_for(cfg: &Config) -> Result<Box<dyn Aggregator>> {
     Ok(match cfg.aggregation {
-        Aggregation::Fedbpt => Box::new(FedBpt::new(
-            cfg.intrinsic_dim,
-            cfg.sigma,
-            derive(cfg.seed, &[tag::SERVER]),
-            true,
-            cfg.server_sigma,
-            cfg.local_popsize,
-        )?),
+        Aggregation::Fedbpt => Box::new(
+            FedBpt::new(
+                cfg.intrinsic_dim,
+                cfg.sigma,
+                derive(cfg.seed, &[tag::SERVER]),
+                true,
+                cfg.server_sigma,
+                cfg.local_popsize,
+            )?
+            .with_ranking(cfg.server_fitness, cfg.server_weights),
+        ),
         Aggregation::Fedavg => Box::new(FedAvgBbt::new(cfg.intrinsic_dim, cfg.sigma)?),
     })
 }

@@ -6,7 +6,9 @@
 //! test function) and tells the fitness back, so actors only move messages around it.
 
 use crate::cmaes::{Cmaes, CmaesOptions};
-use crate::objective::{fitness_perturbed_for, loss_with_metric, LossType, Metric};
+use crate::objective::{
+    client_loss, fitness_perturbed_for, loss_with_metric, ClientLoss, LossType, Metric,
+};
 use crate::protocol::{ClientUpdate, SearchDistribution};
 use crate::{Error, Result};
 
@@ -110,6 +112,8 @@ impl LocalSearch {
             fitness: final_score.fitness,
             loss: final_score.loss,
             sigmas: self.sigmas,
+            start_fitness: None,
+            class_counts: Vec::new(),
         })
     }
 }
@@ -122,11 +126,13 @@ pub struct Scored {
 }
 
 /// How one candidate is scored: the loss (and metric, for `perf`) of its class scores on the real
-/// shard and, with FedBPT's perturbation, the Eq. 7 ratio to its loss on the perturbed copy.
+/// shard, averaged as `balance` says, and, with FedBPT's perturbation, the Eq. 7 ratio to its
+/// loss on the perturbed copy. The reported plain loss is always the mean over examples.
 #[derive(Debug, Clone, Copy)]
 pub struct Objective {
     pub loss: LossType,
     pub metric: Metric,
+    pub balance: ClientLoss,
 }
 
 impl Objective {
@@ -139,12 +145,16 @@ impl Objective {
         perturbed: Option<(&[Vec<f32>], &[usize])>,
     ) -> Result<Scored> {
         let loss = loss_with_metric(real, labels, self.loss, self.metric)?;
+        let ranked = match self.balance {
+            ClientLoss::Mean => loss,
+            balance => client_loss(real, labels, self.loss, self.metric, balance)?,
+        };
         let fitness = match perturbed {
             Some((scores, labels)) => {
-                let lp = loss_with_metric(scores, labels, self.loss, self.metric)?;
-                fitness_perturbed_for(self.loss, loss, lp)
+                let lp = client_loss(scores, labels, self.loss, self.metric, self.balance)?;
+                fitness_perturbed_for(self.loss, ranked, lp)
             }
-            None => loss,
+            None => ranked,
         };
         Ok(Scored { fitness, loss })
     }
@@ -209,7 +219,8 @@ mod tests {
 
     #[test]
     fn eq7_fitness_is_the_ratio_and_loss_stays_plain() {
-        let obj = Objective { loss: LossType::Ce, metric: Metric::Accuracy };
+        let obj =
+            Objective { loss: LossType::Ce, metric: Metric::Accuracy, balance: ClientLoss::Mean };
         let real = vec![vec![0.0, 2.0], vec![1.0, 0.0]];
         let labels = [1, 0];
         let noisy = vec![vec![0.0, 0.0], vec![0.0, 0.0]];

@@ -28,6 +28,19 @@ pub enum LossType {
     Perf,
 }
 
+/// How a client averages its loss over its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientLoss {
+    /// The mean over the shard's examples (the reference's).
+    #[default]
+    Mean,
+    /// The mean over the shard's classes of each class's mean loss: a shard of 7 positives and
+    /// 1 negative weighs its negative as much as its positives, so a skewed client's fitness
+    /// stops rewarding a prompt that predicts its majority class.
+    ClassBalanced,
+}
+
 /// Task metric, used for reporting and by [`LossType::Perf`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -75,6 +88,38 @@ pub fn loss_with_metric(
         LossType::Hinge => mean(hinge),
         LossType::Perf => -metric.eval(scores, labels, n_classes),
     })
+}
+
+/// The loss a client ranks by: [`loss_with_metric`] over the whole shard, or with
+/// [`ClientLoss::ClassBalanced`] the mean over the classes present of that loss on each class's
+/// examples (for `perf`, minus the mean per-class accuracy: a class alone has no F1).
+pub fn client_loss(
+    scores: &[Vec<f32>],
+    labels: &[usize],
+    kind: LossType,
+    metric: Metric,
+    balance: ClientLoss,
+) -> Result<f64> {
+    let n_classes = validate(scores, labels)?;
+    if balance == ClientLoss::Mean {
+        return loss_with_metric(scores, labels, kind, metric);
+    }
+    let metric = Metric::Accuracy;
+    let mut total = 0.0;
+    let mut present = 0usize;
+    for class in 0..n_classes {
+        let (s, l): (Vec<Vec<f32>>, Vec<usize>) = scores
+            .iter()
+            .zip(labels)
+            .filter(|&(_, &y)| y == class)
+            .map(|(s, &y)| (s.clone(), y))
+            .unzip();
+        if !l.is_empty() {
+            total += loss_with_metric(&s, &l, kind, metric)?;
+            present += 1;
+        }
+    }
+    Ok(total / present as f64)
 }
 
 /// `-log softmax(s)[y]`, with the log-sum-exp shifted by the max for stability.
@@ -259,6 +304,41 @@ impl BestOnDev {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_balanced_loss_averages_the_classes() {
+        // Three positives scored well, one negative scored badly.
+        let scores = vec![vec![0.0, 2.0], vec![0.0, 2.0], vec![0.0, 2.0], vec![0.0, 3.0]];
+        let labels = [1, 1, 1, 0];
+        let ce = |s: &[f32], y: usize| cross_entropy(s, y);
+        let (pos, neg) = (ce(&scores[0], 1), ce(&scores[3], 0));
+        let mean = client_loss(&scores, &labels, LossType::Ce, Metric::Accuracy, ClientLoss::Mean);
+        assert!((mean.unwrap() - (3.0 * pos + neg) / 4.0).abs() < 1e-12);
+        let balanced = client_loss(
+            &scores,
+            &labels,
+            LossType::Ce,
+            Metric::Accuracy,
+            ClientLoss::ClassBalanced,
+        )
+        .unwrap();
+        assert!((balanced - (pos + neg) / 2.0).abs() < 1e-12, "{balanced}");
+        // perf: minus the mean per-class accuracy (1 for the positives, 0 for the negative).
+        let perf =
+            client_loss(&scores, &labels, LossType::Perf, Metric::F1, ClientLoss::ClassBalanced);
+        assert_eq!(perf.unwrap(), -0.5);
+        // A class absent from the shard is left out, not counted as zero loss.
+        let only_pos = client_loss(
+            &scores[..3],
+            &labels[..3],
+            LossType::Ce,
+            Metric::Accuracy,
+            ClientLoss::ClassBalanced,
+        );
+        assert!((only_pos.unwrap() - pos).abs() < 1e-12);
+        assert!(client_loss(&[], &[], LossType::Ce, Metric::Accuracy, ClientLoss::ClassBalanced)
+            .is_err());
+    }
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-9

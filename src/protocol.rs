@@ -99,6 +99,14 @@ pub struct ClientUpdate {
     /// Step size of each local CMA-ES iteration, recorded before its `ask` (the first is the
     /// sigma the server sent).
     pub sigmas: Vec<f64>,
+    /// Fitness of the mean the client received, scored on its shard before its search (only
+    /// when the server ranks by improvement, `server_fitness = "improvement"`).
+    #[serde(default)]
+    pub start_fitness: Option<f64>,
+    /// Examples of each class in the client's shard, for the round's diagnostics (the client
+    /// owns its shard; in a cluster the server may never see it).
+    #[serde(default)]
+    pub class_counts: Vec<u32>,
 }
 
 #[cfg(test)]

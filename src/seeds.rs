@@ -28,6 +28,7 @@ pub mod tag {
     pub const STRAGGLER: u64 = 6;
     pub const SAMPLING: u64 = 7;
     pub const BBT_SEARCH: u64 = 8;
+    pub const SERVER_PERMUTATION: u64 = 9;
 }
 
 #[cfg(test)]

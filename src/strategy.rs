@@ -17,6 +17,11 @@
 //!    (each step clipped to the Mahalanobis length a sample could have, as pycma does);
 //! 3. the sigma sent next round is `(sigma after the tell / s6) x` the sigma sent this round:
 //!    `s6` only scales the tell; the global CMA-ES's own step-size control moves the sigma.
+//!
+//! What the server ranks the client means by ([`ServerFitness`]) and how it weighs the ranks
+//! ([`ServerWeights`]) are the reference's unless configured: the variants test the mechanism
+//! of FedBPT's non-iid collapse (a skewed shard's loss is low for a prompt that predicts its
+//! majority class, so the most skewed clients rank first and pull the global mean hardest).
 
 use std::collections::HashSet;
 
@@ -25,7 +30,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::cmaes::{parents_for, Cmaes, CmaesOptions, Parents};
+use rand::seq::SliceRandom;
+
+use crate::cmaes::{parents_for, ranking, Cmaes, CmaesOptions, Parents};
 use crate::protocol::{pack_upper, ClientUpdate, SearchDistribution};
 use crate::{Error, Result};
 
@@ -36,8 +43,9 @@ pub trait Aggregator: Send {
     /// The distribution clients start from in `round`.
     fn configure(&self, round: usize) -> SearchDistribution;
     /// Fold the replies that arrived (any number >= 1; fewer than configured is normal under
-    /// faults). On error the state is left unchanged.
-    fn aggregate(&mut self, round: usize, updates: &[ClientUpdate]) -> Result<()>;
+    /// faults) and say how each was ranked and weighed, by client index. On error the state is
+    /// left unchanged.
+    fn aggregate(&mut self, round: usize, updates: &[ClientUpdate]) -> Result<Vec<Told>>;
     /// Current global mean.
     fn global_mean(&self) -> Vec<f32>;
     /// The step size clients search with next.
@@ -92,6 +100,46 @@ impl QuorumRule {
     }
 }
 
+/// One client's part in an aggregation, for the round's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Told {
+    pub client: usize,
+    /// 1 for the best of the round.
+    pub rank: usize,
+    /// Its recombination weight (the weights of a round sum to 1).
+    pub weight: f64,
+    /// The value the server ranked it by (its fitness unless [`ServerFitness`] says otherwise).
+    pub ranked_by: f64,
+}
+
+/// What the FedBPT server ranks the client means by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerFitness {
+    /// Each client's fitness on its own shard (the reference's).
+    #[default]
+    Loss,
+    /// The reported fitnesses permuted across the clients each round (seeded): the control
+    /// that keeps the weights, mueff, Eq. 6, the clip and the step-size control and cuts the
+    /// rank from the shard's skew.
+    Permuted,
+    /// How much the client's search lowered its fitness: final minus that of the mean it
+    /// received (scored first on the same shard, one more candidate per round), so a skewed
+    /// shard's low loss level no longer ranks it first.
+    Improvement,
+}
+
+/// How the FedBPT server weighs the ranked client means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerWeights {
+    /// Positive rank-decreasing weights for all clients (the reference's `CMA_mu` = clients).
+    #[default]
+    Rank,
+    /// The same weight for every client mean.
+    Equal,
+}
+
 /// How the FedBPT server sets the step size it sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -116,6 +164,13 @@ pub struct FedBpt {
     rule: ServerSigma,
     /// Parents of one local population (`mu_local` of Eq. 6).
     local_parents: usize,
+    #[serde(default)]
+    fitness: ServerFitness,
+    #[serde(default)]
+    weights: ServerWeights,
+    /// Seed of the permutations of [`ServerFitness::Permuted`].
+    #[serde(default)]
+    seed: u64,
 }
 
 impl FedBpt {
@@ -137,7 +192,47 @@ impl FedBpt {
         // reference server (pycma with CMA_mu = number of clients).
         es.set_parents(Parents::All);
         let local_parents = parents_for(local_popsize);
-        Ok(Self { es, send_covariance, rule, local_parents })
+        let (fitness, weights) = (ServerFitness::Loss, ServerWeights::Rank);
+        Ok(Self { es, send_covariance, rule, local_parents, fitness, weights, seed })
+    }
+
+    /// Ranks by `fitness` and weighs by `weights` instead of the reference's loss and ranks.
+    pub fn with_ranking(mut self, fitness: ServerFitness, weights: ServerWeights) -> Self {
+        self.fitness = fitness;
+        self.weights = weights;
+        self.es.set_parents(match weights {
+            ServerWeights::Rank => Parents::All,
+            ServerWeights::Equal => Parents::Equal,
+        });
+        self
+    }
+
+    /// What each client (by client index) is ranked by this round.
+    fn ranked_by(&self, round: usize, sorted: &[&ClientUpdate]) -> Result<Vec<f64>> {
+        let reported = sorted.iter().map(|u| u.fitness);
+        match self.fitness {
+            ServerFitness::Loss => Ok(reported.collect()),
+            ServerFitness::Permuted => {
+                let mut f: Vec<f64> = reported.collect();
+                let seed = crate::seeds::derive(
+                    self.seed,
+                    &[crate::seeds::tag::SERVER_PERMUTATION, round as u64],
+                );
+                f.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+                Ok(f)
+            }
+            ServerFitness::Improvement => sorted
+                .iter()
+                .map(|u| match u.start_fitness {
+                    Some(start) => Ok(u.fitness - start),
+                    None => Err(Error::Optimizer(format!(
+                        "round {round}, client {}: no fitness of the received mean, which \
+                         server_fitness = \"improvement\" ranks by",
+                        u.client
+                    ))),
+                })
+                .collect(),
+        }
     }
 
     /// The global CMA-ES.
@@ -146,36 +241,57 @@ impl FedBpt {
     }
 
     /// The reference's round (module doc, steps 1-3), on a copy committed only on success.
-    fn aggregate_reference(&mut self, updates: &[ClientUpdate]) -> Result<()> {
+    fn aggregate_reference(
+        &mut self,
+        candidates: &[Vec<f64>],
+        fitness: &[f64],
+        s6: Option<f64>,
+    ) -> Result<()> {
         let sent = self.es.sigma();
-        let s6 = eq6_sigma(updates, self.local_parents)?.unwrap_or(sent);
+        let s6 = s6.unwrap_or(sent);
         let mut es = self.es.clone();
         es.set_sigma(s6)?;
-        let (candidates, fitness) = population(updates);
-        es.tell_injected(&candidates, &fitness)?;
+        es.tell_injected(candidates, fitness)?;
         es.set_sigma(es.sigma() / s6 * sent)?;
         self.es = es;
         Ok(())
     }
 
-    /// [`ServerSigma::ClientRms`].
-    fn aggregate_client_rms(&mut self, updates: &[ClientUpdate]) -> Result<()> {
-        // Computed before `tell` so that nothing is mutated if it fails.
-        let sigma = rms_sigma(updates)?;
-        let before = self.es.sigma();
-        let (candidates, fitness) = population(updates);
-        self.es.tell(&candidates, &fitness)?;
-        self.es.set_sigma(sigma.unwrap_or(before))
+    /// [`ServerSigma::ClientRms`], on a copy committed only on success.
+    fn aggregate_client_rms(
+        &mut self,
+        candidates: &[Vec<f64>],
+        fitness: &[f64],
+        rms: Option<f64>,
+    ) -> Result<()> {
+        let mut es = self.es.clone();
+        let before = es.sigma();
+        es.tell(candidates, fitness)?;
+        es.set_sigma(rms.unwrap_or(before))?;
+        self.es = es;
+        Ok(())
     }
 }
 
-/// The client means as candidates and their fitness, by client index: replies arrive in any
-/// order, and the aggregate must not depend on it.
-fn population(updates: &[ClientUpdate]) -> (Vec<Vec<f64>>, Vec<f64>) {
-    let sorted = by_client(updates);
-    let candidates =
-        sorted.iter().map(|u| u.mean.iter().map(|&v| f64::from(v)).collect()).collect();
-    (candidates, sorted.iter().map(|u| u.fitness).collect())
+/// The client means as candidates, by client index: replies arrive in any order, and the
+/// aggregate must not depend on it.
+fn means(sorted: &[&ClientUpdate]) -> Vec<Vec<f64>> {
+    sorted.iter().map(|u| u.mean.iter().map(|&v| f64::from(v)).collect()).collect()
+}
+
+/// Each client's rank and weight when ranked by `ranked_by` (by client index) with `weights`
+/// per rank, as the tell ranks them.
+fn told(sorted: &[&ClientUpdate], ranked_by: &[f64], weights: &[f64]) -> Vec<Told> {
+    let mut out: Vec<Told> = sorted
+        .iter()
+        .zip(ranked_by)
+        .map(|(u, &f)| Told { client: u.client, rank: 0, weight: 0.0, ranked_by: f })
+        .collect();
+    for (rank, k) in ranking(ranked_by).into_iter().enumerate() {
+        out[k].rank = rank + 1;
+        out[k].weight = weights.get(rank).copied().unwrap_or(0.0);
+    }
+    out
 }
 
 fn by_client(updates: &[ClientUpdate]) -> Vec<&ClientUpdate> {
@@ -198,12 +314,23 @@ impl Aggregator for FedBpt {
         }
     }
 
-    fn aggregate(&mut self, round: usize, updates: &[ClientUpdate]) -> Result<()> {
+    fn aggregate(&mut self, round: usize, updates: &[ClientUpdate]) -> Result<Vec<Told>> {
         validate(self.es.dim(), round, updates)?;
+        let sorted = by_client(updates);
+        let ranked_by = self.ranked_by(round, &sorted)?;
+        let told = told(&sorted, &ranked_by, &self.es.rank_weights(sorted.len()));
+        let candidates = means(&sorted);
         match self.rule {
-            ServerSigma::Reference => self.aggregate_reference(updates),
-            ServerSigma::ClientRms => self.aggregate_client_rms(updates),
+            ServerSigma::Reference => {
+                let s6 = eq6_sigma(updates, self.local_parents)?;
+                self.aggregate_reference(&candidates, &ranked_by, s6)?
+            }
+            ServerSigma::ClientRms => {
+                let rms = rms_sigma(updates)?;
+                self.aggregate_client_rms(&candidates, &ranked_by, rms)?
+            }
         }
+        Ok(told)
     }
 
     fn global_mean(&self) -> Vec<f32> {
@@ -225,6 +352,12 @@ impl Aggregator for FedBpt {
             return Err(Error::Optimizer(format!(
                 "snapshot uses server_sigma {:?}, this run {:?}",
                 restored.rule, self.rule
+            )));
+        }
+        if (restored.fitness, restored.weights) != (self.fitness, self.weights) {
+            return Err(Error::Optimizer(format!(
+                "snapshot ranks by {:?} with {:?} weights, this run by {:?} with {:?}",
+                restored.fitness, restored.weights, self.fitness, self.weights
             )));
         }
         *self = restored;
@@ -265,12 +398,15 @@ impl Aggregator for FedAvgBbt {
         SearchDistribution { round, mean: to_f32(&self.mean), sigma: self.sigma, covariance: None }
     }
 
-    fn aggregate(&mut self, round: usize, updates: &[ClientUpdate]) -> Result<()> {
+    fn aggregate(&mut self, round: usize, updates: &[ClientUpdate]) -> Result<Vec<Told>> {
         validate(self.mean.len(), round, updates)?;
         let sigma = rms_sigma(updates)?;
         let k = updates.len() as f64;
+        let sorted = by_client(updates);
+        let fitness: Vec<f64> = sorted.iter().map(|u| u.fitness).collect();
+        let told = told(&sorted, &fitness, &vec![1.0 / k; sorted.len()]);
         let mut mean = vec![0.0; self.mean.len()];
-        for u in by_client(updates) {
+        for u in sorted {
             for (m, &v) in mean.iter_mut().zip(&u.mean) {
                 *m += f64::from(v);
             }
@@ -280,7 +416,7 @@ impl Aggregator for FedAvgBbt {
         if let Some(s) = sigma {
             self.sigma = s;
         }
-        Ok(())
+        Ok(told)
     }
 
     fn global_mean(&self) -> Vec<f32> {
@@ -351,6 +487,9 @@ pub fn sample_clients(seed: u64, round: usize, n_clients: usize, per_round: usiz
     chosen
 }
 
+/// More classes than a task could have: a reply that claims more is refused.
+const MAX_CLASSES: usize = 1024;
+
 /// Checks the replies of `round` for a `dim`-dimensional search.
 fn validate(dim: usize, round: usize, updates: &[ClientUpdate]) -> Result<()> {
     if updates.is_empty() {
@@ -392,6 +531,15 @@ pub fn check_update(dim: usize, round: usize, u: &ClientUpdate) -> Result<()> {
     }
     if let Some(s) = u.sigmas.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
         return Err(Error::Optimizer(format!("{who}: reported sigma {s}")));
+    }
+    if let Some(f) = u.start_fitness.filter(|f| !f.is_finite()) {
+        return Err(Error::Optimizer(format!("{who}: fitness of the received mean is {f}")));
+    }
+    if u.class_counts.len() > MAX_CLASSES {
+        return Err(Error::Optimizer(format!(
+            "{who}: {} class counts (at most {MAX_CLASSES})",
+            u.class_counts.len()
+        )));
     }
     Ok(())
 }

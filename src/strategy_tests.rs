@@ -2,7 +2,16 @@ use super::*;
 use crate::local_search::{LocalSearch, Scored};
 
 fn update(client: usize, round: usize, mean: Vec<f32>, fitness: f64) -> ClientUpdate {
-    ClientUpdate { client, round, mean, fitness, loss: fitness, sigmas: vec![0.5; 4] }
+    ClientUpdate {
+        client,
+        round,
+        mean,
+        fitness,
+        loss: fitness,
+        sigmas: vec![0.5; 4],
+        start_fitness: None,
+        class_counts: Vec::new(),
+    }
 }
 
 fn fedbpt(dim: usize, sigma0: f64, rule: ServerSigma) -> FedBpt {
@@ -39,6 +48,8 @@ fn reference_round_matches_the_hand_computation() {
         fitness: 0.5,
         loss: 0.6,
         sigmas: vec![1.0, 0.8],
+        start_fitness: None,
+        class_counts: Vec::new(),
     };
     let far = ClientUpdate {
         client: 1,
@@ -47,6 +58,8 @@ fn reference_round_matches_the_hand_computation() {
         fitness: 0.7,
         loss: 0.7,
         sigmas: vec![1.0, 0.6],
+        start_fitness: None,
+        class_counts: Vec::new(),
     };
     // Listed worse first: ranking is by fitness, not by arrival.
     agg.aggregate(1, &[far.clone(), near.clone()]).unwrap();
@@ -103,8 +116,7 @@ fn reference_round_matches_the_hand_computation() {
     agg.aggregate(2, &[second.clone()]).unwrap();
     let s6_2 = (2.0 * sent2 * sent2 / 2.0).sqrt();
     twin.es.set_sigma(s6_2).unwrap();
-    let (xs, fs) = population(&[second]);
-    twin.es.tell_injected(&xs, &fs).unwrap();
+    twin.es.tell_injected(&means(&[&second]), &[second.fitness]).unwrap();
     let expected = twin.es.sigma() / s6_2 * sent2;
     assert!((agg.sigma() - expected).abs() < 1e-15, "{} vs {expected}", agg.sigma());
 }
@@ -145,6 +157,8 @@ fn reference_sigma_follows_progress_client_rms_follows_the_clients() {
                         fitness: k as f64,
                         loss: k as f64,
                         sigmas: vec![sent, 0.9 * sent, 0.8 * sent, 0.7 * sent],
+                        start_fitness: None,
+                        class_counts: Vec::new(),
                     }
                 })
                 .collect();
@@ -368,6 +382,8 @@ fn client_update_fits_the_upload_budget() {
         fitness: 0.5432,
         loss: 0.61,
         sigmas: vec![0.9; local_iter],
+        start_fitness: None,
+        class_counts: Vec::new(),
     };
     let bytes = bincode::serde::encode_to_vec(&u, bincode::config::standard()).unwrap();
     assert!(bytes.len() <= 500 * 4 + 8 * local_iter + 64, "{} bytes", bytes.len());
@@ -407,4 +423,147 @@ fn aggregation_does_not_depend_on_arrival_order() {
     a.aggregate(1, &ups).unwrap();
     b.aggregate(1, &shuffled).unwrap();
     assert_eq!(a.configure(2), b.configure(2));
+}
+
+fn with_start(mut u: ClientUpdate, start: f64) -> ClientUpdate {
+    u.start_fitness = Some(start);
+    u
+}
+
+fn ranked(dim: usize, fitness: ServerFitness, weights: ServerWeights) -> FedBpt {
+    fedbpt(dim, 0.5, ServerSigma::Reference).with_ranking(fitness, weights)
+}
+
+/// The reference's weights for 10 clients (pycma with `CMA_mu` = 10), as the review listed them.
+#[test]
+fn ten_clients_get_the_reference_weights_by_rank() {
+    let ups: Vec<ClientUpdate> =
+        (0..10).map(|k| update(k, 1, vec![0.01 * k as f32; 3], 1.0 - 0.05 * k as f64)).collect();
+    let told = fedbpt(3, 0.5, ServerSigma::Reference).aggregate(1, &ups).unwrap();
+    let expected = [0.2796, 0.1972, 0.1490, 0.1148, 0.0882, 0.0665, 0.0482, 0.0323, 0.0183, 0.0058];
+    for t in &told {
+        // Client k has the (10 - k)-th lowest fitness.
+        assert_eq!(t.rank, 10 - t.client);
+        assert!((t.weight - expected[t.rank - 1]).abs() < 5e-5, "{t:?}");
+        assert_eq!(t.ranked_by, ups[t.client].fitness);
+    }
+    assert!((told.iter().map(|t| t.weight).sum::<f64>() - 1.0).abs() < 1e-12);
+}
+
+/// Equal weights: with every step inside the clip and identity covariance, the tell moves the
+/// mean to the plain average of the client means (computed by hand), whatever their fitness.
+#[test]
+fn equal_weights_move_the_mean_to_the_average() {
+    let means = [vec![0.3f32, -0.2, 0.1], vec![-0.1, 0.4, 0.0], vec![0.2, 0.2, -0.3]];
+    let ups: Vec<ClientUpdate> = means
+        .iter()
+        .enumerate()
+        .map(|(k, m)| update(k, 1, m.clone(), [0.9, 0.1, 0.5][k]))
+        .collect();
+    let mut agg = ranked(3, ServerFitness::Loss, ServerWeights::Equal);
+    let told = agg.aggregate(1, &ups).unwrap();
+    for (j, got) in agg.global_mean().iter().enumerate() {
+        let avg = means.iter().map(|m| f64::from(m[j])).sum::<f64>() / 3.0;
+        assert!((f64::from(*got) - avg).abs() < 1e-6, "coordinate {j}: {got} vs {avg}");
+    }
+    let ranks: Vec<usize> = told.iter().map(|t| t.rank).collect();
+    assert_eq!(ranks, [3, 1, 2], "ranked by fitness, though it changes nothing");
+    assert!(told.iter().all(|t| (t.weight - 1.0 / 3.0).abs() < 1e-15));
+    // The reference weighs the best client most, so its mean differs.
+    let mut reference = ranked(3, ServerFitness::Loss, ServerWeights::Rank);
+    reference.aggregate(1, &ups).unwrap();
+    assert_ne!(reference.global_mean(), agg.global_mean());
+}
+
+/// Improvement: ranked by final minus start fitness (by hand: -0.1, -0.4, -0.1, so client 1
+/// first and the tie goes to the lower index), with the weights of three ranks,
+/// ln(3.5) - ln(i) normalized.
+#[test]
+fn improvement_ranks_by_the_drop_in_fitness() {
+    let ups = [
+        with_start(update(0, 2, vec![0.1, 0.0, 0.0], 0.2), 0.3),
+        with_start(update(1, 2, vec![0.0, 0.1, 0.0], 0.5), 0.9),
+        with_start(update(2, 2, vec![0.0, 0.0, 0.1], 0.4), 0.5),
+    ];
+    let mut agg = ranked(3, ServerFitness::Improvement, ServerWeights::Rank);
+    let told = agg.aggregate(2, &ups).unwrap();
+    let raw: Vec<f64> = (1..=3).map(|i| 3.5f64.ln() - (i as f64).ln()).collect();
+    let w: Vec<f64> = raw.iter().map(|r| r / raw.iter().sum::<f64>()).collect();
+    let by_client: Vec<(usize, f64, f64)> =
+        told.iter().map(|t| (t.rank, t.weight, t.ranked_by)).collect();
+    let expect = [(2, w[1], 0.2 - 0.3), (1, w[0], 0.5 - 0.9), (3, w[2], 0.4 - 0.5)];
+    for (got, want) in by_client.iter().zip(expect) {
+        assert_eq!(got.0, want.0);
+        assert!((got.1 - want.1).abs() < 1e-12 && (got.2 - want.2).abs() < 1e-12, "{got:?}");
+    }
+    // The same tell as the reference rule told those improvements as fitness.
+    let as_loss: Vec<ClientUpdate> = ups
+        .iter()
+        .zip(expect)
+        .map(|(u, e)| ClientUpdate { fitness: e.2, start_fitness: None, ..u.clone() })
+        .collect();
+    let mut reference = ranked(3, ServerFitness::Loss, ServerWeights::Rank);
+    reference.aggregate(2, &as_loss).unwrap();
+    assert_eq!(reference.configure(3), agg.configure(3));
+    // A reply without the received mean's fitness cannot be ranked: refused, state unchanged.
+    let before = agg.configure(3);
+    let mut missing = ups.to_vec();
+    missing[1].start_fitness = None;
+    for u in &mut missing {
+        u.round = 3;
+    }
+    let err = agg.aggregate(3, &missing).unwrap_err().to_string();
+    assert!(err.contains("client 1") && err.contains("improvement"), "{err}");
+    assert_eq!(agg.configure(3), before);
+}
+
+/// Permuted: the values ranked are the reported fitnesses in another order, drawn from the
+/// round's seed (the same for the same round, different across rounds), and the tell is the
+/// reference's tell of those values.
+#[test]
+fn permuted_fitness_is_a_seeded_permutation_of_the_reported() {
+    let ups: Vec<ClientUpdate> = (0..8)
+        .map(|k| update(k, 1, vec![0.05 * k as f32, -0.02 * k as f32, 0.01], 0.1 * (k + 1) as f64))
+        .collect();
+    let mut agg = ranked(3, ServerFitness::Permuted, ServerWeights::Rank);
+    let told = agg.aggregate(1, &ups).unwrap();
+    let got: Vec<f64> = told.iter().map(|t| t.ranked_by).collect();
+    let mut sorted = got.clone();
+    sorted.sort_by(f64::total_cmp);
+    let reported: Vec<f64> = ups.iter().map(|u| u.fitness).collect();
+    assert_eq!(sorted, reported, "a permutation of the reported values");
+    assert_ne!(got, reported, "8 values: the identity has odds 1 in 40,320");
+    let again = ranked(3, ServerFitness::Permuted, ServerWeights::Rank).aggregate(1, &ups).unwrap();
+    assert_eq!(told, again, "the same seed and round draw the same permutation");
+    let next: Vec<ClientUpdate> =
+        ups.iter().map(|u| ClientUpdate { round: 2, ..u.clone() }).collect();
+    let later =
+        ranked(3, ServerFitness::Permuted, ServerWeights::Rank).aggregate(2, &next).unwrap();
+    assert_ne!(
+        later.iter().map(|t| t.ranked_by).collect::<Vec<_>>(),
+        got,
+        "a fresh draw per round"
+    );
+    let as_loss: Vec<ClientUpdate> =
+        ups.iter().zip(&got).map(|(u, &f)| ClientUpdate { fitness: f, ..u.clone() }).collect();
+    let mut reference = ranked(3, ServerFitness::Loss, ServerWeights::Rank);
+    reference.aggregate(1, &as_loss).unwrap();
+    assert_eq!(reference.configure(2), agg.configure(2));
+}
+
+#[test]
+fn a_snapshot_keeps_its_ranking_rule() {
+    let a = ranked(3, ServerFitness::Improvement, ServerWeights::Equal);
+    let mut b = ranked(3, ServerFitness::Loss, ServerWeights::Rank);
+    let err = b.restore(a.snapshot().unwrap()).unwrap_err().to_string();
+    assert!(err.contains("Improvement") && err.contains("Equal"), "{err}");
+    let mut c = ranked(3, ServerFitness::Improvement, ServerWeights::Equal);
+    c.restore(a.snapshot().unwrap()).unwrap();
+}
+
+#[test]
+fn fedavg_reports_equal_weights_and_fitness_ranks() {
+    let ups = [update(0, 0, vec![1.0; 3], 0.3), update(1, 0, vec![0.0; 3], 0.1)];
+    let told = FedAvgBbt::new(3, 1.0).unwrap().aggregate(0, &ups).unwrap();
+    assert_eq!(told.iter().map(|t| (t.rank, t.weight)).collect::<Vec<_>>(), [(2, 0.5), (1, 0.5)]);
 }

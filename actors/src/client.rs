@@ -11,6 +11,7 @@ use fedbpt::models::{Prepared, TokenNoise};
 use fedbpt::projection::Projection;
 use fedbpt::protocol::{ClientUpdate, SearchDistribution};
 use fedbpt::seeds::{derive, tag};
+use fedbpt::strategy::ServerFitness;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::messages::{now_ms, wire_size, ClientFault, ClientMsg, DataMsg};
@@ -221,6 +222,13 @@ async fn train(
                 .collect::<Result<Vec<Scored>, String>>()
         }
     };
+    // Ranked by improvement, the server needs the received mean's fitness on this shard.
+    let start_fitness = if cfg.server_fitness == ServerFitness::Improvement {
+        let prompt = a.projection.project(&dist.mean).map_err(|e| e.to_string())?;
+        Some(score(vec![prompt]).await?[0].fitness)
+    } else {
+        None
+    };
     loop {
         // CMA-ES's own work (ask, project; tell below) is timed apart from the forwards.
         let cma = Instant::now();
@@ -254,5 +262,18 @@ async fn train(
     // perturbing), so the server ranks clients by what their searches minimized.
     let prompt = a.projection.project(&search.mean()).map_err(|e| e.to_string())?;
     let final_score = score(vec![prompt]).await?[0];
-    search.finish(a.id, dist.round, final_score).map_err(|e| e.to_string())
+    let mut update = search.finish(a.id, dist.round, final_score).map_err(|e| e.to_string())?;
+    update.start_fitness = start_fitness;
+    update.class_counts = class_counts(&state.examples);
+    Ok(update)
+}
+
+/// Examples of each class in a shard, up to its largest label (the server pads to the task's
+/// classes).
+fn class_counts(examples: &[Example]) -> Vec<u32> {
+    let mut counts = vec![0u32; examples.iter().map(|e| e.label + 1).max().unwrap_or(0)];
+    for e in examples {
+        counts[e.label] += 1;
+    }
+    counts
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use fedbpt::local_search::Objective;
 use fedbpt::models::Prepared;
+use fedbpt::objective::argmax;
 use fedbpt::projection::Projection;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
@@ -69,6 +70,20 @@ impl Actor for Evaluator {
     }
 }
 
+/// Counts of (true class, predicted class): a global model drifting to one class shows as one
+/// column filling up.
+fn confusion(scores: &[Vec<f32>], labels: &[usize], n_classes: usize) -> Vec<Vec<usize>> {
+    let mut m = vec![vec![0; n_classes]; n_classes];
+    for (s, &y) in scores.iter().zip(labels) {
+        if let (Some(row), Some(p)) = (m.get_mut(y), argmax(s)) {
+            if let Some(cell) = row.get_mut(p) {
+                *cell += 1;
+            }
+        }
+    }
+    m
+}
+
 fn metric(s: &EvalArgs, scores: &[Vec<f32>], set: &Prepared) -> f64 {
     s.objective.metric.eval(scores, &set.labels, set.n_classes)
 }
@@ -91,5 +106,6 @@ async fn evaluate(s: &EvalArgs, z: &[f32], with_test: bool) -> Result<Evaluation
     } else {
         None
     };
-    Ok(Evaluation { dev_acc, dev_loss, test_acc })
+    let dev_confusion = confusion(&dev[0], &s.dev.labels, s.dev.n_classes);
+    Ok(Evaluation { dev_acc, dev_loss, test_acc, dev_confusion })
 }

@@ -8,10 +8,12 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use fedbpt::config::{Aggregation, Config};
-use fedbpt::strategy::ServerSigma;
+use fedbpt::objective::ClientLoss;
+use fedbpt::strategy::{ServerFitness, ServerSigma, ServerWeights};
 use fedbpt_actors::federation::{self, Clients, Env, FedSummary, RunOptions};
 use fedbpt_actors::figures::{
-    compare_figure, faults_figure, method_name, run_figure, KillRateRow, MethodRuns,
+    compare_figure, diagnostics_figure, faults_figure, has_diagnostics, method_name, run_figure,
+    KillRateRow, MethodRuns,
 };
 use fedbpt_actors::plot::mean_std;
 use fedbpt_actors::profile::Profiler;
@@ -131,6 +133,9 @@ pub(crate) fn run_one(
     let mut publish = dir.publish();
     publish.json("summary.json", &summary)?;
     publish.file("accuracy.png", |tmp| run_figure(tmp, &summary, &records))?;
+    if has_diagnostics(&records) {
+        publish.file("diagnostics.png", |tmp| diagnostics_figure(tmp, &summary, &records))?;
+    }
     metrics.stage(&mut publish);
     publish.commit()?;
     Ok((summary, records))
@@ -159,6 +164,9 @@ pub fn plot(dir: &Path) -> Result<()> {
     let run_dir = RunDir::open(dir, "DIR")?;
     let mut publish = run_dir.publish();
     publish.file("accuracy.png", |tmp| run_figure(tmp, &summary, &records))?;
+    if has_diagnostics(&records) {
+        publish.file("diagnostics.png", |tmp| diagnostics_figure(tmp, &summary, &records))?;
+    }
     publish.commit()?;
     say(&format!("wrote {}", dir.join("accuracy.png").display()));
     Ok(())
@@ -298,13 +306,16 @@ pub(crate) fn print_summary(s: &FedSummary, out: &Path) {
 /// A finished run: its summary and its records.
 type Finished = (FedSummary, Vec<RoundRecord>);
 
-/// One method `compare` runs: its directory stem, the server's rules, and whether its clients
-/// perturb (the config's `perturb` where `None`).
+/// One method `compare` runs: its directory stem, the server's rules, the clients' loss, and
+/// whether its clients perturb (the config's `perturb` where `None`).
 #[derive(Debug)]
 struct Method {
     stem: &'static str,
     aggregation: Aggregation,
     rule: ServerSigma,
+    fitness: ServerFitness,
+    weights: ServerWeights,
+    client_loss: ClientLoss,
     perturb: Option<bool>,
 }
 
@@ -313,46 +324,52 @@ impl Method {
         let mut cfg = base.clone();
         cfg.aggregation = self.aggregation;
         cfg.server_sigma = self.rule;
+        cfg.server_fitness = self.fitness;
+        cfg.server_weights = self.weights;
+        cfg.client_loss = self.client_loss;
         if let Some(p) = self.perturb {
             cfg.perturb = p;
         }
         cfg
     }
+
+    /// FedBPT as the reference runs it, but for what `with` changes.
+    const fn fedbpt(stem: &'static str) -> Self {
+        Method {
+            stem,
+            aggregation: Aggregation::Fedbpt,
+            rule: ServerSigma::Reference,
+            fitness: ServerFitness::Loss,
+            weights: ServerWeights::Rank,
+            client_loss: ClientLoss::Mean,
+            perturb: None,
+        }
+    }
 }
 
-/// FedAvg-BBT, FedBPT with the earlier and the reference server rule (same local search), and
-/// the paper's FedBPT: the reference rule with its clients' perturbation (Eq. 7).
-const METHODS: [Method; 4] = [
-    Method {
-        stem: "fedavg-bbt",
-        aggregation: Aggregation::Fedavg,
-        rule: ServerSigma::Reference,
-        perturb: None,
-    },
-    Method {
-        stem: "fedbpt-client-rms",
-        aggregation: Aggregation::Fedbpt,
-        rule: ServerSigma::ClientRms,
-        perturb: None,
-    },
-    Method {
-        stem: "fedbpt",
-        aggregation: Aggregation::Fedbpt,
-        rule: ServerSigma::Reference,
-        perturb: None,
-    },
-    Method {
-        stem: "fedbpt-perturb",
-        aggregation: Aggregation::Fedbpt,
-        rule: ServerSigma::Reference,
-        perturb: Some(true),
-    },
+/// How many of `METHODS`, from the first, `compare` runs when none is named.
+const DEFAULT_METHODS: usize = 4;
+
+/// FedAvg-BBT, FedBPT with the earlier and the reference server rule (same local search), the
+/// paper's FedBPT: the reference rule with its clients' perturbation (Eq. 7); then the variants
+/// that test the non-iid mechanism (run when named): fitnesses permuted across clients, equal
+/// weights, ranking by improvement, and class-balanced client losses.
+const METHODS: [Method; 8] = [
+    Method { aggregation: Aggregation::Fedavg, ..Method::fedbpt("fedavg-bbt") },
+    Method { rule: ServerSigma::ClientRms, ..Method::fedbpt("fedbpt-client-rms") },
+    Method::fedbpt("fedbpt"),
+    Method { perturb: Some(true), ..Method::fedbpt("fedbpt-perturb") },
+    Method { fitness: ServerFitness::Permuted, ..Method::fedbpt("fedbpt-permuted") },
+    Method { weights: ServerWeights::Equal, ..Method::fedbpt("fedbpt-equal") },
+    Method { fitness: ServerFitness::Improvement, ..Method::fedbpt("fedbpt-improvement") },
+    Method { client_loss: ClientLoss::ClassBalanced, ..Method::fedbpt("fedbpt-balanced") },
 ];
 
-/// The methods named by their stems, in the order given; all of `METHODS` where none is named.
+/// The methods named by their stems, in the order given; the first `DEFAULT_METHODS` where none
+/// is named.
 fn select_methods(stems: &[String]) -> Result<Vec<&'static Method>> {
     if stems.is_empty() {
-        return Ok(METHODS.iter().collect());
+        return Ok(METHODS[..DEFAULT_METHODS].iter().collect());
     }
     let mut picked: Vec<&'static Method> = Vec::new();
     for stem in stems {

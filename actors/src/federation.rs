@@ -241,7 +241,8 @@ async fn run_with_pool(
 ) -> Result<(FedSummary, Vec<RoundRecord>)> {
     let (pool, started) = (ctx.pool, ctx.started);
     let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?.clone();
-    let objective = Objective { loss: cfg.loss_type, metric: env.task.metric };
+    let objective =
+        Objective { loss: cfg.loss_type, metric: env.task.metric, balance: cfg.client_loss };
     let projection = Arc::new(projection_for(cfg, model.as_ref())?);
     let data_ref = spawn_data_loader(ctx.data).await?;
     ctx.spawned.push(data_ref.get_cell());
@@ -426,7 +427,7 @@ async fn drive_rounds(
         match rx.recv().await {
             Some(ServerEvent::Round(r)) => {
                 on_round(&r);
-                records.push(r);
+                records.push(*r);
             }
             Some(ServerEvent::Finished { final_z, best_dev_z, best_dev_round, best_dev_acc }) => {
                 let finished = Finished { final_z, best_dev_z, best_dev_round, best_dev_acc };
@@ -568,7 +569,8 @@ where
     let data = partition(&cfg, &env.dataset)?;
     let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?.clone();
     let projection = Arc::new(projection_for(&cfg, model.as_ref())?);
-    let objective = Objective { loss: cfg.loss_type, metric: env.task.metric };
+    let objective =
+        Objective { loss: cfg.loss_type, metric: env.task.metric, balance: cfg.client_loss };
     let pool = spawn_pool(&cfg, env).await?;
     let data_ref = spawn_data_loader(&data).await?;
     let clients = crate::cluster::remote_clients(

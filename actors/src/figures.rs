@@ -6,10 +6,11 @@ use std::path::Path;
 
 use anyhow::Result;
 use fedbpt::config::{Aggregation, Config};
-use fedbpt::strategy::ServerSigma;
+use fedbpt::objective::ClientLoss;
+use fedbpt::strategy::{ServerFitness, ServerSigma, ServerWeights};
 
 use crate::federation::FedSummary;
-use crate::plot::{figure_png, mean_and_band, Panel, Points, Series, Style};
+use crate::plot::{figure_png, mean_and_band, mean_std, Panel, Points, Series, Style};
 use crate::server::RoundRecord;
 
 fn pct(v: f64) -> f64 {
@@ -84,11 +85,22 @@ pub fn method_name(cfg: &Config) -> String {
         (Aggregation::Fedbpt, ServerSigma::Reference) => "FedBPT (reference rule)",
         (Aggregation::Fedbpt, ServerSigma::ClientRms) => "FedBPT (client-RMS sigma)",
     };
-    if cfg.perturb {
-        format!("{base} + perturbation {}", cfg.perturb_rate)
-    } else {
-        base.to_string()
+    let mut name = base.to_string();
+    match cfg.server_fitness {
+        ServerFitness::Loss => {}
+        ServerFitness::Permuted => name.push_str(", permuted fitness"),
+        ServerFitness::Improvement => name.push_str(", ranked by improvement"),
     }
+    if cfg.server_weights == ServerWeights::Equal {
+        name.push_str(", equal weights");
+    }
+    if cfg.client_loss == ClientLoss::ClassBalanced {
+        name.push_str(", class-balanced loss");
+    }
+    if cfg.perturb {
+        name.push_str(&format!(" + perturbation {}", cfg.perturb_rate));
+    }
+    name
 }
 
 /// One run's series of some quantity per round.
@@ -189,4 +201,94 @@ pub fn faults_figure(path: &Path, title: &str, rows: &[KillRateRow]) -> Result<(
     p.series.extend(series("final", 0, |r| &r.finals));
     p.series.extend(series("best-on-dev", 1, |r| &r.bests));
     figure_png(path, title, 1, (900, 520), &[p])
+}
+
+/// Shares of each class in `counts` (all zero for an empty row).
+fn shares<T: Copy + Into<f64>>(counts: &[T]) -> Vec<f64> {
+    let total: f64 = counts.iter().map(|&c| c.into()).sum();
+    counts.iter().map(|&c| if total > 0.0 { c.into() / total } else { 0.0 }).collect()
+}
+
+/// `diagnostics.png` of one run, from its records' `clients` and `dev_confusion`: (1) the share
+/// of dev examples the global model predicts as each class, beside the true shares; (2) the
+/// class mix the server's update leans to (each class's share in the clients' shards weighted
+/// by their weights) beside the unweighted mix; (3) how skewed (the majority class's share of
+/// its shard) the client at each rank was, on average over the rounds. Whether the highest
+/// weighted clients are the most skewed, and whether the model drifts to one class, in one
+/// picture. An error when the records carry no diagnostics (see [`has_diagnostics`]).
+pub fn diagnostics_figure(path: &Path, s: &FedSummary, records: &[RoundRecord]) -> Result<()> {
+    if !has_diagnostics(records) {
+        anyhow::bail!("the records carry no per-client diagnostics (made before they existed?)");
+    }
+    let n_classes = records.iter().map(|r| r.dev_confusion.len()).max().unwrap_or(0);
+    let mut predicted = Panel::new("global model's dev predictions", "round", "share of dev (%)");
+    let mut leaning = Panel::new("class mix the update leans to", "round", "share (%)");
+    for c in 0..n_classes {
+        let name = format!("class {c}");
+        let (mut pred, mut truth, mut weighted, mut plain) = (vec![], vec![], vec![], vec![]);
+        for r in records {
+            let x = r.round as f64;
+            if r.dev_confusion.len() == n_classes {
+                let column: Vec<usize> = r.dev_confusion.iter().map(|row| row[c]).collect();
+                let total: usize = r.dev_confusion.iter().flatten().sum();
+                let true_c: usize = r.dev_confusion[c].iter().sum();
+                if total > 0 {
+                    pred.push((x, pct(column.iter().sum::<usize>() as f64 / total as f64)));
+                    truth.push((x, pct(true_c as f64 / total as f64)));
+                }
+            }
+            if !r.clients.is_empty() {
+                let share = |cl: &crate::round::ClientDiagnostics| {
+                    shares(&cl.class_counts).get(c).copied().unwrap_or(0.0)
+                };
+                let w: f64 = r.clients.iter().map(|cl| cl.weight * share(cl)).sum();
+                let total_w: f64 = r.clients.iter().map(|cl| cl.weight).sum();
+                let p: f64 = r.clients.iter().map(share).sum::<f64>() / r.clients.len() as f64;
+                if total_w > 0.0 {
+                    weighted.push((x, pct(w / total_w)));
+                }
+                plain.push((x, pct(p)));
+            }
+        }
+        predicted.series.push(Series::new(format!("predicted {name}"), Style::Line, c, pred));
+        predicted.series.push(Series::new(format!("true {name}"), Style::Dashed, c, truth));
+        leaning.series.push(Series::new(format!("{name}, by weight"), Style::Line, c, weighted));
+        leaning.series.push(Series::new(format!("{name}, unweighted"), Style::Dashed, c, plain));
+    }
+    let mut by_rank: Vec<Vec<f64>> = Vec::new();
+    for r in records {
+        for cl in &r.clients {
+            let skew = shares(&cl.class_counts).into_iter().fold(0.0, f64::max);
+            if cl.rank >= 1 {
+                if by_rank.len() < cl.rank {
+                    by_rank.resize(cl.rank, Vec::new());
+                }
+                by_rank[cl.rank - 1].push(pct(skew));
+            }
+        }
+    }
+    let (mut skew, mut band) = (Vec::new(), Vec::new());
+    for (i, v) in by_rank.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+        let (m, sd) = mean_std(v);
+        skew.push(((i + 1) as f64, m));
+        band.push(((i + 1) as f64, m - sd, m + sd));
+    }
+    let mut ranks =
+        Panel::new("skew of the client at each rank", "rank (1 = best)", "majority share (%)");
+    ranks.series =
+        vec![Series::new("mean over rounds, +- sd", Style::Line, 0, skew).with_band(band)];
+    let title = format!(
+        "{}: {} clients, {}, seed {}",
+        method_name(&s.config),
+        s.clients,
+        if s.iid { "iid" } else { "non-iid" },
+        s.seed
+    );
+    figure_png(path, &title, 1, (900, 330), &[predicted, leaning, ranks])
+}
+
+/// Whether any record has the clients' ranks and the dev predictions that
+/// [`diagnostics_figure`] draws.
+pub fn has_diagnostics(records: &[RoundRecord]) -> bool {
+    records.iter().any(|r| !r.clients.is_empty() && !r.dev_confusion.is_empty())
 }

@@ -104,11 +104,13 @@ pub enum SupervisorMsg {
 }
 
 /// What the evaluator reports for one global mean.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Evaluation {
     pub dev_acc: f64,
     pub dev_loss: f64,
     pub test_acc: Option<f64>,
+    /// Dev examples by true class (rows) and predicted class (columns).
+    pub dev_confusion: Vec<Vec<usize>>,
 }
 
 /// To the evaluator.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use fedbpt::config::Config;
 use fedbpt::objective::BestOnDev;
 use fedbpt::protocol::{ClientUpdate, SearchDistribution};
-use fedbpt::strategy::{check_update, sample_clients, Aggregator, QuorumRule, RoundDecision};
+use fedbpt::strategy::{check_update, sample_clients, Aggregator, QuorumRule, RoundDecision, Told};
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,54 @@ pub struct RoundRecord {
     pub bytes_up: usize,
     pub bytes_down: usize,
     pub wall_s: f64,
+    /// The aggregated clients, by client: their shard's classes, rank, weight and fitness.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<ClientDiagnostics>,
+    /// The global model's dev predictions: rows the true class, columns the predicted one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dev_confusion: Vec<Vec<usize>>,
+}
+
+/// One aggregated client in a round's record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClientDiagnostics {
+    pub client: String,
+    /// Examples of each class in its shard.
+    pub class_counts: Vec<u32>,
+    /// Its place in the server's ranking, 1 for the best.
+    pub rank: usize,
+    /// Its weight in the server's update (a round's weights sum to 1).
+    pub weight: f64,
+    /// The fitness it reported.
+    pub fitness: f64,
+    /// What the server ranked it by, where that is not its fitness (`server_fitness`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranked_by: Option<f64>,
+}
+
+/// The record of each told client, its class counts padded to the task's `n_classes`.
+fn diagnostics(
+    told: &[Told],
+    updates: &[ClientUpdate],
+    n_classes: usize,
+) -> Vec<ClientDiagnostics> {
+    told.iter()
+        .filter_map(|t| {
+            let u = updates.iter().find(|u| u.client == t.client)?;
+            let mut class_counts = u.class_counts.clone();
+            if class_counts.len() < n_classes {
+                class_counts.resize(n_classes, 0);
+            }
+            Some(ClientDiagnostics {
+                client: site(t.client),
+                class_counts,
+                rank: t.rank,
+                weight: t.weight,
+                fitness: u.fitness,
+                ranked_by: (t.ranked_by != u.fitness).then_some(t.ranked_by),
+            })
+        })
+        .collect()
 }
 
 impl RoundRecord {
@@ -86,6 +134,9 @@ impl RoundRecord {
             non_negative("train_loss", l)?;
         }
         non_negative("sigma", self.sigma)?;
+        for c in &self.clients {
+            in_unit(&format!("{}'s weight", c.client), c.weight)?;
+        }
         non_negative("wall_s", self.wall_s)
     }
 }
@@ -162,9 +213,10 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
     };
     // 5. Aggregate, evaluate, record.
     let aggregated = decision == RoundDecision::Aggregate;
+    let mut told = Vec::new();
     if aggregated {
         let global = Instant::now();
-        ctx.aggregator.aggregate(round, &attempt.updates).map_err(|e| e.to_string())?;
+        told = ctx.aggregator.aggregate(round, &attempt.updates).map_err(|e| e.to_string())?;
         profile::phase("server", "global CMA-ES", global);
     }
     let z = ctx.aggregator.global_mean();
@@ -197,6 +249,8 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
         bytes_up: updates.iter().map(wire_size).sum(),
         bytes_down: wire_size(&dist) * attempt.contacted,
         wall_s: ctx.started.elapsed().as_secs_f64(),
+        clients: diagnostics(&told, &updates, eval.dev_confusion.len()),
+        dev_confusion: eval.dev_confusion,
     })
 }
 

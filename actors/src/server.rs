@@ -111,7 +111,7 @@ impl Checkpoint {
 /// What the server tells its owner.
 #[derive(Debug)]
 pub enum ServerEvent {
-    Round(RoundRecord),
+    Round(Box<RoundRecord>),
     /// All rounds done: the final and the best-on-dev global means.
     Finished {
         final_z: Vec<f32>,
@@ -186,7 +186,7 @@ impl Actor for Server {
                             .send(ServerEvent::Failed(format!("round {round}: checkpoint: {e}")));
                         return Ok(());
                     }
-                    let _ = state.args.events.send(ServerEvent::Round(record));
+                    let _ = state.args.events.send(ServerEvent::Round(Box::new(record)));
                     if round < state.args.cfg.num_rounds {
                         me.send_message(ServerMsg::RunRound {
                             round: round + 1,

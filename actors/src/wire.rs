@@ -265,6 +265,8 @@ mod tests {
             fitness: 0.5,
             loss: 0.6,
             sigmas: vec![0.4, 0.38],
+            start_fitness: None,
+            class_counts: Vec::new(),
         };
         let ok = TrainReply(Ok((update, Stamp::default())));
         assert_eq!(TrainReply::from_bytes(ok.clone().into_bytes()), ok);

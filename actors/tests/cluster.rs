@@ -541,6 +541,8 @@ impl ractor::Actor for LyingClient {
             fitness: 0.5,
             loss: 0.5,
             sigmas: vec![train.dist.sigma; 4],
+            start_fitness: None,
+            class_counts: Vec::new(),
         };
         match round {
             1 => update.client = 2, // another site's name

@@ -278,3 +278,56 @@ fn many_clients_start_and_a_round_reaches_only_the_sampled() {
     assert!(prepared <= 2 + 5 * 3, "{prepared} batches prepared for 2,000 clients");
     assert!(rows[1]["rss_bytes_per_added_client"].is_number(), "{}", rows[1]);
 }
+
+/// The round's diagnostics on the stand-in backend, non-iid: each aggregated client's recorded
+/// class mix is its shard's (the library's split, which every process derives), the ranks are
+/// 1..=n with the weights of a round summing to 1 and falling with the rank, the improvement
+/// each was ranked by is recorded, and the dev confusion counts every dev example with the
+/// recorded dev accuracy on its diagonal.
+#[test]
+fn diagnostics_record_each_clients_shard_rank_and_the_dev_predictions() {
+    let cfg = tiny(&[
+        "model_name=stand-in",
+        "weights=\"f32\"",
+        "n_prompt_tokens=2",
+        "num_users=4",
+        "k_shot=8",
+        "iid=false",
+        "alpha_dir=0.3",
+        "server_fitness=\"improvement\"",
+    ]);
+    let mut env = Env::load(&cfg, &mut |l| eprintln!("{l}")).expect("env loads");
+    let split = fedbpt::experiment::federated_split(&cfg, &env.dataset).unwrap();
+    let (_, records) = run(&cfg, &mut env);
+    let n_classes = env.dataset.label_names.len();
+    let mut skewed = 0;
+    for r in &records {
+        assert_eq!(r.clients.len(), r.clients_ok);
+        let mut ranks: Vec<usize> = r.clients.iter().map(|c| c.rank).collect();
+        ranks.sort_unstable();
+        assert_eq!(ranks, (1..=r.clients.len()).collect::<Vec<_>>());
+        let total: f64 = r.clients.iter().map(|c| c.weight).sum();
+        assert!((total - 1.0).abs() < 1e-12, "{total}");
+        for c in &r.clients {
+            let i: usize = c.client.trim_start_matches("site-").parse::<usize>().unwrap() - 1;
+            let mut want = vec![0u32; n_classes];
+            for e in &split.shards[i] {
+                want[e.label] += 1;
+            }
+            assert_eq!(c.class_counts, want, "{}", c.client);
+            let total: u32 = want.iter().sum();
+            if want.iter().any(|&n| 4 * n >= 3 * total) {
+                skewed += 1;
+            }
+            assert!(c.ranked_by.is_some(), "ranked by improvement: {c:?}");
+            let better = r.clients.iter().filter(|o| o.rank < c.rank);
+            assert!(better.clone().all(|o| o.weight >= c.weight && o.ranked_by <= c.ranked_by));
+        }
+        assert_eq!(r.dev_confusion.len(), n_classes);
+        let dev: usize = r.dev_confusion.iter().flatten().sum();
+        let right: usize = (0..n_classes).map(|k| r.dev_confusion[k][k]).sum();
+        assert_eq!(dev, n_classes * cfg.dev_per_class());
+        assert_eq!(right as f64 / dev as f64, r.dev_acc);
+    }
+    assert!(skewed > 0, "alpha 0.3 over 4 clients leaves some shard 3/4 one class");
+}

@@ -86,7 +86,11 @@ fn a_perturbing_client_uploads_the_eq7_ratio_of_its_final_mean() {
             pool: pool.clone(),
             data,
             projection: projection.clone(),
-            objective: Objective { loss: cfg.loss_type, metric: task.metric },
+            objective: Objective {
+                loss: cfg.loss_type,
+                metric: task.metric,
+                balance: cfg.client_loss,
+            },
             group: None,
         };
         let (client, _) = Actor::spawn(None, Client, args).await.unwrap();
