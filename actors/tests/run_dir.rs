@@ -190,6 +190,66 @@ fn repeated_seeds_and_unusable_paths_are_refused_before_any_work() {
     );
     assert!(!run.join("summary.json").exists());
     assert!(started.elapsed() < Duration::from_secs(30));
+
+    // A directory no one may create (even root cannot write into /proc): refused at once.
+    let o = fedbpt(&["run", "../configs/quickstart.toml", "--out", "/proc/fedbpt-test/run"], &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--out") && stderr(&o).contains("/proc/fedbpt-test"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+/// A disk that fills up while a run publishes its result (a file-size limit stands in for it):
+/// the run fails naming the file it could not write, and the finished run in the directory is
+/// left as it was, with no staged file behind.
+#[test]
+fn a_full_disk_while_publishing_leaves_the_finished_run_as_it_was() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    finished_run(&dir, 2);
+    let listing = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let files = ["summary.json", "metrics.jsonl", "accuracy.png", "diagnostics.png"];
+    let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(dir.join(f)).unwrap()).collect();
+    let names_before = listing(&dir);
+    // Large enough for the checkpoint and the records, too small for a figure.
+    let limit = 24 * 1024;
+    assert!(before[2].len() > limit, "accuracy.png is {} bytes", before[2].len());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fedbpt"));
+    cmd.args(["run", "../configs/quickstart.toml", "--out", dir.to_str().unwrap()]);
+    for s in STAND_IN.iter().chain(&["num_rounds=3", "seed=10"]) {
+        cmd.args(["--set", s]);
+    }
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit { rlim_cur: limit as u64, rlim_max: limit as u64 };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let o = cmd.output().unwrap();
+    assert!(!o.status.success(), "the run fit under the limit");
+    assert!(o.status.code().is_some(), "killed by a signal, not failed with an error");
+    assert!(stderr(&o).contains(".png"), "{}", stderr(&o));
+    for (f, b) in files.iter().zip(&before) {
+        assert_eq!(&std::fs::read(dir.join(f)).unwrap(), b, "{f} changed");
+    }
+    let after = listing(&dir);
+    assert_eq!(after, names_before, "staged files left behind");
 }
 
 #[test]

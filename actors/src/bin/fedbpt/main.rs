@@ -1,21 +1,16 @@
 //! `fedbpt`: the command line.
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use fedbpt::assets;
 use fedbpt::config::Config;
-use fedbpt::experiment;
-use fedbpt_actors::run_dir::{write_atomic, RunDir};
 
 mod bench;
-mod bench_scale;
-mod fed;
-mod serve;
+mod cmd;
+mod figures;
+mod output;
 
 #[derive(Parser)]
 #[command(
@@ -242,8 +237,20 @@ fn keep_freed_memory() {
     }
 }
 
+/// A file-size limit (`ulimit -f`, a quota) makes the write that crosses it fail with `EFBIG`
+/// instead of killing the process with `SIGXFSZ`: the run then ends with an error naming the
+/// file, and its staged files are removed (a killed process would leave them).
+fn fail_writes_past_the_size_limit() {
+    #[cfg(unix)]
+    // SAFETY: ignoring a signal changes no memory; called before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 fn main() {
     keep_freed_memory();
+    fail_writes_past_the_size_limit();
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -261,22 +268,22 @@ fn real_main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Fetch { names } => fetch(&names),
-        Command::Bbt { config, out, overrides } => bbt(&config, out, &overrides),
+        Command::Fetch { names } => cmd::fetch::fetch(&names),
+        Command::Bbt { config, out, overrides } => cmd::bbt::bbt(&config, out, &overrides),
         Command::Run {
             config: Some(config), processes: Some(n), out, trace, overrides, ..
         } => {
             let cfg = Config::load(&config, &overrides)?;
-            let out = out.unwrap_or_else(|| default_out(&config, cfg.seed));
-            let wall = serve::loopback(&config, &overrides, &out, n, trace.as_deref())?;
-            say(&format!("loopback federation of {n} client processes: {wall:.1} s"));
+            let out = out.unwrap_or_else(|| output::default_out(&config, cfg.seed));
+            let wall = cmd::serve::loopback(&config, &overrides, &out, n, trace.as_deref())?;
+            output::say(&format!("loopback federation of {n} client processes: {wall:.1} s"));
             Ok(())
         }
         Command::Run { config, resume, out, trace, overrides, .. } => {
-            fed::run(config.as_deref(), resume.as_deref(), out, trace.as_deref(), &overrides)
+            cmd::run::run(config.as_deref(), resume.as_deref(), out, trace.as_deref(), &overrides)
         }
         Command::Serve { config, resume, listen, out, cookie_file, trace, overrides } => {
-            serve::serve(
+            cmd::serve::serve(
                 config.as_deref(),
                 resume.as_deref(),
                 &listen,
@@ -287,23 +294,23 @@ fn real_main() -> Result<()> {
             )
         }
         Command::Join { config, connect, sites, name, cookie_file, stats, trace, overrides } => {
-            let opts = serve::JoinOptions {
+            let opts = cmd::serve::JoinOptions {
                 name,
                 cookie_file: cookie_file.as_deref(),
                 stats: stats.as_deref(),
                 trace: trace.as_deref(),
             };
-            serve::join(&config, &connect, &sites, opts, &overrides)
+            cmd::serve::join(&config, &connect, &sites, opts, &overrides)
         }
-        Command::Plot { dir } => fed::plot(&dir),
+        Command::Plot { dir } => cmd::plot::plot(&dir),
         Command::Compare { config, out, seeds, methods, partitions, overrides } => {
-            fed::compare(&config, out, &seeds, &methods, &partitions, &overrides)
+            cmd::compare::compare(&config, out, &seeds, &methods, &partitions, &overrides)
         }
         Command::Bench { models, weights, iters, device, json } => {
-            let formats = bench::parse_formats(&weights)?;
-            bench::run(&models, &formats, iters, &device, json.as_deref())
+            let formats = bench::forward::parse_formats(&weights)?;
+            bench::forward::run(&models, &formats, iters, &device, json.as_deref())
         }
-        Command::BenchFaults { config, rates, seeds, overrides, out } => fed::bench_faults(
+        Command::BenchFaults { config, rates, seeds, overrides, out } => cmd::faults::bench_faults(
             &config,
             out.unwrap_or_else(|| PathBuf::from("runs/bench-faults")),
             &rates,
@@ -311,7 +318,7 @@ fn real_main() -> Result<()> {
             &overrides,
         ),
         Command::BenchCluster { config, processes, pairs, overrides, out } => {
-            bench::cluster_overhead(
+            bench::cluster::cluster_overhead(
                 &config,
                 processes,
                 pairs,
@@ -329,170 +336,21 @@ fn real_main() -> Result<()> {
             json,
             row,
         } => {
-            let template = bench_scale::Row { clients: 0, per_round, shard, dev_per_class };
+            let template = bench::scale::Row { clients: 0, per_round, shard, dev_per_class };
             match row {
-                Some(n) => bench_scale::run_row(
+                Some(n) => bench::scale::run_row(
                     &config,
-                    bench_scale::Row { clients: n, ..template },
+                    bench::scale::Row { clients: n, ..template },
                     &overrides,
                 ),
-                None => bench_scale::run(&config, &clients, template, &overrides, json.as_deref()),
+                None => bench::scale::run(&config, &clients, template, &overrides, json.as_deref()),
             }
         }
-        Command::BenchTrace { config, pairs, overrides, out } => bench::trace_overhead(
+        Command::BenchTrace { config, pairs, overrides, out } => bench::trace::trace_overhead(
             &config,
             pairs,
             &overrides,
             out.unwrap_or_else(|| PathBuf::from("runs/bench-trace")),
         ),
     }
-}
-
-pub(crate) fn say(msg: &str) {
-    eprintln!("{msg}");
-}
-
-fn fetch(names: &[String]) -> Result<()> {
-    let root = assets::home();
-    let wanted: Vec<&assets::AssetSpec> = if names.is_empty() {
-        assets::ASSETS.iter().collect()
-    } else {
-        names
-            .iter()
-            .map(|n| {
-                assets::spec(n).with_context(|| {
-                    let known: Vec<&str> = assets::ASSETS.iter().map(|a| a.name).collect();
-                    format!("unknown asset `{n}` (known: {})", known.join(", "))
-                })
-            })
-            .collect::<Result<_>>()?
-    };
-    for spec in wanted {
-        let dir = assets::ensure(&root, spec, &mut |m| say(m))?;
-        println!("{}\t{}", spec.name, dir.display());
-    }
-    Ok(())
-}
-
-pub(crate) fn default_out(config: &Path, seed: u64) -> PathBuf {
-    let stem = config.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
-    PathBuf::from("runs").join(format!("{stem}-seed{seed}"))
-}
-
-/// Checks a benchmark's `--json` path before minutes of measuring: its folder is created, and
-/// a file already there (a finished result) is refused rather than overwritten.
-pub(crate) fn check_json_out(path: Option<&Path>) -> Result<()> {
-    let Some(path) = path else { return Ok(()) };
-    if path.exists() {
-        bail!(
-            "--json {}: the file exists (a finished result is not overwritten: move it, or name another)",
-            path.display()
-        );
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).with_context(|| format!("--json: creating {}", dir.display()))?;
-    }
-    Ok(())
-}
-
-/// Writes one JSON object per line to `path` (checked by [`check_json_out`]), atomically.
-pub(crate) fn write_json_lines(path: &Path, lines: &[serde_json::Value]) -> Result<()> {
-    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-    write_atomic(path, text.as_bytes())
-}
-
-/// Writes `value` as pretty JSON to `path` atomically.
-pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    write_atomic(path, &serde_json::to_vec_pretty(value)?)
-}
-
-fn bbt(config: &Path, out: Option<PathBuf>, overrides: &[String]) -> Result<()> {
-    let cfg = Config::load(config, overrides)?;
-    let out = out.unwrap_or_else(|| default_out(config, cfg.seed));
-    let dir = RunDir::open(&out, "--out")?;
-    let device =
-        experiment::device(cfg.runtime.devices.first().map(String::as_str).unwrap_or("cpu"))?;
-    let model = experiment::load_model(&cfg, &device, &mut |m| say(m))?;
-    let (ds, split) = experiment::load_split(&cfg, &mut |m| say(m))?;
-    let task = cfg.task_spec()?;
-    if task.n_classes() != ds.label_names.len() {
-        bail!(
-            "task `{}` has {} classes but the data has {} ({:?})",
-            task.name,
-            task.n_classes(),
-            ds.label_names.len(),
-            ds.label_names
-        );
-    }
-    say(&format!(
-        "bbt: {} on {} ({} train / {} dev / {} test), d = {}, {} prompt tokens, budget {} evaluations",
-        model.info().name,
-        task.name,
-        split.train.len(),
-        split.dev.len(),
-        split.test.len(),
-        cfg.intrinsic_dim,
-        cfg.n_prompt_tokens,
-        cfg.budget
-    ));
-    // As for `run`: nothing in a finished run in `out` is replaced before this search finishes.
-    let mut metrics = fed::MetricsLog::new(&out);
-    let bar = ProgressBar::new(cfg.budget as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} evals {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_message("preparing (tokenize, text caches, zero-shot test)");
-    let mut last_dev_acc = f64::NAN;
-    let summary = fedbpt::bbt::run(&cfg, model.as_ref(), &task, &split, &mut |rec| {
-        bar.set_position(rec.evaluations.min(cfg.budget) as u64);
-        last_dev_acc = rec.dev_acc.unwrap_or(last_dev_acc);
-        bar.set_message(format!(
-            "train loss {:.4} dev acc {:.3} sigma {:.3}",
-            rec.best_train_loss, last_dev_acc, rec.sigma
-        ));
-        metrics.push(rec);
-    });
-    bar.finish_and_clear();
-    let metrics = metrics.close()?;
-    let summary = summary?;
-    let mut publish = dir.publish();
-    publish.json("summary.json", &summary)?;
-    metrics.stage(&mut publish);
-    publish.commit()?;
-    println!(
-        "manual prompt {:.2}% | z=0 {:.2}% | final {:.2}% | best-on-dev {:.2}% (dev {:.2}%) | {} evaluations in {:.0}s -> {}",
-        100.0 * summary.zero_shot_test_acc,
-        100.0 * summary.zero_prompt_test_acc,
-        100.0 * summary.final_test_acc,
-        100.0 * summary.best_dev_test_acc,
-        100.0 * summary.best_dev_acc,
-        summary.evaluations,
-        summary.wall_s,
-        out.display()
-    );
-    Ok(())
-}
-
-/// One line of a finished run's `metrics.jsonl`: the wall clock, the byte counts, and the rest.
-pub(crate) struct RoundLine {
-    pub wall_s: f64,
-    pub bytes_up: usize,
-    pub bytes_down: usize,
-    /// The record without its wall clock.
-    pub rest: serde_json::Value,
-}
-
-/// The rounds of the finished run in `dir` (read by [`fedbpt_actors::run_dir::read_metrics`]).
-pub(crate) fn read_rounds(dir: &Path) -> Result<Vec<RoundLine>> {
-    fedbpt_actors::run_dir::read_metrics(&dir.join("metrics.jsonl"))?
-        .into_iter()
-        .map(|r| {
-            let mut rest = serde_json::to_value(&r)?;
-            if let Some(o) = rest.as_object_mut() {
-                o.remove("wall_s");
-            }
-            Ok(RoundLine { wall_s: r.wall_s, bytes_up: r.bytes_up, bytes_down: r.bytes_down, rest })
-        })
-        .collect()
 }

@@ -2,16 +2,18 @@
 //! comparison of methods over seeds; accuracy against the kill rate. Spreads over seeds are
 //! drawn as bands (one standard deviation) or error bars.
 
+pub mod draw;
+
 use std::path::Path;
 
+use self::draw::{figure_png, mean_and_band, mean_std, Panel, Points, Series, Style};
 use anyhow::Result;
+
 use fedbpt::config::{Aggregation, Config};
 use fedbpt::objective::ClientLoss;
 use fedbpt::strategy::{ServerFitness, ServerSigma, ServerWeights};
-
-use crate::federation::FedSummary;
-use crate::plot::{figure_png, mean_and_band, mean_std, Panel, Points, Series, Style};
-use crate::server::RoundRecord;
+use fedbpt_actors::federation::FedSummary;
+use fedbpt_actors::server::RoundRecord;
 
 fn pct(v: f64) -> f64 {
     100.0 * v
@@ -182,7 +184,7 @@ pub fn faults_figure(path: &Path, title: &str, rows: &[KillRateRow]) -> Result<(
         let mut band = Vec::new();
         for row in rows {
             let v: Vec<f64> = pick(row).iter().map(|x| pct(*x)).collect();
-            let (m, sd) = crate::plot::mean_std(&v);
+            let (m, sd) = self::draw::mean_std(&v);
             points.push((pct(row.rate), m));
             band.push((pct(row.rate), m - sd, m + sd));
         }
@@ -238,7 +240,7 @@ pub fn diagnostics_figure(path: &Path, s: &FedSummary, records: &[RoundRecord]) 
                 }
             }
             if !r.clients.is_empty() {
-                let share = |cl: &crate::round::ClientDiagnostics| {
+                let share = |cl: &fedbpt_actors::round::ClientDiagnostics| {
                     shares(&cl.class_counts).get(c).copied().unwrap_or(0.0)
                 };
                 let w: f64 = r.clients.iter().map(|cl| cl.weight * share(cl)).sum();

@@ -5,7 +5,6 @@
 //! same run. One JSON object per line.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -18,6 +17,8 @@ use fedbpt::models::linear::LinearFormat;
 use fedbpt::models::random_checkpoint::{self, RobertaShape};
 use fedbpt::models::{Placement, PromptModel, ScoreJob};
 use fedbpt::peak::{self, Peak};
+
+use crate::bench::peers::{peer, peer_causal, peer_isa_for, peer_llamacpp, peer_variants};
 
 /// Non-embedding parameters: 2 FLOPs each per token is the forward's matmul work.
 fn non_embedding_params(model: &dyn PromptModel) -> usize {
@@ -200,7 +201,7 @@ pub fn run(
     // a device this build cannot open or a taken output path fails first.
     find_models(models)?;
     let device = experiment::device(device_name)?;
-    crate::check_json_out(json_out)?;
+    crate::output::check_json_out(json_out)?;
     let mut lines = Vec::new();
     let threads = compute_threads();
     let on_cpu = device_name == "cpu";
@@ -341,76 +342,9 @@ pub fn run(
         lines.push(line);
     }
     if let Some(p) = json_out {
-        crate::write_json_lines(p, &lines)?;
+        crate::output::write_json_lines(p, &lines)?;
     }
     Ok(())
-}
-
-/// A way to run a PyTorch peer: its dtype and the instruction set it is held to (oneDNN's
-/// `ONEDNN_MAX_CPU_ISA`, MKL's `MKL_ENABLE_INSTRUCTIONS`), for comparing each of our kernels
-/// with PyTorch on the same instructions.
-struct PeerVariant {
-    dtype: &'static str,
-    /// `default` (whatever PyTorch picks, AMX included), `avx512_core_bf16` or `avx2`.
-    isa: &'static str,
-    env: Vec<(&'static str, &'static str)>,
-}
-
-impl PeerVariant {
-    /// The peer's line with what it was held to, the model and shape it stands beside (for
-    /// [`versus`]) and its share of the peak of its dtype.
-    fn tag(
-        &self,
-        mut line: serde_json::Value,
-        model: &str,
-        candidates: Option<usize>,
-        peak: Option<&Peak>,
-    ) -> serde_json::Value {
-        line["isa"] = json!(self.isa);
-        line["beside_model"] = json!(model);
-        line["candidates"] = json!(candidates.unwrap_or(1));
-        if let Some(g) = line["gflops"].as_f64() {
-            let format = match (self.dtype, self.isa) {
-                ("bf16", "default") if peak.is_some_and(|p| p.amx_bf16_gflops.is_some()) => {
-                    "bf16-amx"
-                }
-                ("bf16", "avx2") => "bf16-avx2",
-                ("bf16", _) => "bf16-avx512bf16",
-                _ => "f32",
-            };
-            line["share_of_peak"] = json!(share(peak, format, g));
-        }
-        line
-    }
-}
-
-/// PyTorch f32 and bf16 as it runs by default, and held to the instruction set of each of our
-/// kernels being measured below AMX.
-fn peer_variants(formats: &[LinearFormat]) -> Vec<PeerVariant> {
-    let mut out = vec![
-        PeerVariant { dtype: "f32", isa: "default", env: vec![] },
-        PeerVariant { dtype: "bf16", isa: "default", env: vec![] },
-    ];
-    if formats.contains(&LinearFormat::Packed(Kernel::Avx512Bf16)) {
-        let env = vec![("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")];
-        out.push(PeerVariant { dtype: "bf16", isa: "avx512_core_bf16", env });
-    }
-    if formats.contains(&LinearFormat::Packed(Kernel::Avx2)) {
-        let env = vec![("ONEDNN_MAX_CPU_ISA", "AVX2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2")];
-        out.push(PeerVariant { dtype: "bf16", isa: "avx2", env: env.clone() });
-        out.push(PeerVariant { dtype: "f32", isa: "avx2", env });
-    }
-    out
-}
-
-/// The peer ISA each of our formats is compared with.
-fn peer_isa_for(format: &str) -> Option<&'static str> {
-    match format {
-        "f32" | "bf16-amx" => Some("default"),
-        "bf16-avx512bf16" => Some("avx512_core_bf16"),
-        "bf16-avx2" => Some("avx2"),
-        _ => None,
-    }
 }
 
 /// Our throughput over each peer's on the same model, placement, candidates and instruction
@@ -498,7 +432,7 @@ fn compute_threads() -> usize {
 /// `gflops` as a share of the measured peak of the unit `format` runs on: the f32 FMA peak for
 /// f32 and the AVX2 and portable kernels (which multiply in f32), the `vdpbf16ps` peak for
 /// AVX-512 BF16, the tiles' for AMX; none for formats without one.
-fn share(peak: Option<&Peak>, format: &str, gflops: f64) -> Option<f64> {
+pub(crate) fn share(peak: Option<&Peak>, format: &str, gflops: f64) -> Option<f64> {
     let peak = peak?;
     match format {
         "f32" | "bf16-avx2" | "bf16-portable" => Some(gflops / peak.f32_gflops),
@@ -568,239 +502,6 @@ fn linear_layers(peak: &Peak) -> Result<Vec<serde_json::Value>> {
     Ok(lines)
 }
 
-/// Runs a peer script of `bench/` with `$FEDBPT_PEER_PYTHON` (default `python3`); its JSON
-/// lines, or one line saying why it is unavailable.
-fn peer_script(
-    script: &str,
-    args: &[String],
-    env: &[(&str, &str)],
-    needs: &str,
-) -> Vec<serde_json::Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench").join(script);
-    let python = std::env::var("FEDBPT_PEER_PYTHON").unwrap_or_else(|_| "python3".into());
-    match Command::new(&python).arg(&script).args(args).envs(env.iter().copied()).output() {
-        Ok(o) if o.status.success() => {
-            let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            if lines.is_empty() {
-                vec![json!({"peer": format!("unavailable: {} printed no JSON", script.display())})]
-            } else {
-                lines
-            }
-        }
-        Ok(o) => {
-            let err = String::from_utf8_lossy(&o.stderr);
-            let last = err.lines().last().unwrap_or("").to_string();
-            vec![
-                json!({"peer": format!("unavailable: {python} {} failed: {last} (pip install {needs}, or set FEDBPT_PEER_PYTHON)", script.display())}),
-            ]
-        }
-        Err(e) => vec![json!({"peer": format!("unavailable: cannot run {python}: {e}")})],
-    }
-}
-
-/// A causal peer's arguments: the GGUF, `rows` x `seq` tokens (prefix) and `rows` x `new`
-/// tokens over a cached context (suffix), on `threads` threads (our forwards' count).
-fn causal_args(gguf: &Path, rows: usize, seq: usize, new: usize, threads: usize) -> Vec<String> {
-    vec![
-        gguf.display().to_string(),
-        "--threads".into(),
-        threads.to_string(),
-        "--batch".into(),
-        rows.to_string(),
-        "--seq".into(),
-        seq.to_string(),
-        "--new".into(),
-        new.to_string(),
-    ]
-}
-
-/// PyTorch + transformers on the same GGUF (dequantized; weights in `dtype`) at the shapes of
-/// `causal_args`.
-fn peer_causal(
-    gguf: &Path,
-    rows: usize,
-    seq: usize,
-    new: usize,
-    threads: usize,
-    variant: &PeerVariant,
-) -> Vec<serde_json::Value> {
-    let mut args = causal_args(gguf, rows, seq, new, threads);
-    args.extend(["--dtype".into(), variant.dtype.into()]);
-    peer_script("peer_causal.py", &args, &variant.env, "torch transformers accelerate gguf")
-}
-
-/// llama.cpp (llama-cpp-python's low-level API) on the same GGUF, weights as stored, at the same
-/// shapes and at the thread count our forwards use (`RAYON_NUM_THREADS` or every core).
-fn peer_llamacpp(
-    gguf: &Path,
-    rows: usize,
-    seq: usize,
-    new: usize,
-    threads: usize,
-) -> Vec<serde_json::Value> {
-    let args = causal_args(gguf, rows, seq, new, threads);
-    let needs = "gguf llama-cpp-python (from source, see bench/peer_llamacpp.py)";
-    peer_script("peer_llamacpp.py", &args, &[], needs)
-}
-
-/// PyTorch's BertModel on the same MiniLM weights and shapes (`batch` rows of `seq` tokens) on
-/// `threads` threads.
-fn peer(
-    model_dir: &Path,
-    batch: usize,
-    seq: usize,
-    threads: usize,
-    variant: &PeerVariant,
-) -> serde_json::Value {
-    let args = [
-        model_dir.display().to_string(),
-        "--threads".into(),
-        threads.to_string(),
-        "--batch".into(),
-        batch.to_string(),
-        "--seq".into(),
-        seq.to_string(),
-        "--dtype".into(),
-        variant.dtype.into(),
-    ];
-    let mut lines =
-        peer_script("peer_minilm.py", &args, &variant.env, "torch transformers").into_iter();
-    lines.next().unwrap_or_else(|| json!({"peer": "unavailable: peer_minilm.py printed nothing"}))
-}
-
-/// Times `fedbpt run` on `config` without and with `--trace` (separate processes, alternating,
-/// so both pay the same start-up) and prints the overhead as JSON.
-pub fn trace_overhead(
-    config: &Path,
-    pairs: usize,
-    overrides: &[String],
-    out: std::path::PathBuf,
-) -> Result<()> {
-    let exe = std::env::current_exe().context("locating the fedbpt binary")?;
-    let mut plain = Vec::new();
-    let mut traced = Vec::new();
-    for i in 0..pairs.max(1) {
-        for with_trace in [false, true] {
-            let dir = out.join(format!("{}-{i}", if with_trace { "traced" } else { "plain" }));
-            let mut cmd = Command::new(&exe);
-            cmd.arg("run").arg(config).arg("--out").arg(&dir);
-            if with_trace {
-                cmd.arg("--trace").arg(dir.join("trace.json"));
-            }
-            for o in overrides {
-                cmd.arg("--set").arg(o);
-            }
-            let t = Instant::now();
-            let status = cmd.status().with_context(|| format!("running {}", exe.display()))?;
-            if !status.success() {
-                anyhow::bail!(
-                    "the {} run failed ({status})",
-                    if with_trace { "traced" } else { "plain" }
-                );
-            }
-            let s = t.elapsed().as_secs_f64();
-            if with_trace {
-                traced.push(s)
-            } else {
-                plain.push(s)
-            }
-        }
-    }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let (p, t) = (mean(&plain), mean(&traced));
-    let line = json!({
-        "bench": "trace_overhead",
-        "config": config.display().to_string(),
-        "plain_wall_s": plain,
-        "traced_wall_s": traced,
-        "overhead_pct": 100.0 * (t - p) / p,
-    });
-    println!("{line}");
-    Ok(())
-}
-
-/// Per-round cost of the wire: the same federation in one process and across `processes`
-/// client processes on loopback (each in its own processes, alternating), and the bytes per
-/// client-round counted on the client processes' sockets. Prints one JSON object.
-pub fn cluster_overhead(
-    config: &Path,
-    processes: usize,
-    pairs: usize,
-    overrides: &[String],
-    out: std::path::PathBuf,
-) -> Result<()> {
-    let exe = std::env::current_exe().context("locating the fedbpt binary")?;
-    let rounds_of = |dir: &Path| -> Result<Vec<crate::RoundLine>> { crate::read_rounds(dir) };
-    let (mut one_wall, mut cluster_wall) = (Vec::new(), Vec::new());
-    let (mut one_round, mut cluster_round) = (Vec::new(), Vec::new());
-    let (mut up, mut down, mut payload_up, mut payload_down) = (0u64, 0u64, 0usize, 0usize);
-    let mut client_rounds = 0usize;
-    let mut equal = true;
-    for i in 0..pairs.max(1) {
-        let one = out.join(format!("one-{i}"));
-        let mut cmd = Command::new(&exe);
-        cmd.arg("run").arg(config).arg("--out").arg(&one);
-        for o in overrides {
-            cmd.arg("--set").arg(o);
-        }
-        let t = Instant::now();
-        let status = cmd.status().with_context(|| format!("running {}", exe.display()))?;
-        if !status.success() {
-            anyhow::bail!("the one-process run failed ({status})");
-        }
-        one_wall.push(t.elapsed().as_secs_f64());
-        let many = out.join(format!("processes-{i}"));
-        cluster_wall.push(crate::serve::loopback(config, overrides, &many, processes, None)?);
-        let (a, b) = (rounds_of(&one)?, rounds_of(&many)?);
-        equal &= a.iter().map(|r| &r.rest).eq(b.iter().map(|r| &r.rest));
-        one_round.push(mean_round_s(&a));
-        cluster_round.push(mean_round_s(&b));
-        payload_up += b.iter().map(|r| r.bytes_up).sum::<usize>();
-        payload_down += b.iter().map(|r| r.bytes_down).sum::<usize>();
-        for k in 1..=processes {
-            let path = many.join(format!("join-{k}.json"));
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("reading {}", path.display()))?;
-            up += v["socket_bytes_sent"].as_u64().unwrap_or(0);
-            down += v["socket_bytes_received"].as_u64().unwrap_or(0);
-            let sites = v["sites"].as_u64().unwrap_or(0) as usize;
-            client_rounds += sites * v["rounds"].as_u64().unwrap_or(0) as usize;
-        }
-    }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let (p, c) = (mean(&one_round), mean(&cluster_round));
-    let per = |b: f64| b / client_rounds.max(1) as f64;
-    let line = json!({
-        "bench": "cluster_overhead",
-        "config": config.display().to_string(),
-        "processes": processes,
-        "one_process_wall_s": one_wall,
-        "cluster_wall_s": cluster_wall,
-        "one_process_round_s": one_round,
-        "cluster_round_s": cluster_round,
-        "overhead_per_round_s": c - p,
-        "overhead_pct": 100.0 * (c - p) / p,
-        "socket_bytes_up_per_client_round": per(up as f64),
-        "socket_bytes_down_per_client_round": per(down as f64),
-        "payload_bytes_up_per_client_round": per(payload_up as f64),
-        "payload_bytes_down_per_client_round": per(payload_down as f64),
-        "metrics_equal_but_wall": equal,
-    });
-    println!("{line}");
-    Ok(())
-}
-
-/// Mean wall time of a round after the first (which also waits for the clients to start).
-fn mean_round_s(rounds: &[crate::RoundLine]) -> f64 {
-    let gaps: Vec<f64> = rounds.windows(2).map(|w| w[1].wall_s - w[0].wall_s).collect();
-    gaps.iter().sum::<f64>() / gaps.len().max(1) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -818,15 +519,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let finished = tmp.path().join("bench.json");
         std::fs::write(&finished, "{\"bench\": \"peak\"}\n").unwrap();
-        let err = crate::check_json_out(Some(&finished)).unwrap_err().to_string();
+        let err = crate::output::check_json_out(Some(&finished)).unwrap_err().to_string();
         assert!(err.contains("bench.json") && err.contains("exists"), "{err}");
         assert_eq!(std::fs::read_to_string(&finished).unwrap(), "{\"bench\": \"peak\"}\n");
 
         let nested = tmp.path().join("new/dir/bench.json");
-        crate::check_json_out(Some(&nested)).unwrap();
-        crate::write_json_lines(&nested, &[json!({"a": 1}), json!({"b": 2})]).unwrap();
+        crate::output::check_json_out(Some(&nested)).unwrap();
+        crate::output::write_json_lines(&nested, &[json!({"a": 1}), json!({"b": 2})]).unwrap();
         assert_eq!(std::fs::read_to_string(&nested).unwrap(), "{\"a\":1}\n{\"b\":2}\n");
-        crate::check_json_out(None).unwrap();
+        crate::output::check_json_out(None).unwrap();
     }
 
     #[test]

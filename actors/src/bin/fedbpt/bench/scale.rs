@@ -17,11 +17,11 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use fedbpt::config::Config;
-
-use crate::fed::runtime;
-use crate::say;
 use fedbpt_actors::federation::{self, Clients, Env, RunOptions};
 use fedbpt_actors::profile::{MessageSpan, Profiler, Spans};
+
+use crate::cmd::run::runtime;
+use crate::output::say;
 
 /// What one row varies; everything else comes from the config and `--set`.
 #[derive(Debug, Clone, Copy)]
@@ -60,7 +60,7 @@ pub fn run(
         bail!("--clients: give client counts of at least 1");
     }
     check(template)?;
-    crate::check_json_out(json_out)?;
+    crate::output::check_json_out(json_out)?;
     let exe = std::env::current_exe().context("locating the fedbpt binary")?;
     let mut rows: Vec<Value> = Vec::new();
     for &n in clients {
@@ -90,7 +90,7 @@ pub fn run(
     }
     add_memory_per_client(&mut rows);
     if let Some(p) = json_out {
-        crate::write_json_lines(p, &rows)?;
+        crate::output::write_json_lines(p, &rows)?;
     }
     eprintln!("{}", table(&rows));
     Ok(())

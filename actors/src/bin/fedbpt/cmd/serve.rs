@@ -4,15 +4,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
+
 use fedbpt::config::Config;
 use fedbpt_actors::cluster::{self, ClientSide, ServerSide};
 use fedbpt_actors::federation::{self, Clients, Env};
-
 use fedbpt_actors::profile::{merge_chrome_traces, Profiler};
 use fedbpt_actors::run_dir::RunDir;
 
-use crate::fed::{check_trace, print_summary, run_one, run_setup, runtime, write_profile};
-use crate::say;
+use crate::cmd::run::{check_trace, print_summary, run_one, run_setup, runtime, write_profile};
+use crate::output::say;
 
 fn address(flag: &str, text: &str) -> Result<SocketAddr> {
     text.parse().map_err(|_| {
@@ -133,7 +133,7 @@ pub fn join(
             "socket_bytes_received": bytes.received,
             "wall_s": started.elapsed().as_secs_f64(),
         });
-        crate::write_json_atomic(path, &line)?;
+        crate::output::write_json_atomic(path, &line)?;
     }
     Ok(())
 }
