@@ -162,7 +162,7 @@ pub fn run(
     };
     let iterations = cfg.budget.div_ceil(cfg.popsize);
     let seed = derive(cfg.seed, &[tag::BBT_SEARCH]);
-    let mut search = LocalSearch::start(&start, cfg.popsize, iterations, seed)?;
+    let mut search = LocalSearch::start(&start, cfg.popsize, iterations, seed, cfg.cma)?;
     let mut best_dev: Option<BestOnDev> = None;
     let mut evaluations = 0;
     let mut search_forward_s = 0.0;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cmaes::CmaFlavour;
 use crate::data::sources::Columns;
 use crate::models::linear::WeightFormat;
 use crate::models::{Placement, PromptMode};
@@ -360,6 +361,21 @@ pub const MAX_INTRINSIC_DIM: usize = 10_000;
 pub const MAX_POPSIZE: usize = 10_000;
 
 /// A u64 from a TOML integer (up to 2^63 - 1) or a string of digits (any u64).
+/// `cma`, with an error that names the key and its values (serde's names neither the key nor,
+/// on some paths, the values).
+fn cma_flavour<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<CmaFlavour, D::Error> {
+    let name = String::deserialize(d)?;
+    match name.as_str() {
+        "tutorial" => Ok(CmaFlavour::Tutorial),
+        "pycma" => Ok(CmaFlavour::Pycma),
+        other => Err(serde::de::Error::custom(format!(
+            "cma = \"{other}\": expected \"tutorial\" or \"pycma\""
+        ))),
+    }
+}
+
 fn u64_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -445,6 +461,10 @@ pub struct Config {
     pub server_weights: ServerWeights,
     /// How a client averages its loss over its shard to rank its candidates.
     pub client_loss: ClientLoss,
+    /// Which CMA-ES the local searches and FedBPT's server run: "tutorial" (this project's) or
+    /// "pycma" (pycma 3.4.0's defaults, as the reference; docs/pycma-flavour.md).
+    #[serde(deserialize_with = "cma_flavour")]
+    pub cma: CmaFlavour,
     pub runtime: Runtime,
     pub cluster: Cluster,
     /// Fault injection (none by default).
@@ -497,6 +517,7 @@ impl Default for Config {
             server_fitness: ServerFitness::Loss,
             server_weights: ServerWeights::Rank,
             client_loss: ClientLoss::Mean,
+            cma: CmaFlavour::Tutorial,
             runtime: Runtime::default(),
             cluster: Cluster::default(),
             faults: Faults::default(),
@@ -801,6 +822,21 @@ mod tests {
         assert!(e.contains("server_weights"), "{e}");
         let e = Config::from_toml_str("server_fitness = \"gain\"", &[]).unwrap_err().to_string();
         assert!(e.contains("server_fitness") || e.contains("gain"), "{e}");
+    }
+
+    #[test]
+    fn cma_flavour_parses_and_names_its_key() {
+        assert_eq!(Config::default().cma, CmaFlavour::Tutorial);
+        assert_eq!(Config::from_toml_str("", &[]).unwrap().cma, CmaFlavour::Tutorial);
+        let c = Config::from_toml_str("cma = \"pycma\"", &[]).unwrap();
+        assert_eq!(c.cma, CmaFlavour::Pycma);
+        let c = Config::from_toml_str("", &["cma=tutorial".into()]).unwrap();
+        assert_eq!(c.cma, CmaFlavour::Tutorial);
+        for (text, sets) in [("cma = \"numpy\"", vec![]), ("", vec!["cma=numpy".to_string()])] {
+            let e = Config::from_toml_str(text, &sets).unwrap_err().to_string();
+            assert!(e.contains("cma") && e.contains("numpy"), "{e}");
+            assert!(e.contains("\"tutorial\" or \"pycma\""), "{e}");
+        }
     }
 
     #[test]

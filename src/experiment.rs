@@ -36,10 +36,19 @@ pub fn aggregator_for(cfg: &Config) -> Result<Box<dyn Aggregator>> {
                 cfg.server_sigma,
                 cfg.local_popsize,
             )?
+            .with_flavour(cfg.cma, clients_per_round(cfg))?
             .with_ranking(cfg.server_fitness, cfg.server_weights),
         ),
         Aggregation::Fedavg => Box::new(FedAvgBbt::new(cfg.intrinsic_dim, cfg.sigma)?),
     })
+}
+
+/// Clients taking part in each round: `clients_per_round`, or all of them when it is 0 or more.
+fn clients_per_round(cfg: &Config) -> usize {
+    match cfg.clients_per_round {
+        0 => cfg.num_users,
+        k => k.min(cfg.num_users),
+    }
 }
 
 /// Prompt settings from the config.

@@ -5,7 +5,7 @@
 //! It does no I/O: the caller scores each population (through a model, a pool of workers, or a
 //! test function) and tells the fitness back, so actors only move messages around it.
 
-use crate::cmaes::{Cmaes, CmaesOptions};
+use crate::cmaes::{CmaFlavour, Cmaes, CmaesOptions};
 use crate::objective::{
     client_loss, fitness_perturbed_for, loss_with_metric, ClientLoss, LossType, Metric,
 };
@@ -27,18 +27,21 @@ impl LocalSearch {
     /// Starts from `dist` (mean, step size and, when sent, covariance) with `popsize` candidates
     /// per iteration for `iterations` iterations, drawing from its own generator seeded by
     /// `seed` (which should differ between clients and rounds: the reference reseeded every
-    /// client identically, so all clients drew the same samples).
+    /// client identically, so all clients drew the same samples). `flavour` picks the CMA-ES;
+    /// either way it starts as the reference's `_copy_light` does: the received distribution,
+    /// zero paths, no generation told, and a fresh eigendecomposition of the received covariance.
     pub fn start(
         dist: &SearchDistribution,
         popsize: usize,
         iterations: usize,
         seed: u64,
+        flavour: CmaFlavour,
     ) -> Result<Self> {
         if iterations == 0 {
             return Err(Error::Optimizer("a local search needs at least one iteration".into()));
         }
         let mean: Vec<f64> = dist.mean.iter().map(|&v| f64::from(v)).collect();
-        let opts = CmaesOptions { popsize: Some(popsize), seed, bounds: None };
+        let opts = CmaesOptions { popsize: Some(popsize), seed, bounds: None, flavour };
         let mut es = Cmaes::new(mean, dist.sigma, opts)?;
         if let Some(packed) = &dist.covariance {
             if packed.dim != es.dim() {
@@ -171,7 +174,7 @@ mod tests {
 
     #[test]
     fn sigmas_are_recorded_before_each_ask() {
-        let mut s = LocalSearch::start(&dist(0.7), 5, 3, 1).unwrap();
+        let mut s = LocalSearch::start(&dist(0.7), 5, 3, 1, CmaFlavour::Tutorial).unwrap();
         let mut told = Vec::new();
         while let Some(xs) = s.ask() {
             assert!(s.ask().is_none(), "no second ask before the tell");
@@ -191,18 +194,18 @@ mod tests {
 
     #[test]
     fn protocol_misuse_is_an_error() {
-        let mut s = LocalSearch::start(&dist(0.7), 4, 2, 1).unwrap();
+        let mut s = LocalSearch::start(&dist(0.7), 4, 2, 1, CmaFlavour::Tutorial).unwrap();
         assert!(s.tell(&[vec![0.0; 3]], &[1.0]).is_err(), "tell before ask");
         let xs = s.ask().unwrap();
         let score = Scored { fitness: 0.0, loss: 0.0 };
         assert!(s.clone().finish(0, 3, score).is_err(), "finish mid-search");
         s.tell(&xs, &vec![1.0; xs.len()]).unwrap();
-        assert!(LocalSearch::start(&dist(0.7), 4, 0, 1).is_err());
-        assert!(LocalSearch::start(&dist(0.0), 4, 1, 1).is_err());
-        assert!(LocalSearch::start(&dist(0.7), 1, 1, 1).is_err());
+        assert!(LocalSearch::start(&dist(0.7), 4, 0, 1, CmaFlavour::Tutorial).is_err());
+        assert!(LocalSearch::start(&dist(0.0), 4, 1, 1, CmaFlavour::Tutorial).is_err());
+        assert!(LocalSearch::start(&dist(0.7), 1, 1, 1, CmaFlavour::Tutorial).is_err());
         let mut bad = dist(0.7);
         bad.covariance = Some(PackedCovariance { dim: 2, upper: vec![1.0, 0.0, 1.0] });
-        assert!(LocalSearch::start(&bad, 4, 1, 1).is_err());
+        assert!(LocalSearch::start(&bad, 4, 1, 1, CmaFlavour::Tutorial).is_err());
     }
 
     #[test]
@@ -210,7 +213,7 @@ mod tests {
         let mut d = dist(0.5);
         d.covariance =
             Some(PackedCovariance { dim: 3, upper: vec![4.0, 0.0, 0.0, 1.0, 0.0, 0.25] });
-        let s = LocalSearch::start(&d, 6, 1, 2).unwrap();
+        let s = LocalSearch::start(&d, 6, 1, 2, CmaFlavour::Tutorial).unwrap();
         assert_eq!(s.strategy().covariance()[(0, 0)], 4.0);
         assert_eq!(s.strategy().covariance()[(2, 2)], 0.25);
         assert_eq!(s.strategy().popsize(), 6);

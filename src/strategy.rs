@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use rand::seq::SliceRandom;
 
-use crate::cmaes::{parents_for, ranking, Cmaes, CmaesOptions, Parents};
+use crate::cmaes::{parents_for, ranking, CmaFlavour, Cmaes, CmaesOptions, Parents};
 use crate::protocol::{pack_upper, ClientUpdate, SearchDistribution};
 use crate::{Error, Result};
 
@@ -186,7 +186,7 @@ impl FedBpt {
         rule: ServerSigma,
         local_popsize: usize,
     ) -> Result<Self> {
-        let opts = CmaesOptions { popsize: None, seed, bounds: None };
+        let opts = CmaesOptions { popsize: None, seed, bounds: None, ..Default::default() };
         let mut es = Cmaes::new(vec![0.0; dim], sigma0, opts)?;
         // Every client that replies gets a positive, rank-decreasing weight, as in the
         // reference server (pycma with CMA_mu = number of clients).
@@ -194,6 +194,21 @@ impl FedBpt {
         let local_parents = parents_for(local_popsize);
         let (fitness, weights) = (ServerFitness::Loss, ServerWeights::Rank);
         Ok(Self { es, send_covariance, rule, local_parents, fitness, weights, seed })
+    }
+
+    /// Runs the global CMA-ES in `flavour`. For [`CmaFlavour::Pycma`] its popsize is `clients`
+    /// (the clients of a round), as the reference's `popsize = CMA_mu = m`; the tutorial flavour
+    /// keeps the default popsize (either way a tell of another count uses that count's weights).
+    pub fn with_flavour(mut self, flavour: CmaFlavour, clients: usize) -> Result<Self> {
+        let popsize = match flavour {
+            CmaFlavour::Tutorial => None,
+            CmaFlavour::Pycma => Some(clients.max(2)),
+        };
+        let opts = CmaesOptions { popsize, seed: self.seed, bounds: None, flavour };
+        let mut es = Cmaes::new(self.es.mean().to_vec(), self.es.sigma(), opts)?;
+        es.set_parents(self.es.parents());
+        self.es = es;
+        Ok(self)
     }
 
     /// Ranks by `fitness` and weighs by `weights` instead of the reference's loss and ranks.
@@ -352,6 +367,13 @@ impl Aggregator for FedBpt {
             return Err(Error::Optimizer(format!(
                 "snapshot uses server_sigma {:?}, this run {:?}",
                 restored.rule, self.rule
+            )));
+        }
+        if restored.es.flavour() != self.es.flavour() {
+            return Err(Error::Optimizer(format!(
+                "snapshot runs the {:?} CMA-ES, this run the {:?} one",
+                restored.es.flavour(),
+                self.es.flavour()
             )));
         }
         if (restored.fitness, restored.weights) != (self.fitness, self.weights) {

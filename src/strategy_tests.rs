@@ -343,7 +343,7 @@ fn federated_sphere(agg: &mut dyn Aggregator) -> (f64, f64) {
         for (k, o) in optima.iter().enumerate() {
             let f = |x: &[f64]| x.iter().zip(o).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
             let seed = (round * 4 + k) as u64;
-            let mut search = LocalSearch::start(&dist, 6, 4, seed).unwrap();
+            let mut search = LocalSearch::start(&dist, 6, 4, seed, CmaFlavour::Tutorial).unwrap();
             while let Some(xs) = search.ask() {
                 let fs: Vec<f64> = xs.iter().map(|x| f(x)).collect();
                 search.tell(&xs, &fs).unwrap();

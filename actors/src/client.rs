@@ -190,7 +190,7 @@ async fn train(
     let cfg = &a.cfg;
     let round = dist.round as u64;
     let seed = derive(cfg.seed, &[tag::CLIENT_SEARCH, a.id as u64, round]);
-    let mut search = LocalSearch::start(dist, cfg.local_popsize, cfg.local_iter, seed)
+    let mut search = LocalSearch::start(dist, cfg.local_popsize, cfg.local_iter, seed, cfg.cma)
         .map_err(|e| e.to_string())?;
     // FedBPT's perturbation: a noisy copy of the shard, fresh each round.
     let perturbed = if cfg.perturb {

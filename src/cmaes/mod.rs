@@ -1,16 +1,28 @@
-//! CMA-ES (covariance matrix adaptation evolution strategy) on nalgebra, for minimization.
+//! CMA-ES (covariance matrix adaptation evolution strategy) on nalgebra, for minimization, in
+//! two flavours ([`CmaFlavour`]).
 //!
-//! An own implementation of the algorithm as described in N. Hansen, "The CMA Evolution Strategy:
-//! A Tutorial" (arXiv:1604.00772), with the tutorial's default parameters: full covariance,
-//! rank-one and rank-mu updates, cumulative step-size adaptation (the change of log sigma capped
-//! at 1 per generation) with the `h_sigma` stall, and a lazy eigendecomposition. The whole state,
-//! random generator included, is serializable, so a run can be checkpointed and resumed bit for
-//! bit.
+//! [`CmaFlavour::Tutorial`] is an own implementation of the algorithm as described in N. Hansen,
+//! "The CMA Evolution Strategy: A Tutorial" (arXiv:1604.00772), with the tutorial's default
+//! parameters: full covariance, rank-one and rank-mu updates, cumulative step-size adaptation
+//! (the change of log sigma capped at 1 per generation) with the `h_sigma` stall, and a lazy
+//! eigendecomposition.
 //!
-//! pycma (the reference's optimizer) starts from the same formulas but differs in three defaults:
-//! it gives the worse half of the population negative weights (active CMA), multiplies `c1` by
-//! `min(1, popsize / 6)`, and adds 1/4 to `mueff - 2 + 1/mueff` in `c_mu`. Its default popsize,
-//! positive weights, `cc`, `cs`, `damps` and the weights of `CMA_mu = popsize` equal ours.
+//! [`CmaFlavour::Pycma`] reproduces pycma 3.4.0 (the reference's optimizer) at the defaults the
+//! reference runs, as docs/pycma-flavour.md describes formula by formula; `tests/pycma_parity.rs`
+//! checks it against recorded pycma runs. Where pycma differs from the tutorial flavour: negative
+//! weights for the worse candidates (active CMA, each such step rescaled to Mahalanobis length
+//! `sqrt(d)`); `c1` multiplied by `min(1, len(weights) / 6)`; 1/4 added to `mueff - 2 + 1/mueff`
+//! in `c_mu`; `cs = (mueff + 2) / (d + mueff + 3)` (the tutorial has `+ 5`); below popsize 6 one
+//! selectively mirrored candidate per generation, and `damps` with a mirror term (0.568 instead of
+//! 1.034 at popsize 5); 26 instead of 21 in `chi_n`; the initial covariance
+//! `diag(exp(1e-4 i / d))`; another `h_sigma` threshold; the log change of sigma clipped to
+//! [-1, 1] both ways; and an eigendecomposition five times as often.
+//! The positive weights, `mueff`, `cc` and the default popsize are the same in both.
+//! Samples come from this crate's ChaCha8 generator, not numpy's, so only the updates (given the
+//! same told points) match pycma, not the candidates.
+//!
+//! The whole state, random generator included, is serializable, so a run can be checkpointed and
+//! resumed bit for bit.
 //!
 //! Unlike most implementations, [`Cmaes::tell`] accepts any number of candidates: the FedBPT
 //! server tells its global strategy with however many client replies arrived, so the recombination
@@ -26,6 +38,11 @@ use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
+
+mod params;
+mod pycma;
+
+use params::Params;
 
 /// Largest condition number the covariance may reach; beyond it the smallest eigenvalues are
 /// lifted (pycma does the same) so the eigendecomposition stays meaningful.
@@ -49,6 +66,20 @@ pub struct CmaesOptions {
     /// Optional box `[lower, upper]` applied to every coordinate: sampled candidates are clipped
     /// into it (and the clipped points are what the update sees, as they are what gets told).
     pub bounds: Option<(f64, f64)>,
+    /// Which CMA-ES to run.
+    #[serde(default)]
+    pub flavour: CmaFlavour,
+}
+
+/// Which CMA-ES: the tutorial's parameters or pycma's (module doc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CmaFlavour {
+    /// Hansen's tutorial defaults, this crate's original CMA-ES.
+    #[default]
+    Tutorial,
+    /// pycma 3.4.0 at the reference's settings (docs/pycma-flavour.md).
+    Pycma,
 }
 
 /// Which of the ranked candidates get a (positive) recombination weight.
@@ -63,57 +94,6 @@ pub enum Parents {
     /// All told candidates with the same weight: the mean moves to their (clipped) average and
     /// the ranking changes nothing but the record of who came first.
     Equal,
-}
-
-/// Strategy parameters that depend on the dimension and the number of told candidates.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Params {
-    /// Number of candidates these parameters were computed for.
-    lambda: usize,
-    /// Normalized positive recombination weights of the best `weights.len()` candidates.
-    weights: Vec<f64>,
-    /// Variance-effective selection mass `1 / sum(w^2)`.
-    mueff: f64,
-    cc: f64,
-    cs: f64,
-    c1: f64,
-    cmu: f64,
-    damps: f64,
-}
-
-impl Params {
-    fn new(n: usize, lambda: usize, parents: Parents) -> Self {
-        let nf = n as f64;
-        let mu = match parents {
-            Parents::BestHalf => (lambda / 2).max(1),
-            Parents::All | Parents::Equal => lambda.max(1),
-        };
-        // ln((lambda+1)/2) - ln(i) is the textbook choice for mu = lambda/2; with more parents it
-        // would turn negative, so the offset grows to ln(mu + 1/2) to keep every weight positive.
-        let offset = (mu as f64 + 0.5).max((lambda as f64 + 1.0) / 2.0).ln();
-        let raw: Vec<f64> = match parents {
-            Parents::Equal => vec![1.0; mu],
-            _ => (1..=mu).map(|i| offset - (i as f64).ln()).collect(),
-        };
-        let total: f64 = raw.iter().sum();
-        let weights: Vec<f64> = raw.iter().map(|w| w / total).collect();
-        let mueff = 1.0 / weights.iter().map(|w| w * w).sum::<f64>();
-
-        let cc = (4.0 + mueff / nf) / (nf + 4.0 + 2.0 * mueff / nf);
-        let cs = (mueff + 2.0) / (nf + mueff + 5.0);
-        let c1 = 2.0 / ((nf + 1.3).powi(2) + mueff);
-        let cmu = (1.0 - c1).min(2.0 * (mueff - 2.0 + 1.0 / mueff) / ((nf + 2.0).powi(2) + mueff));
-        let damps = 1.0 + 2.0 * (((mueff - 1.0) / (nf + 1.0)).sqrt() - 1.0).max(0.0) + cs;
-        Self { lambda, weights, mueff, cc, cs, c1, cmu, damps }
-    }
-
-    /// Generations between two eigendecompositions: pycma's lazy gap of
-    /// `0.5 * lambda / ((c1 + cmu) * d)` evaluations, i.e. `0.5 / ((c1 + cmu) * d)` generations.
-    /// The covariance moves by about `c1 + cmu` per generation, so a basis that lags by this
-    /// much costs little progress while saving most of the `O(d^3)` work in high dimension.
-    fn eigen_gap(&self, n: usize) -> f64 {
-        0.5 / ((self.c1 + self.cmu) * n as f64)
-    }
 }
 
 /// A CMA-ES instance: the search distribution `N(mean, sigma^2 C)`, its evolution paths and
@@ -146,6 +126,14 @@ pub struct Cmaes {
     evaluations: usize,
     best: Option<(Vec<f64>, f64)>,
     rng: ChaCha8Rng,
+    #[serde(default)]
+    flavour: CmaFlavour,
+    /// pycma: steps `mean_old - x_worst` of the last tell, mirrored at the next ask.
+    #[serde(default)]
+    mirror_directions: Vec<DVector<f64>>,
+    /// pycma: how many of the last ask's candidates (the first ones) were mirrors, until told.
+    #[serde(default)]
+    asked_mirrors: usize,
 }
 
 impl Cmaes {
@@ -171,17 +159,25 @@ impl Cmaes {
             check_in_bounds(&mean, lo, hi)?;
         }
         let nf = dim as f64;
+        let flavour = opts.flavour;
+        let (chi_n, variances) = match flavour {
+            CmaFlavour::Tutorial => (
+                nf.sqrt() * (1.0 - 1.0 / (4.0 * nf) + 1.0 / (21.0 * nf * nf)),
+                DVector::from_element(dim, 1.0),
+            ),
+            CmaFlavour::Pycma => pycma::initial_chi_n_and_variances(dim),
+        };
         Ok(Self {
             dim,
             bounds: opts.bounds,
             parents: Parents::default(),
-            params: Params::new(dim, lambda, Parents::default()),
-            chi_n: nf.sqrt() * (1.0 - 1.0 / (4.0 * nf) + 1.0 / (21.0 * nf * nf)),
+            params: Params::new(flavour, dim, lambda, Parents::default()),
+            chi_n,
             mean: DVector::from_vec(mean),
             sigma,
-            cov: DMatrix::identity(dim, dim),
+            cov: DMatrix::from_diagonal(&variances),
             basis: DMatrix::identity(dim, dim),
-            scales: DVector::from_element(dim, 1.0),
+            scales: variances.map(f64::sqrt),
             since_eigen: 0,
             pc: DVector::zeros(dim),
             ps: DVector::zeros(dim),
@@ -190,6 +186,9 @@ impl Cmaes {
             evaluations: 0,
             best: None,
             rng: ChaCha8Rng::seed_from_u64(opts.seed),
+            flavour,
+            mirror_directions: Vec::new(),
+            asked_mirrors: 0,
         })
     }
 
@@ -221,13 +220,28 @@ impl Cmaes {
     /// Chooses which ranked candidates get recombination weight (default [`Parents::BestHalf`]).
     pub fn set_parents(&mut self, parents: Parents) {
         self.parents = parents;
-        self.params = Params::new(self.dim, self.params.lambda, parents);
+        self.params = Params::new(self.flavour, self.dim, self.params.lambda, parents);
+    }
+
+    /// Which CMA-ES this is.
+    pub fn flavour(&self) -> CmaFlavour {
+        self.flavour
     }
 
     /// Samples `popsize` candidates `mean + sigma * B D z`, `z ~ N(0, I)`, clipped into the
-    /// bounds if there are any.
+    /// bounds if there are any. In the pycma flavour the first ones may instead be mirrors of
+    /// the last generation's worst candidates (selective mirroring), which [`Cmaes::tell`]
+    /// expects back at the same indices.
     pub fn ask(&mut self) -> Vec<Vec<f64>> {
-        let (n, lambda) = (self.dim, self.params.lambda);
+        match self.flavour {
+            CmaFlavour::Tutorial => self.sample(self.params.lambda),
+            CmaFlavour::Pycma => pycma::ask(self),
+        }
+    }
+
+    /// `count` candidates `mean + sigma * B D z`, `z ~ N(0, I)`, clipped into the bounds.
+    fn sample(&mut self, count: usize) -> Vec<Vec<f64>> {
+        let (n, lambda) = (self.dim, count);
         let rng = &mut self.rng;
         let mut z = DMatrix::<f64>::from_fn(n, lambda, |_, _| rng.sample(StandardNormal));
         for (mut row, s) in z.row_iter_mut().zip(self.scales.iter()) {
@@ -236,14 +250,18 @@ impl Cmaes {
         let y = &self.basis * z;
         y.column_iter()
             .map(|yk| {
-                let mut x: Vec<f64> =
+                let x: Vec<f64> =
                     yk.iter().zip(self.mean.iter()).map(|(y, m)| m + self.sigma * y).collect();
-                if let Some((lo, hi)) = self.bounds {
-                    x.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
-                }
-                x
+                self.clamped(x)
             })
             .collect()
+    }
+
+    fn clamped(&self, mut x: Vec<f64>) -> Vec<f64> {
+        if let Some((lo, hi)) = self.bounds {
+            x.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+        }
+        x
     }
 
     /// Updates the distribution from evaluated candidates (lower fitness is better).
@@ -252,8 +270,15 @@ impl Cmaes {
     /// the update sees `(x - mean) / sigma` of whatever is told. When the count differs from the
     /// popsize, weights, `mueff` and learning rates are recomputed for that count. On error the
     /// state is left unchanged.
+    ///
+    /// In the pycma flavour the candidates are taken to be the last [`Cmaes::ask`]'s, in its
+    /// order: its mirrors (the first ones) get no negative weight, and the worst candidate is
+    /// mirrored at the next ask unless it was itself a mirror.
     pub fn tell(&mut self, candidates: &[Vec<f64>], fitness: &[f64]) -> Result<()> {
-        self.update(candidates, fitness, false)
+        match self.flavour {
+            CmaFlavour::Tutorial => self.update(candidates, fitness, false),
+            CmaFlavour::Pycma => pycma::tell(self, candidates, fitness, false),
+        }
     }
 
     /// [`Cmaes::tell`] for injected points, which were not drawn from `N(mean, sigma^2 C)`:
@@ -261,9 +286,13 @@ impl Cmaes {
     /// `C^-1` (the Mahalanobis length, as of the eigensystem the samples use) is shortened to it
     /// before the mean, path and covariance updates, as pycma does for unknown solutions
     /// (`repair_genotype`). Steps within the limit are used as they are, so told samples give
-    /// exactly what [`Cmaes::tell`] gives.
+    /// exactly what [`Cmaes::tell`] gives. In the pycma flavour every told point is clipped
+    /// (pycma's unknown solutions), and none counts as a mirror.
     pub fn tell_injected(&mut self, candidates: &[Vec<f64>], fitness: &[f64]) -> Result<()> {
-        self.update(candidates, fitness, true)
+        match self.flavour {
+            CmaFlavour::Tutorial => self.update(candidates, fitness, true),
+            CmaFlavour::Pycma => pycma::tell(self, candidates, fitness, true),
+        }
     }
 
     /// Longest Mahalanobis step an injected point keeps: `sqrt(d) + 2 d / (d + 2)`, pycma's
@@ -279,7 +308,7 @@ impl Cmaes {
         let p = if count == self.params.lambda {
             self.params.clone()
         } else {
-            Params::new(self.dim, count, self.parents)
+            Params::new(self.flavour, self.dim, count, self.parents)
         };
         let mut w = p.weights;
         w.resize(count, 0.0);
@@ -298,7 +327,9 @@ impl Cmaes {
         t.norm()
     }
 
-    fn update(&mut self, candidates: &[Vec<f64>], fitness: &[f64], injected: bool) -> Result<()> {
+    /// Checks a tell's input: at least one candidate, one finite fitness per candidate, each
+    /// candidate finite and of the search's dimension.
+    fn check_told(&self, candidates: &[Vec<f64>], fitness: &[f64]) -> Result<()> {
         let n = self.dim;
         let count = candidates.len();
         if count == 0 {
@@ -322,14 +353,32 @@ impl Cmaes {
         if let Some(k) = fitness.iter().position(|f| !f.is_finite()) {
             return Err(Error::Optimizer(format!("fitness {k} is {}", fitness[k])));
         }
+        Ok(())
+    }
 
-        let recomputed;
-        let p = if count == self.params.lambda {
-            &self.params
+    /// The parameters for a tell of `count` candidates.
+    fn params_for(&self, count: usize) -> std::borrow::Cow<'_, Params> {
+        if count == self.params.lambda {
+            std::borrow::Cow::Borrowed(&self.params)
         } else {
-            recomputed = Params::new(n, count, self.parents);
-            &recomputed
-        };
+            std::borrow::Cow::Owned(Params::new(self.flavour, self.dim, count, self.parents))
+        }
+    }
+
+    /// Records the best candidate of a committed tell.
+    fn record_best(&mut self, candidates: &[Vec<f64>], fitness: &[f64], best_k: usize) {
+        if self.best.as_ref().is_none_or(|(_, f)| fitness[best_k] < *f) {
+            self.best = Some((candidates[best_k].clone(), fitness[best_k]));
+        }
+    }
+
+    /// The tutorial flavour's update.
+    fn update(&mut self, candidates: &[Vec<f64>], fitness: &[f64], injected: bool) -> Result<()> {
+        self.check_told(candidates, fitness)?;
+        let n = self.dim;
+        let count = candidates.len();
+        let params = self.params_for(count).into_owned();
+        let p = &params;
 
         let order = ranking(fitness);
         let mu = p.weights.len();
@@ -398,17 +447,14 @@ impl Cmaes {
         }
 
         let since_eigen = self.since_eigen + 1;
-        let eigen = if since_eigen as f64 >= p.eigen_gap(n) {
+        let eigen = if since_eigen as f64 >= p.eigen_gap(self.flavour, n) {
             Some(decompose(&mut cov, f64::NEG_INFINITY)?)
         } else {
             None
         };
 
         // Commit.
-        let best_k = order[0];
-        if self.best.as_ref().is_none_or(|(_, f)| fitness[best_k] < *f) {
-            self.best = Some((candidates[best_k].clone(), fitness[best_k]));
-        }
+        self.record_best(candidates, fitness, order[0]);
         self.mean = mean;
         self.sigma = sigma;
         self.cov = cov;
@@ -511,6 +557,28 @@ impl Cmaes {
         self.path_generations = 0;
     }
 
+    /// Conjugate evolution path `p_sigma` (step-size control).
+    pub fn ps(&self) -> &[f64] {
+        self.ps.as_slice()
+    }
+
+    /// Evolution path `p_c` (rank-one update).
+    pub fn pc(&self) -> &[f64] {
+        self.pc.as_slice()
+    }
+
+    /// Square roots of the eigenvalues of `C` as of the last decomposition (pycma's `D`; in
+    /// the pycma flavour ascending).
+    pub fn axis_lengths(&self) -> &[f64] {
+        self.scales.as_slice()
+    }
+
+    /// How many of the last [`Cmaes::ask`]'s candidates, the first ones, are mirrors (pycma
+    /// flavour; 0 once told, and always 0 in the tutorial flavour).
+    pub fn mirrors_asked(&self) -> usize {
+        self.asked_mirrors
+    }
+
     /// Best candidate told so far and its fitness.
     pub fn best(&self) -> Option<(&[f64], f64)> {
         self.best.as_ref().map(|(x, f)| (x.as_slice(), *f))
@@ -527,7 +595,7 @@ pub fn ranking(fitness: &[f64]) -> Vec<usize> {
 /// Parents (positively weighted candidates) of a default-configured generation of `popsize`:
 /// `floor(popsize / 2)`, at least 1 (pycma's `mu` for the same popsize: 2 for 5).
 pub fn parents_for(popsize: usize) -> usize {
-    Params::new(1, popsize.max(1), Parents::BestHalf).weights.len()
+    Params::new(CmaFlavour::Tutorial, 1, popsize.max(1), Parents::BestHalf).weights.len()
 }
 
 /// pycma's default population size `4 + floor(3 ln d)`.
@@ -599,292 +667,4 @@ fn decompose(c: &mut DMatrix<f64>, min_relative: f64) -> Result<(DMatrix<f64>, D
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sphere(x: &[f64]) -> f64 {
-        x.iter().map(|v| v * v).sum()
-    }
-
-    fn ellipsoid(x: &[f64]) -> f64 {
-        let n = x.len() as f64;
-        x.iter().enumerate().map(|(i, v)| 1e6f64.powf(i as f64 / (n - 1.0)) * v * v).sum()
-    }
-
-    fn rosenbrock(x: &[f64]) -> f64 {
-        x.windows(2).map(|w| 100.0 * (w[1] - w[0] * w[0]).powi(2) + (1.0 - w[0]).powi(2)).sum()
-    }
-
-    /// Runs ask/tell until the best fitness of a generation reaches `target` or `max_evals`
-    /// evaluations are spent; returns the best fitness seen.
-    fn minimize(es: &mut Cmaes, f: impl Fn(&[f64]) -> f64, target: f64, max_evals: usize) -> f64 {
-        while es.evaluations() < max_evals {
-            let xs = es.ask();
-            let fs: Vec<f64> = xs.iter().map(|x| f(x)).collect();
-            es.tell(&xs, &fs).expect("tell");
-            if es.best().expect("told").1 < target {
-                break;
-            }
-        }
-        es.best().expect("told").1
-    }
-
-    fn opts(seed: u64) -> CmaesOptions {
-        CmaesOptions { popsize: None, seed, bounds: None }
-    }
-
-    #[test]
-    fn default_parameters_match_pycma() {
-        let es = Cmaes::new(vec![0.0; 10], 1.0, opts(0)).unwrap();
-        assert_eq!(es.popsize(), 10);
-        let p = &es.params;
-        assert_eq!(p.weights.len(), 5);
-        assert!((p.weights.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-        assert!(p.weights.windows(2).all(|w| w[0] > w[1]));
-        assert!((p.mueff - 3.1672).abs() < 1e-3, "mueff {}", p.mueff);
-        assert!((es.chi_n - 3.0847).abs() < 1e-3);
-        assert_eq!(Cmaes::new(vec![0.0; 500], 1.0, opts(0)).unwrap().popsize(), 22);
-    }
-
-    #[test]
-    fn sphere_d10_converges() {
-        let mut es = Cmaes::new(vec![1.0; 10], 0.5, opts(1)).unwrap();
-        let f = minimize(&mut es, sphere, 1e-8, 3000);
-        assert!(f < 1e-8, "sphere reached only {f:e} in {} evals", es.evaluations());
-    }
-
-    #[test]
-    fn ellipsoid_d10_converges() {
-        let mut es = Cmaes::new(vec![1.0; 10], 0.5, opts(2)).unwrap();
-        let f = minimize(&mut es, ellipsoid, 1e-8, 10_000);
-        assert!(f < 1e-8, "ellipsoid reached only {f:e} in {} evals", es.evaluations());
-    }
-
-    #[test]
-    fn rosenbrock_d10_converges() {
-        let mut es = Cmaes::new(vec![0.0; 10], 0.5, opts(3)).unwrap();
-        let f = minimize(&mut es, rosenbrock, 1e-6, 15_000);
-        assert!(f < 1e-6, "rosenbrock reached only {f:e} in {} evals", es.evaluations());
-        let (x, _) = es.best().unwrap();
-        assert!(x.iter().all(|v| (v - 1.0).abs() < 1e-2), "not the global optimum: {x:?}");
-    }
-
-    #[test]
-    fn sphere_d500_makes_progress() {
-        let mut es = Cmaes::new(vec![1.0; 500], 0.3, opts(4)).unwrap();
-        let f0 = sphere(es.mean());
-        let f = minimize(&mut es, sphere, f0 * 1e-3, 40_000);
-        assert!(f < f0 * 1e-3, "sphere d=500: {f0} -> {f} in {} evals", es.evaluations());
-    }
-
-    #[test]
-    fn same_seed_same_candidates() {
-        let mut a = Cmaes::new(vec![0.5; 7], 0.3, opts(42)).unwrap();
-        let mut b = Cmaes::new(vec![0.5; 7], 0.3, opts(42)).unwrap();
-        let mut c = Cmaes::new(vec![0.5; 7], 0.3, opts(43)).unwrap();
-        for _ in 0..20 {
-            let (xa, xb, xc) = (a.ask(), b.ask(), c.ask());
-            assert_eq!(xa, xb);
-            assert_ne!(xa, xc);
-            let fa: Vec<f64> = xa.iter().map(|x| ellipsoid(x)).collect();
-            let fc: Vec<f64> = xc.iter().map(|x| ellipsoid(x)).collect();
-            a.tell(&xa, &fa).unwrap();
-            b.tell(&xb, &fa).unwrap();
-            c.tell(&xc, &fc).unwrap();
-        }
-        assert_eq!(a.mean(), b.mean());
-        assert_eq!(a.covariance(), b.covariance());
-    }
-
-    fn step(es: &mut Cmaes) -> Vec<Vec<f64>> {
-        let xs = es.ask();
-        let fs: Vec<f64> = xs.iter().map(|x| rosenbrock(x)).collect();
-        es.tell(&xs, &fs).unwrap();
-        xs
-    }
-
-    #[test]
-    fn serde_round_trip_continues_identically() {
-        let mut a = Cmaes::new(vec![0.0; 6], 0.5, opts(7)).unwrap();
-        for _ in 0..15 {
-            step(&mut a);
-        }
-        // Through serde_json::Value (what checkpoints hold): bit-exact.
-        let mut b: Cmaes = serde_json::from_value(serde_json::to_value(&a).unwrap()).unwrap();
-        // Through JSON text: serde_json's default float parser may be off by one ulp, so this
-        // copy is checked to a tight tolerance only.
-        let mut c: Cmaes = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
-        for _ in 0..15 {
-            let (xa, xb, xc) = (step(&mut a), step(&mut b), step(&mut c));
-            assert_eq!(xa, xb);
-            for (u, v) in xa.iter().flatten().zip(xc.iter().flatten()) {
-                assert!((u - v).abs() <= 1e-9 * (1.0 + u.abs()), "{u} vs {v}");
-            }
-        }
-        assert_eq!(a.generation(), b.generation());
-        assert_eq!(a.best(), b.best());
-    }
-
-    #[test]
-    fn tell_with_other_counts() {
-        let mut es = Cmaes::new(vec![0.0; 4], 1.0, opts(5)).unwrap();
-        let xs = es.ask();
-        assert_eq!(xs.len(), 8);
-        // Three of eight: the best one of them (mu = 1) becomes the mean.
-        let fs: Vec<f64> = xs[..3].iter().map(|x| sphere(x)).collect();
-        es.tell(&xs[..3], &fs).unwrap();
-        let best = (0..3).min_by(|&a, &b| fs[a].total_cmp(&fs[b])).unwrap();
-        for (m, x) in es.mean().iter().zip(&xs[best]) {
-            assert!((m - x).abs() < 1e-12);
-        }
-        // A single candidate, and more than the popsize.
-        es.tell(&[vec![0.1; 4]], &[0.04]).unwrap();
-        let many: Vec<Vec<f64>> = es.ask().into_iter().chain(es.ask()).collect();
-        let fs: Vec<f64> = many.iter().map(|x| sphere(x)).collect();
-        es.tell(&many, &fs).unwrap();
-        assert_eq!(es.evaluations(), 3 + 1 + 16);
-        assert_eq!(es.generation(), 3);
-        assert!(es.sigma() > 0.0);
-
-        // All parents: every candidate pulls the mean, the better ones harder.
-        let mut es = Cmaes::new(vec![0.0; 2], 1.0, opts(5)).unwrap();
-        es.set_parents(Parents::All);
-        es.tell(&[vec![1.0, 0.0], vec![-1.0, 0.0]], &[0.0, 1.0]).unwrap();
-        assert!(es.mean()[0] > 0.0 && es.mean()[0] < 1.0, "{:?}", es.mean());
-    }
-
-    #[test]
-    fn rejects_bad_input() {
-        let mut es = Cmaes::new(vec![0.0; 3], 1.0, opts(0)).unwrap();
-        let xs = es.ask();
-        let mut fs: Vec<f64> = xs.iter().map(|x| sphere(x)).collect();
-        fs[2] = f64::NAN;
-        assert!(es.tell(&xs, &fs).is_err());
-        fs[2] = f64::INFINITY;
-        assert!(es.tell(&xs, &fs).is_err());
-        assert!(es.tell(&[], &[]).is_err());
-        assert!(es.tell(&xs, &fs[..2]).is_err());
-        assert!(es.tell(&[vec![0.0; 2]], &[1.0]).is_err());
-        assert!(es.tell(&[vec![0.0, f64::NAN, 0.0]], &[1.0]).is_err());
-        // A failed tell leaves the state alone.
-        assert_eq!(es.generation(), 0);
-        assert_eq!(es.evaluations(), 0);
-        assert!(es.best().is_none());
-
-        assert!(Cmaes::new(vec![], 1.0, opts(0)).is_err());
-        assert!(Cmaes::new(vec![0.0], 0.0, opts(0)).is_err());
-        assert!(Cmaes::new(vec![0.0], f64::NAN, opts(0)).is_err());
-        let small = CmaesOptions { popsize: Some(1), ..opts(0) };
-        assert!(Cmaes::new(vec![0.0], 1.0, small).is_err());
-        let bad_bounds = CmaesOptions { bounds: Some((1.0, -1.0)), ..opts(0) };
-        assert!(Cmaes::new(vec![0.0], 1.0, bad_bounds).is_err());
-
-        assert!(es.set_sigma(-1.0).is_err());
-        assert!(es.set_mean(vec![0.0; 2]).is_err());
-        assert!(es.set_covariance(DMatrix::identity(2, 2)).is_err());
-        let mut asym = DMatrix::identity(3, 3);
-        asym[(0, 1)] = 0.5;
-        assert!(es.set_covariance(asym).is_err());
-        let indefinite = DMatrix::from_diagonal(&DVector::from_vec(vec![1.0, -1.0, 1.0]));
-        assert!(es.set_covariance(indefinite).is_err());
-    }
-
-    #[test]
-    fn setters_shape_the_samples() {
-        let mut es = Cmaes::new(vec![0.0; 2], 1.0, opts(9)).unwrap();
-        es.set_mean(vec![10.0, -10.0]).unwrap();
-        es.set_sigma(0.1).unwrap();
-        let c = DMatrix::from_row_slice(2, 2, &[4.0, 0.0, 0.0, 0.01]);
-        es.set_covariance(c.clone()).unwrap();
-        assert_eq!(es.covariance(), &c);
-        let mut xs = Vec::new();
-        for _ in 0..500 {
-            xs.extend(es.ask());
-        }
-        let n = xs.len() as f64;
-        let var = |k: usize, m: f64| xs.iter().map(|x| (x[k] - m).powi(2)).sum::<f64>() / n;
-        // Variances sigma^2 * C: 0.04 and 1e-4, to sampling error.
-        assert!((var(0, 10.0) / 0.04 - 1.0).abs() < 0.1);
-        assert!((var(1, -10.0) / 1e-4 - 1.0).abs() < 0.1);
-
-        es.reset_paths();
-        assert_eq!(es.ps.norm(), 0.0);
-        assert_eq!(es.pc.norm(), 0.0);
-    }
-
-    #[test]
-    fn bounds_clip_candidates() {
-        let o = CmaesOptions { popsize: Some(12), seed: 3, bounds: Some((-0.5, 0.5)) };
-        let mut es = Cmaes::new(vec![0.4; 5], 2.0, o).unwrap();
-        // The optimum (2, 2, ...) lies outside: the search must end on the upper bound.
-        let f = |x: &[f64]| x.iter().map(|v| (v - 2.0).powi(2)).sum::<f64>();
-        for _ in 0..200 {
-            let xs = es.ask();
-            assert!(xs.iter().flatten().all(|v| (-0.5..=0.5).contains(v)));
-            let fs: Vec<f64> = xs.iter().map(|x| f(x)).collect();
-            es.tell(&xs, &fs).unwrap();
-        }
-        assert!(es.mean().iter().all(|m| (m - 0.5).abs() < 1e-3), "{:?}", es.mean());
-    }
-
-    #[test]
-    fn injected_samples_update_exactly_as_samples() {
-        let mut plain = Cmaes::new(vec![0.3; 12], 0.7, opts(21)).unwrap();
-        let (mut compared, mut clipped) = (0, 0);
-        for _ in 0..30 {
-            let mut injected = plain.clone();
-            let xs = plain.ask();
-            assert_eq!(injected.ask(), xs);
-            let fs: Vec<f64> = xs.iter().map(|x| rosenbrock(x)).collect();
-            let within = xs.iter().all(|x| plain.mahalanobis_step(x) <= plain.injection_limit());
-            plain.tell(&xs, &fs).unwrap();
-            injected.tell_injected(&xs, &fs).unwrap();
-            if within {
-                // Nothing to clip: the update is the samples' own, bit for bit.
-                assert_eq!(plain.mean(), injected.mean());
-                assert_eq!(plain.sigma(), injected.sigma());
-                assert_eq!(plain.covariance(), injected.covariance());
-                assert_eq!(plain.ps, injected.ps);
-                compared += 1;
-            } else {
-                // A rare sample beyond sqrt(d) + 2d/(d+2) is clipped like any injected point.
-                clipped += 1;
-            }
-        }
-        assert!(compared >= 20, "{compared} generations compared, {clipped} clipped");
-    }
-
-    #[test]
-    fn a_far_injected_point_is_clipped_to_the_limit() {
-        let d = 20;
-        let mut es = Cmaes::new(vec![0.0; d], 0.5, opts(22)).unwrap();
-        es.set_parents(Parents::All);
-        let mut unclipped = es.clone();
-        // Two "client means", one 1,000 sigmas away along axis 0.
-        let mut far = vec![0.0; d];
-        far[0] = 500.0;
-        let near = vec![0.01; d];
-        let limit = es.injection_limit();
-        assert!((limit - ((d as f64).sqrt() + 2.0 * d as f64 / (d as f64 + 2.0))).abs() < 1e-12);
-        assert!((es.mahalanobis_step(&far) - 1000.0).abs() < 1e-9);
-        let pts = [near.clone(), far.clone()];
-        es.tell_injected(&pts, &[1.0, 2.0]).unwrap();
-        unclipped.tell(&pts, &[1.0, 2.0]).unwrap();
-        // The clipped step of the far point is `limit` long: the mean moves by at most
-        // sigma * limit along axis 0, and C's largest entry stays of order one.
-        assert!(es.mean()[0] <= 0.5 * limit + 1e-9, "{}", es.mean()[0]);
-        assert!(es.covariance().amax() < 2.0, "C grew to {}", es.covariance().amax());
-        assert!(es.ps.norm() < 2.0 * limit, "|ps| = {}", es.ps.norm());
-        assert!(es.sigma() < 0.5 * std::f64::consts::E, "sigma {}", es.sigma());
-        // Told as a sample, the same point blows C up by two orders of magnitude.
-        assert!(unclipped.covariance().amax() > 50.0, "{}", unclipped.covariance().amax());
-        assert!(unclipped.ps.norm() > 10.0 * es.ps.norm());
-    }
-
-    #[test]
-    fn one_dimension_works() {
-        let mut es = Cmaes::new(vec![3.0], 1.0, opts(11)).unwrap();
-        let f = minimize(&mut es, sphere, 1e-10, 2000);
-        assert!(f < 1e-10);
-    }
-}
+mod tests;
