@@ -221,6 +221,30 @@ mod tests {
     }
 
     #[test]
+    fn a_pycma_search_starts_like_the_references_copy_light() {
+        // The sent covariance, zero paths, nothing told; without one, pycma's C0.
+        let mut d = dist(0.5);
+        d.covariance =
+            Some(PackedCovariance { dim: 3, upper: vec![4.0, 0.0, 0.0, 1.0, 0.0, 0.25] });
+        let mut s = LocalSearch::start(&d, 5, 2, 2, CmaFlavour::Pycma).unwrap();
+        let es = s.strategy();
+        assert_eq!(es.flavour(), CmaFlavour::Pycma);
+        assert_eq!(es.covariance()[(0, 0)], 4.0);
+        assert_eq!(es.axis_lengths(), [0.5, 1.0, 2.0], "decomposed, ascending");
+        assert!(es.ps().iter().chain(es.pc()).all(|v| *v == 0.0));
+        assert_eq!(es.generation(), 0);
+        let fresh = LocalSearch::start(&dist(0.5), 5, 2, 2, CmaFlavour::Pycma).unwrap();
+        let c = fresh.strategy().covariance();
+        assert_eq!(c[(0, 0)], 1.0);
+        assert_eq!(c[(2, 2)], (2e-4f64 / 3.0).exp());
+        while let Some(xs) = s.ask() {
+            let fs: Vec<f64> = xs.iter().map(|x| x.iter().map(|v| v * v).sum()).collect();
+            s.tell(&xs, &fs).unwrap();
+        }
+        assert!(s.is_done());
+    }
+
+    #[test]
     fn eq7_fitness_is_the_ratio_and_loss_stays_plain() {
         let obj =
             Objective { loss: LossType::Ce, metric: Metric::Accuracy, balance: ClientLoss::Mean };

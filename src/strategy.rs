@@ -18,6 +18,10 @@
 //! 3. the sigma sent next round is `(sigma after the tell / s6) x` the sigma sent this round:
 //!    `s6` only scales the tell; the global CMA-ES's own step-size control moves the sigma.
 //!
+//! The global CMA-ES is this crate's tutorial one unless `cma = "pycma"` ([`FedBpt::with_flavour`]):
+//! then it is pycma's, with the reference's `popsize = CMA_mu =` clients per round, so the
+//! round above is the reference's tell step for step (docs/pycma-flavour.md).
+//!
 //! What the server ranks the client means by ([`ServerFitness`]) and how it weighs the ranks
 //! ([`ServerWeights`]) are the reference's unless configured: the variants test the mechanism
 //! of FedBPT's non-iid collapse (a skewed shard's loss is low for a prompt that predicts its

@@ -326,7 +326,7 @@ fn sampling_is_seeded_per_round() {
 /// their average, the federated optimum, which lies 6.3 away from the start). Each round
 /// every client runs 4 local iterations of popsize 6 from the server's distribution; returns
 /// the global mean's distance to the average optimum before and after 30 rounds.
-fn federated_sphere(agg: &mut dyn Aggregator) -> (f64, f64) {
+fn federated_sphere(agg: &mut dyn Aggregator, flavour: CmaFlavour) -> (f64, f64) {
     let dim = 10;
     let optima: Vec<Vec<f64>> = (0..4)
         .map(|k| (0..dim).map(|i| 2.0 + 0.2 * (((k + i) % 4) as f64 - 1.5)).collect())
@@ -343,7 +343,7 @@ fn federated_sphere(agg: &mut dyn Aggregator) -> (f64, f64) {
         for (k, o) in optima.iter().enumerate() {
             let f = |x: &[f64]| x.iter().zip(o).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
             let seed = (round * 4 + k) as u64;
-            let mut search = LocalSearch::start(&dist, 6, 4, seed, CmaFlavour::Tutorial).unwrap();
+            let mut search = LocalSearch::start(&dist, 6, 4, seed, flavour).unwrap();
             while let Some(xs) = search.ask() {
                 let fs: Vec<f64> = xs.iter().map(|x| f(x)).collect();
                 search.tell(&xs, &fs).unwrap();
@@ -363,11 +363,11 @@ fn federated_sphere_converges() {
     // the clients' spread, nearer the clients it favours; FedAvg-BBT lands closer.
     for rule in [ServerSigma::Reference, ServerSigma::ClientRms] {
         let mut bpt = fedbpt(10, 1.0, rule);
-        let (start, end) = federated_sphere(&mut bpt);
+        let (start, end) = federated_sphere(&mut bpt, CmaFlavour::Tutorial);
         assert!(end < 0.15 * start, "fedbpt {rule:?}: {start} -> {end}");
     }
     let mut avg = FedAvgBbt::new(10, 1.0).unwrap();
-    let (start, end) = federated_sphere(&mut avg);
+    let (start, end) = federated_sphere(&mut avg, CmaFlavour::Tutorial);
     assert!(end < 0.05 * start, "fedavg-bbt: {start} -> {end}");
     assert!(avg.sigma() < 0.1, "sigma should shrink near the optimum: {}", avg.sigma());
 }
@@ -566,4 +566,58 @@ fn fedavg_reports_equal_weights_and_fitness_ranks() {
     let ups = [update(0, 0, vec![1.0; 3], 0.3), update(1, 0, vec![0.0; 3], 0.1)];
     let told = FedAvgBbt::new(3, 1.0).unwrap().aggregate(0, &ups).unwrap();
     assert_eq!(told.iter().map(|t| (t.rank, t.weight)).collect::<Vec<_>>(), [(2, 0.5), (1, 0.5)]);
+}
+
+fn pycma_fedbpt(dim: usize, clients: usize) -> FedBpt {
+    fedbpt(dim, 1.0, ServerSigma::Reference).with_flavour(CmaFlavour::Pycma, clients).unwrap()
+}
+
+#[test]
+fn pycma_server_round_is_the_reference_tell() {
+    // The round of the reference server (global_es.py) on pycma's CMA-ES, done by hand:
+    // sigma = s6, tell the means as unknown points, sigma = after / s6 * sent.
+    let mut agg = pycma_fedbpt(4, 3);
+    assert_eq!(agg.strategy().flavour(), CmaFlavour::Pycma);
+    assert_eq!(agg.strategy().popsize(), 3, "the reference's popsize = CMA_mu = clients");
+    let ups = [
+        update(0, 1, vec![0.5, 0.0, 0.1, 0.0], 0.3),
+        update(1, 1, vec![-0.2, 0.4, 0.0, 0.0], 0.1),
+        update(2, 1, vec![9.0, 0.0, 0.0, -3.0], 0.9),
+    ];
+    let mut es = agg.strategy().clone();
+    let told = agg.aggregate(1, &ups).unwrap();
+    let s6 = eq6_sigma(&ups, 2).unwrap().unwrap();
+    let sent = es.sigma();
+    es.set_sigma(s6).unwrap();
+    let means: Vec<Vec<f64>> =
+        ups.iter().map(|u| u.mean.iter().map(|&v| f64::from(v)).collect()).collect();
+    es.tell_injected(&means, &[0.3, 0.1, 0.9]).unwrap();
+    es.set_sigma(es.sigma() / s6 * sent).unwrap();
+    assert_eq!(agg.strategy().mean(), es.mean());
+    assert_eq!(agg.strategy().covariance(), es.covariance());
+    assert_eq!(agg.sigma(), es.sigma());
+    // Every client is a parent (CMA_mu = popsize): positive weights by rank.
+    assert_eq!(told.iter().map(|t| t.rank).collect::<Vec<_>>(), [2, 1, 3]);
+    assert!(told.iter().all(|t| t.weight > 0.0));
+    assert!((told.iter().map(|t| t.weight).sum::<f64>() - 1.0).abs() < 1e-12);
+}
+
+#[test]
+fn a_snapshot_keeps_its_cma_flavour() {
+    let mut agg = pycma_fedbpt(3, 2);
+    agg.aggregate(0, &[update(0, 0, vec![0.1; 3], 0.2), update(1, 0, vec![0.3; 3], 0.1)]).unwrap();
+    let snap = agg.snapshot().unwrap();
+    let mut fresh = pycma_fedbpt(3, 2);
+    fresh.restore(snap.clone()).unwrap();
+    assert_eq!(fresh.configure(1), agg.configure(1));
+    let mut tutorial = fedbpt(3, 1.0, ServerSigma::Reference);
+    let e = tutorial.restore(snap).unwrap_err().to_string();
+    assert!(e.contains("Pycma") && e.contains("Tutorial"), "{e}");
+}
+
+#[test]
+fn federated_sphere_converges_with_pycma() {
+    let mut bpt = pycma_fedbpt(10, 4);
+    let (start, end) = federated_sphere(&mut bpt, CmaFlavour::Pycma);
+    assert!(end < 0.15 * start, "fedbpt, pycma: {start} -> {end}");
 }

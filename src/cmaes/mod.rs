@@ -519,6 +519,8 @@ impl Cmaes {
     /// `c` must be `d x d`, finite, symmetric (to a relative `1e-6`) and positive definite up to
     /// rounding: eigenvalues down to `-1e-5` times the largest are accepted as the noise of a
     /// matrix that travelled as `f32`, and, like any condition number above `1e14`, are lifted.
+    /// In both flavours (pycma has no condition limit; its `_copy_light` decomposes the copied
+    /// `C` the same way otherwise, and this crate's `C` may have travelled as `f32`).
     pub fn set_covariance(&mut self, mut c: DMatrix<f64>) -> Result<()> {
         let n = self.dim;
         if c.shape() != (n, n) {
@@ -542,7 +544,10 @@ impl Cmaes {
             }
         }
         symmetrize(&mut c);
-        let (basis, scales) = decompose(&mut c, -INDEFINITE_TOL)?;
+        let (mut basis, mut scales) = decompose(&mut c, -INDEFINITE_TOL)?;
+        if self.flavour == CmaFlavour::Pycma {
+            (basis, scales) = pycma::sorted_ascending(&basis, &scales);
+        }
         self.cov = c;
         self.basis = basis;
         self.scales = scales;

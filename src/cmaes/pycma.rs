@@ -211,11 +211,7 @@ fn decompose(
             .ok_or_else(|| Error::Optimizer("eigendecomposition did not converge".into()))?;
         let values = &eig.eigenvalues;
         if values.iter().all(|v| v.is_finite() && *v > 0.0) {
-            let mut idx: Vec<usize> = (0..n).collect();
-            idx.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
-            let basis = DMatrix::from_fn(n, n, |i, j| eig.eigenvectors[(i, idx[j])]);
-            let scales = DVector::from_fn(n, |j, _| values[idx[j]].sqrt());
-            return Ok((basis, scales));
+            return Ok(sorted_ascending(&eig.eigenvectors, &values.map(f64::sqrt)));
         }
         let lift = old_scales.min().powi(2);
         if !(lift.is_finite() && lift > 0.0) {
@@ -227,4 +223,17 @@ fn decompose(
         old_scales = old_scales.map(|d| (d * d + lift).sqrt());
     }
     Err(Error::Optimizer("covariance is not positive definite".into()))
+}
+
+/// `(B, D)` with the axes ordered by ascending `D`, as pycma keeps them (`_sortBD`).
+pub(super) fn sorted_ascending(
+    basis: &DMatrix<f64>,
+    scales: &DVector<f64>,
+) -> (DMatrix<f64>, DVector<f64>) {
+    let n = scales.len();
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by(|&a, &b| scales[a].total_cmp(&scales[b]));
+    let basis = DMatrix::from_fn(n, n, |i, j| basis[(i, idx[j])]);
+    let scales = DVector::from_fn(n, |j, _| scales[idx[j]]);
+    (basis, scales)
 }

@@ -121,8 +121,9 @@ enum Command {
         out: Option<PathBuf>,
         #[arg(long, value_delimiter = ',', default_values_t = vec![42u64, 43, 44])]
         seeds: Vec<u64>,
-        /// Methods to run, by directory stem (fedavg-bbt, fedbpt-client-rms, fedbpt,
-        /// fedbpt-perturb); all by default.
+        /// Methods to run, by directory stem: fedavg-bbt, fedbpt-client-rms, fedbpt,
+        /// fedbpt-perturb (the default four); fedbpt-permuted, fedbpt-equal, fedbpt-improvement,
+        /// fedbpt-balanced, fedbpt-pycma.
         #[arg(long, value_delimiter = ',')]
         methods: Vec<String>,
         /// Partitions to run: iid, non-iid; both by default.

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
+use fedbpt::cmaes::CmaFlavour;
 use fedbpt::config::{Aggregation, Config};
 use fedbpt::objective::ClientLoss;
 use fedbpt::strategy::{ServerFitness, ServerSigma, ServerWeights};
@@ -15,8 +16,9 @@ use crate::figures::draw::mean_std;
 use crate::figures::{compare_figure, method_name, MethodRuns};
 use crate::output::say;
 
-/// One method `compare` runs: its directory stem, the server's rules, the clients' loss, and
-/// whether its clients perturb (the config's `perturb` where `None`).
+/// One method `compare` runs: its directory stem, the server's rules, the clients' loss,
+/// whether its clients perturb (the config's `perturb` where `None`), and its CMA-ES (the
+/// config's `cma` where `None`).
 #[derive(Debug)]
 struct Method {
     stem: &'static str,
@@ -26,6 +28,7 @@ struct Method {
     weights: ServerWeights,
     client_loss: ClientLoss,
     perturb: Option<bool>,
+    cma: Option<CmaFlavour>,
 }
 
 impl Method {
@@ -38,6 +41,9 @@ impl Method {
         cfg.client_loss = self.client_loss;
         if let Some(p) = self.perturb {
             cfg.perturb = p;
+        }
+        if let Some(flavour) = self.cma {
+            cfg.cma = flavour;
         }
         cfg
     }
@@ -52,6 +58,7 @@ impl Method {
             weights: ServerWeights::Rank,
             client_loss: ClientLoss::Mean,
             perturb: None,
+            cma: None,
         }
     }
 }
@@ -62,8 +69,9 @@ const DEFAULT_METHODS: usize = 4;
 /// FedAvg-BBT, FedBPT with the earlier and the reference server rule (same local search), the
 /// paper's FedBPT: the reference rule with its clients' perturbation (Eq. 7); then the variants
 /// that test the non-iid mechanism (run when named): fitnesses permuted across clients, equal
-/// weights, ranking by improvement, and class-balanced client losses.
-const METHODS: [Method; 8] = [
+/// weights, ranking by improvement, and class-balanced client losses; and the reference rule
+/// with pycma's CMA-ES (`cma = "pycma"`, docs/pycma-flavour.md) on the server and the clients.
+const METHODS: [Method; 9] = [
     Method { aggregation: Aggregation::Fedavg, ..Method::fedbpt("fedavg-bbt") },
     Method { rule: ServerSigma::ClientRms, ..Method::fedbpt("fedbpt-client-rms") },
     Method::fedbpt("fedbpt"),
@@ -72,7 +80,18 @@ const METHODS: [Method; 8] = [
     Method { weights: ServerWeights::Equal, ..Method::fedbpt("fedbpt-equal") },
     Method { fitness: ServerFitness::Improvement, ..Method::fedbpt("fedbpt-improvement") },
     Method { client_loss: ClientLoss::ClassBalanced, ..Method::fedbpt("fedbpt-balanced") },
+    Method { cma: Some(CmaFlavour::Pycma), ..Method::fedbpt("fedbpt-pycma") },
 ];
+
+/// [`method_name`] with the CMA-ES when it is pycma's. (The figures' own titles use
+/// `method_name` alone.)
+pub fn method_label(cfg: &Config) -> String {
+    let name = method_name(cfg);
+    match cfg.cma {
+        CmaFlavour::Tutorial => name,
+        CmaFlavour::Pycma => format!("{name}, pycma CMA-ES"),
+    }
+}
 
 /// The methods named by their stems, in the order given; the first `DEFAULT_METHODS` where none
 /// is named.
@@ -130,7 +149,7 @@ pub fn compare(
     // the paper's claim, before its iid ones).
     let mut runs: Vec<Vec<Vec<Finished>>> = vec![vec![Vec::new(); selected.len()]; 2];
     for (mi, m) in selected.iter().enumerate() {
-        let name = method_name(&m.config(&base));
+        let name = method_label(&m.config(&base));
         for &(pi, iid) in &parts {
             for &seed in seeds {
                 let mut cfg = m.config(&base);
@@ -162,7 +181,7 @@ pub fn compare(
             per_method.iter().flat_map(move |per_seed| {
                 per_seed.iter().map(move |(s, r)| {
                     serde_json::json!({
-                        "partition": part, "method": method_name(&s.config), "seed": s.seed,
+                        "partition": part, "method": method_label(&s.config), "seed": s.seed,
                         "final_test_acc": s.final_test_acc, "best_dev_test_acc": s.best_dev_test_acc,
                         "best_dev_round": s.best_dev_round,
                         "sigma": r.iter().map(|x| x.sigma).collect::<Vec<_>>(),
@@ -185,7 +204,7 @@ pub fn compare(
                 .zip(&selected)
                 .enumerate()
                 .map(|(color, (per_seed, m))| MethodRuns {
-                    name: method_name(&m.config(&base)),
+                    name: method_label(&m.config(&base)),
                     color,
                     runs: per_seed.iter().map(|(s, r)| (s, r.as_slice())).collect(),
                 })
@@ -263,7 +282,7 @@ fn compare_table(
         100.0 * zero
     ));
     for (mi, m) in methods.iter().enumerate() {
-        let name = method_name(&m.config(base));
+        let name = method_label(&m.config(base));
         let pick = |pi: usize, f: fn(&FedSummary) -> f64| -> Vec<f64> {
             runs.get(pi)
                 .and_then(|m| m.get(mi))
@@ -294,7 +313,7 @@ Step size sent to the clients after each round (mean over seeds):
     ));
     for (pi, part) in ["iid", "non-iid"].iter().enumerate() {
         for (mi, m) in methods.iter().enumerate() {
-            let name = method_name(&m.config(base));
+            let name = method_label(&m.config(base));
             let Some(per_seed) = runs.get(pi).and_then(|m| m.get(mi)).filter(|v| !v.is_empty())
             else {
                 continue;
@@ -348,6 +367,26 @@ mod tests {
         assert_eq!(picked.iter().map(|m| m.stem).collect::<Vec<_>>(), ["fedbpt", "fedavg-bbt"]);
         let err = select_methods(&strings(&["fedprox"])).unwrap_err().to_string();
         assert!(err.contains("fedprox") && err.contains("fedbpt-perturb"), "{err}");
+    }
+
+    #[test]
+    fn the_pycma_method_runs_the_reference_rule_with_pycma() {
+        let base = Config::default();
+        let m = select_methods(&strings(&["fedbpt-pycma"])).unwrap();
+        let cfg = m[0].config(&base);
+        assert_eq!(cfg.cma, CmaFlavour::Pycma);
+        assert_eq!(
+            (cfg.aggregation, cfg.server_sigma),
+            (Aggregation::Fedbpt, ServerSigma::Reference)
+        );
+        let reference = select_methods(&strings(&["fedbpt"])).unwrap()[0].config(&base);
+        assert_eq!(reference.cma, CmaFlavour::Tutorial);
+        assert_eq!(method_label(&reference), method_name(&reference));
+        assert_eq!(method_label(&cfg), format!("{}, pycma CMA-ES", method_name(&reference)));
+        // The config's own cma is kept by the methods that do not set one.
+        let pycma_base = Config { cma: CmaFlavour::Pycma, ..Config::default() };
+        let reference = select_methods(&strings(&["fedbpt"])).unwrap()[0].config(&pycma_base);
+        assert_eq!(reference.cma, CmaFlavour::Pycma);
     }
 
     fn finished(cfg: &Config, final_acc: f64) -> Finished {
