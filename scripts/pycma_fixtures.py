@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Parity fixtures for the `pycma` flavour of `src/cmaes.rs`.
+"""Parity fixtures for the `pycma` flavour of `src/cmaes/` (tests/pycma_parity.rs).
 
 Usage (from the repository root):
 
