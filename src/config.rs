@@ -832,6 +832,15 @@ mod tests {
         assert_eq!(c.cma, CmaFlavour::Pycma);
         let c = Config::from_toml_str("", &["cma=tutorial".into()]).unwrap();
         assert_eq!(c.cma, CmaFlavour::Tutorial);
+        // A config recorded before the key existed (checkpoints keep theirs) is the tutorial's.
+        let mut recorded = serde_json::to_value(Config::default()).unwrap();
+        assert_eq!(recorded["cma"], "tutorial");
+        recorded.as_object_mut().unwrap().remove("cma");
+        let old: Config = serde_json::from_value(recorded).unwrap();
+        assert_eq!(old.cma, CmaFlavour::Tutorial);
+        let pycma = Config { cma: CmaFlavour::Pycma, ..Config::default() };
+        let back: Config = serde_json::from_value(serde_json::to_value(&pycma).unwrap()).unwrap();
+        assert_eq!(back.cma, CmaFlavour::Pycma);
         for (text, sets) in [("cma = \"numpy\"", vec![]), ("", vec!["cma=numpy".to_string()])] {
             let e = Config::from_toml_str(text, &sets).unwrap_err().to_string();
             assert!(e.contains("cma") && e.contains("numpy"), "{e}");

@@ -1,9 +1,11 @@
 //! The method as the actors run it, on the stand-in backend (seconds, no language model): a
-//! client's upload (Eq. 7 fitness when perturbing), client sampling per round, and the refusal of
-//! checkpoints written before the reference server rule.
+//! client's upload (Eq. 7 fitness when perturbing), client sampling per round, pycma's CMA-ES
+//! (`cma = "pycma"`) through clients and server, and the refusal of checkpoints written before the
+//! reference server rule.
 
 use std::sync::Arc;
 
+use fedbpt::cmaes::CmaFlavour;
 use fedbpt::config::Config;
 use fedbpt::data::Example;
 use fedbpt::experiment::{load_model, prompt_settings};
@@ -165,6 +167,22 @@ fn clients_per_round_samples_the_same_clients_for_the_same_seed() {
     // All clients every round by default.
     let (_, all) = run(&stand_in(&[]));
     assert!(all.iter().all(|r| r.clients_sampled.is_empty() && r.clients_ok == 6));
+}
+
+#[test]
+fn cma_pycma_runs_the_federation_reproducibly_and_differently() {
+    let cfg = stand_in(&["cma=pycma"]);
+    assert_eq!(cfg.cma, CmaFlavour::Pycma);
+    let (_, a) = run(&cfg);
+    let (_, b) = run(&cfg);
+    assert_eq!(a.len(), 4);
+    assert!(a.iter().all(|r| r.aggregated && r.clients_ok == 6), "{a:?}");
+    let sigmas = |records: &[fedbpt_actors::server::RoundRecord]| -> Vec<u64> {
+        records.iter().map(|r| r.sigma.to_bits()).collect()
+    };
+    assert_eq!(sigmas(&a), sigmas(&b), "same seed, same run");
+    let (_, tutorial) = run(&stand_in(&[]));
+    assert_ne!(sigmas(&a), sigmas(&tutorial), "the flavour changes the search");
 }
 
 #[test]
