@@ -128,6 +128,10 @@ impl Params {
 /// pycma's `RecombinationWeights(len)` before finalization: `ln((len+1)/2) - ln i`, the
 /// positive ones scaled to sum 1 and the others to sum -1. Returns (positive, non-positive).
 fn recombination_weights(len: usize) -> (Vec<f64>, Vec<f64>) {
+    if len <= 1 {
+        // pycma refuses fewer than 2 weights; a tell of one candidate recombines just it.
+        return (vec![1.0], Vec::new());
+    }
     let offset = ((len as f64 + 1.0) / 2.0).ln();
     let raw: Vec<f64> = (1..=len).map(|i| offset - (i as f64).ln()).collect();
     let mu = raw.iter().filter(|w| **w > 0.0).count();

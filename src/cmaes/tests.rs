@@ -349,3 +349,21 @@ fn checkpoints_without_a_flavour_load_as_tutorial() {
     assert_eq!(old.flavour(), CmaFlavour::Tutorial);
     assert_eq!(old.ask(), new.ask());
 }
+
+#[test]
+fn pycma_tell_with_other_counts() {
+    // Counts other than the popsize use the parameters of a population of that size.
+    let mut es = Cmaes::new(vec![0.0; 4], 1.0, pycma_opts(5, Some(8))).unwrap();
+    let xs = es.ask();
+    let fs: Vec<f64> = xs[..3].iter().map(|x| sphere(x)).collect();
+    es.tell(&xs[..3], &fs).unwrap();
+    es.tell(&[vec![0.1; 4]], &[0.04]).unwrap();
+    assert!(es.mean().iter().all(|m| (m - 0.1).abs() < 1e-15), "one candidate is the new mean");
+    let many: Vec<Vec<f64>> = es.ask().into_iter().chain(es.ask()).collect();
+    let fs: Vec<f64> = many.iter().map(|x| sphere(x)).collect();
+    es.tell(&many, &fs).unwrap();
+    es.set_parents(Parents::All);
+    es.tell_injected(&[vec![0.2; 4]], &[0.1]).unwrap();
+    assert_eq!((es.generation(), es.evaluations()), (4, 3 + 1 + 16 + 1));
+    assert!(es.sigma() > 0.0 && es.mean().iter().all(|m| m.is_finite()));
+}
