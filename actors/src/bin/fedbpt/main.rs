@@ -10,6 +10,7 @@ use fedbpt::config::Config;
 mod bench;
 mod cmd;
 mod figures;
+mod mechanism;
 mod output;
 
 #[derive(Parser)]

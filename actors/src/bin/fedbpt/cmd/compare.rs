@@ -14,6 +14,7 @@ use fedbpt_actors::run_dir::RunDir;
 use crate::cmd::run::{run_or_reuse, runtime, Finished};
 use crate::figures::draw::mean_std;
 use crate::figures::{compare_figure, method_name, MethodRuns};
+use crate::mechanism::Mechanism;
 use crate::output::say;
 
 /// One method `compare` runs: its directory stem, the server's rules, the clients' loss,
@@ -180,6 +181,7 @@ pub fn compare(
         .flat_map(|(per_method, part)| {
             per_method.iter().flat_map(move |per_seed| {
                 per_seed.iter().map(move |(s, r)| {
+                    let mechanism = Mechanism::of(r);
                     serde_json::json!({
                         "partition": part, "method": method_label(&s.config), "seed": s.seed,
                         "final_test_acc": s.final_test_acc, "best_dev_test_acc": s.best_dev_test_acc,
@@ -188,6 +190,9 @@ pub fn compare(
                         "dev_acc": r.iter().map(|x| x.dev_acc).collect::<Vec<_>>(),
                         "test_acc": r.iter().map(|x| x.test_acc).collect::<Vec<_>>(),
                         "wall_s": s.wall_s,
+                        "skew_rank_correlation": mechanism.skew_rank,
+                        "weight_lean": mechanism.lean,
+                        "final_dev_majority_share": mechanism.final_majority,
                     })
                 })
             })
@@ -256,9 +261,7 @@ fn compare_table(
     let metric =
         first.map_or("accuracy".to_string(), |(s, _)| format!("{:?}", s.metric).to_lowercase());
     let mut md = format!(
-        "Test {metric} (%) on {} with {}, {} clients, {} rounds of {} local iterations x popsize {}, mean ± std over seeds {:?}; non-iid = Dirichlet alpha {} ({}).
-
-",
+        "Test {metric} (%) on {} with {}, {} clients, {} rounds of {} local iterations x popsize {}, mean ± std over seeds {:?}; non-iid = Dirichlet alpha {} ({}).\n\n",
         task_name,
         model_name,
         base.num_users,
@@ -270,14 +273,10 @@ fn compare_table(
         base.noniid_split.as_str(),
     );
     md.push_str(
-        "| method | iid final | iid best-on-dev | non-iid final | non-iid best-on-dev |
-|---|---|---|---|---|
-",
+        "| method | iid final | iid best-on-dev | non-iid final | non-iid best-on-dev |\n|---|---|---|---|---|\n",
     );
     md.push_str(&format!(
-        "| manual prompt (zero-shot) | {0:.2} | | {0:.2} | |
-| z = 0 (placeholders, no search) | {1:.2} | | {1:.2} | |
-",
+        "| manual prompt (zero-shot) | {0:.2} | | {0:.2} | |\n| z = 0 (placeholders, no search) | {1:.2} | | {1:.2} | |\n",
         100.0 * manual,
         100.0 * zero
     ));
@@ -289,8 +288,7 @@ fn compare_table(
                 .map_or(Vec::new(), |v| v.iter().map(|(s, _)| f(s)).collect())
         };
         md.push_str(&format!(
-            "| {name} | {} | {} | {} | {} |
-",
+            "| {name} | {} | {} | {} | {} |\n",
             cell(pick(0, |s| s.final_test_acc)),
             cell(pick(0, |s| s.best_dev_test_acc)),
             cell(pick(1, |s| s.final_test_acc)),
@@ -298,16 +296,11 @@ fn compare_table(
         ));
     }
     md.push_str(
-        "
-Step size sent to the clients after each round (mean over seeds):
-
-",
+        "\nStep size sent to the clients after each round (mean over seeds):\n\n",
     );
     let rounds = base.num_rounds;
     md.push_str(&format!(
-        "| method | partition | {} |
-|---|---|{}
-",
+        "| method | partition | {} |\n|---|---|{}\n",
         (1..=rounds).map(|r| r.to_string()).collect::<Vec<_>>().join(" | "),
         "---|".repeat(rounds)
     ));
@@ -328,13 +321,52 @@ Step size sent to the clients after each round (mean over seeds):
                 })
                 .collect();
             md.push_str(&format!(
-                "| {name} | {part} | {} |
-",
+                "| {name} | {part} | {} |\n",
                 per_round.join(" | ")
             ));
         }
     }
+    md.push_str(&mechanism_table(base, methods, runs));
     md
+}
+
+/// The diagnostics of each method and partition that ran (mean +- std over seeds), where its
+/// records have them: see [`Mechanism`].
+fn mechanism_table(base: &Config, methods: &[&Method], runs: &[Vec<Vec<Finished>>]) -> String {
+    let cell = |v: Vec<f64>, scale: f64, digits: usize| {
+        if v.is_empty() {
+            return "-".to_string();
+        }
+        let (m, s) = mean_std(&v);
+        format!("{:.digits$} ± {:.digits$}", scale * m, scale * s)
+    };
+    let mut rows = String::new();
+    for (pi, part) in ["iid", "non-iid"].iter().enumerate() {
+        for (mi, m) in methods.iter().enumerate() {
+            let Some(per_seed) = runs.get(pi).and_then(|m| m.get(mi)).filter(|v| !v.is_empty())
+            else {
+                continue;
+            };
+            let found: Vec<Mechanism> = per_seed.iter().map(|(_, r)| Mechanism::of(r)).collect();
+            if found.iter().all(|f| f.skew_rank.is_none() && f.final_majority.is_none()) {
+                continue;
+            }
+            let pick = |f: fn(&Mechanism) -> Option<f64>| found.iter().filter_map(f).collect();
+            rows.push_str(&format!(
+                "| {} | {part} | {} | {} | {} |\n",
+                method_name(&m.config(base)),
+                cell(pick(|f| f.skew_rank), 1.0, 2),
+                cell(pick(|f| f.lean), 100.0, 1),
+                cell(pick(|f| f.final_majority), 100.0, 1),
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return rows;
+    }
+    format!(
+        "\nDiagnostics (mean ± std over seeds), against the class the global model predicts most on dev in each round: the rank correlation of a told client's share of that class with its place in the server's ranking (+1: the richest first), how far the server's weights lean the update to it (weighted minus equal-weight share, points), and the final model's share of dev predicted as its top class (%):\n\n| method | partition | share-rank correlation | weight lean (points) | final top-class predictions (%) |\n|---|---|---|---|---|\n{rows}"
+    )
 }
 
 /// Refuses a seed list with repeats: a mean and spread over the same run twice would claim a
@@ -442,6 +474,33 @@ mod tests {
         assert!(md.contains("| z = 0 (placeholders, no search) | 81.30 |"), "{md}");
         assert!(md.contains("| not run | not run | 69.95 ± 3.95 |"), "{md}");
         assert!(!md.contains("perturb false"), "{md}");
+    }
+
+    #[test]
+    fn the_table_carries_the_diagnostics_of_the_runs_that_have_them() {
+        let base = Config { num_rounds: 1, ..Config::default() };
+        let method = select_methods(&strings(&["fedbpt"])).unwrap();
+        // Dev predictions lean to class 0; the client richest in it ranks first, with the
+        // larger weight: correlation 1, lean 0.7 * 7/8 + 0.3 * 1/8 - 1/2 = 0.15.
+        let record: fedbpt_actors::round::RoundRecord = serde_json::from_str(
+            r#"{"round": 1, "dev_acc": 0.6, "dev_loss": 0.7, "train_loss": 0.5, "sigma": 0.5,
+                "clients_ok": 2, "clients_killed": [], "clients_restarted": [],
+                "clients_late": [], "clients_excluded": [], "aggregated": true, "retries": 0,
+                "bytes_up": 0, "bytes_down": 0, "wall_s": 1.0,
+                "clients": [
+                  {"client": "site-1", "class_counts": [7, 1], "rank": 1, "weight": 0.7, "fitness": 0.2},
+                  {"client": "site-2", "class_counts": [1, 7], "rank": 2, "weight": 0.3, "fitness": 0.9}],
+                "dev_confusion": [[38, 2], [22, 18]]}"#,
+        )
+        .unwrap();
+        let (summary, _) = finished(&method[0].config(&base), 0.6);
+        let runs = vec![Vec::new(), vec![vec![(summary, vec![record])]]];
+        let md = compare_table(&base, "mr", "m", &[42], &method, &runs);
+        assert!(md.contains("| non-iid | 1.00 ± 0.00 | 15.0 ± 0.0 | 75.0 ± 0.0 |"), "{md}");
+        // Runs without diagnostics (made before they existed) add no such table.
+        let (old, _) = finished(&method[0].config(&base), 0.6);
+        let md = compare_table(&base, "mr", "m", &[42], &method, &[Vec::new(), vec![vec![(old, Vec::new())]]]);
+        assert!(!md.contains("share-rank correlation"), "{md}");
     }
 
     #[test]

@@ -231,12 +231,20 @@ fn draw_panel(area: &Area<'_>, panel: &Panel, with_text: bool) -> Result<(), Str
             mesh.disable_x_axis().disable_y_axis();
         }
         mesh.draw().map_err(|e| e.to_string())?;
-        let corner = legend_corner(panel, (x_lo, x_hi), (lo.ln(), hi.ln()), f64::ln);
+        let (corner, _) = legend_corner(panel, (x_lo, x_hi), (lo.ln(), hi.ln()), f64::ln);
         draw_series(&mut chart, panel, with_text, corner)
     } else {
         let pad = 0.08 * (y_max - y_min).max(1e-3);
+        let (y_lo, mut y_hi) = (y_min - pad, y_max + pad);
+        let (mut corner, covered) = legend_corner(panel, (x_lo, x_hi), (y_lo, y_hi), |y| y);
+        if covered > 0 && has_legend(panel, with_text) {
+            // Every corner has data: raise the top so that the data fill the lower part of the
+            // chart and the legend the upper.
+            y_hi = y_lo + (y_hi - y_lo) / LEGEND_ROOM;
+            corner = legend_corner(panel, (x_lo, x_hi), (y_lo, y_hi), |y| y).0;
+        }
         let mut chart = builder
-            .build_cartesian_2d(x_lo..x_hi, (y_min - pad)..(y_max + pad))
+            .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)
             .map_err(|e| e.to_string())?;
         let mut mesh = chart.configure_mesh();
         mesh.x_labels(x_ticks).y_labels(8);
@@ -249,20 +257,28 @@ fn draw_panel(area: &Area<'_>, panel: &Panel, with_text: bool) -> Result<(), Str
             mesh.disable_x_axis().disable_y_axis();
         }
         mesh.draw().map_err(|e| e.to_string())?;
-        let corner = legend_corner(panel, (x_lo, x_hi), (y_min - pad, y_max + pad), |y| y);
         draw_series(&mut chart, panel, with_text, corner)
     }
 }
 
+/// The share of a linear y range the data keep when no corner is free for the legend.
+const LEGEND_ROOM: f64 = 0.6;
+
+/// Whether the panel draws a legend: two or more named series (a lone series is named by the
+/// panel's title; an unnamed one, such as a reference line the title explains, by nothing).
+fn has_legend(panel: &Panel, with_text: bool) -> bool {
+    with_text && panel.series.iter().filter(|s| !s.name.is_empty()).count() > 1
+}
+
 /// The corner of the plot area that the fewest drawn points fall in (lines sampled between
-/// their points, error bars and bands at both ends), so that the legend covers no data.
-/// `scale` maps a y value to the axis' own scale (`ln` on a log axis).
+/// their points, error bars and bands at both ends), so that the legend covers no data, and
+/// how many fall in it. `scale` maps a y value to the axis' own scale (`ln` on a log axis).
 fn legend_corner(
     panel: &Panel,
     (x_lo, x_hi): (f64, f64),
     (y_lo, y_hi): (f64, f64),
     scale: impl Fn(f64) -> f64,
-) -> SeriesLabelPosition {
+) -> (SeriesLabelPosition, usize) {
     let mut drawn: Vec<(f64, f64)> = Vec::new();
     for s in &panel.series {
         drawn.extend(s.band.iter().flat_map(|b| [(b.0, b.1), (b.0, b.2)]));
@@ -296,7 +312,7 @@ fn legend_corner(
     ]
     .into_iter()
     .min_by_key(|&(_, n)| n)
-    .map_or(SeriesLabelPosition::LowerRight, |(corner, _)| corner)
+    .unwrap_or((SeriesLabelPosition::LowerRight, 0))
 }
 
 fn draw_series<'a, Y>(
@@ -349,14 +365,17 @@ where
                 .draw_series(DashedLineSeries::new(s.points.clone(), 8, 6, color.stroke_width(2)))
                 .map_err(|e| e.to_string())?,
         };
-        if with_text {
+        if with_text && !s.name.is_empty() {
+            // A dashed series' sample is dashed too: two strokes with a gap.
+            let gap = if s.style == Style::Dashed { 3 } else { 0 };
             legend.label(s.name.clone()).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (10 - gap, 0)], color.stroke_width(2))
+                    + PathElement::new(vec![(10 + gap, 0), (20, 0)], color.stroke_width(2))
             });
         }
     }
-    // A lone series is named by the panel's title; a legend would only cover points.
-    if with_text && panel.series.len() > 1 {
+    if has_legend(panel, with_text) {
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.85))
@@ -378,8 +397,9 @@ mod tests {
         let mut panel = Panel::new("t", "round", "%");
         // A falling line fills the upper left and the lower right.
         panel.series.push(Series::new("a", Style::Line, 0, vec![(0.0, 10.0), (10.0, 0.0)]));
-        let corner = legend_corner(&panel, (0.0, 10.0), (0.0, 10.0), |y| y);
+        let (corner, covered) = legend_corner(&panel, (0.0, 10.0), (0.0, 10.0), |y| y);
         assert!(matches!(corner, SeriesLabelPosition::UpperRight), "{corner:?}");
+        assert_eq!(covered, 0);
         // An error bar reaching into the lower right (the compare figure's last test point)
         // and a baseline across the top leave the lower left.
         panel.series = vec![
@@ -387,8 +407,27 @@ mod tests {
                 .with_band(vec![(10.0, 0.5, 7.5)]),
             Series::new("b", Style::Dashed, 1, vec![(0.0, 7.0), (10.0, 7.0)]),
         ];
-        let corner = legend_corner(&panel, (0.0, 10.0), (0.0, 10.0), |y| y);
+        let (corner, _) = legend_corner(&panel, (0.0, 10.0), (0.0, 10.0), |y| y);
         assert!(matches!(corner, SeriesLabelPosition::LowerLeft), "{corner:?}");
+    }
+
+    #[test]
+    fn a_legend_with_no_free_corner_gets_room_above_the_data() {
+        // Two crossing lines between 30 and 70 cover all four corners of their own range.
+        let mut panel = Panel::new("t", "round", "%");
+        panel.series = vec![
+            Series::new("a", Style::Line, 0, vec![(0.0, 30.0), (5.0, 70.0), (10.0, 30.0)]),
+            Series::new("b", Style::Line, 1, vec![(0.0, 70.0), (5.0, 30.0), (10.0, 70.0)]),
+        ];
+        let (_, covered) = legend_corner(&panel, (0.0, 10.0), (30.0, 70.0), |y| y);
+        assert!(covered > 0);
+        let raised = 30.0 + 40.0 / LEGEND_ROOM;
+        let (corner, covered) = legend_corner(&panel, (0.0, 10.0), (30.0, raised), |y| y);
+        assert_eq!(covered, 0);
+        assert!(matches!(corner, SeriesLabelPosition::UpperRight), "{corner:?}");
+        // An unnamed reference line is no legend entry: one named series draws no legend.
+        panel.series[1].name.clear();
+        assert!(!has_legend(&panel, true));
     }
 
     #[test]

@@ -214,17 +214,27 @@ fn shares<T: Copy + Into<f64>>(counts: &[T]) -> Vec<f64> {
 /// `diagnostics.png` of one run, from its records' `clients` and `dev_confusion`: (1) the share
 /// of dev examples the global model predicts as each class, beside the true shares; (2) the
 /// class mix the server's update leans to (each class's share in the clients' shards weighted
-/// by their weights) beside the unweighted mix; (3) how skewed (the majority class's share of
-/// its shard) the client at each rank was, on average over the rounds. Whether the highest
-/// weighted clients are the most skewed, and whether the model drifts to one class, in one
-/// picture. An error when the records carry no diagnostics (see [`has_diagnostics`]).
+/// by their weights) beside the equal-weight mix; (3) how skewed (the majority class's share of
+/// its shard) the client at each rank was, on average over the rounds; (4) the share, at each
+/// rank, of the class the global model predicted most that round. Whether the highest weighted
+/// clients are the most skewed, towards the class the model already favours, and whether the
+/// model drifts to it, in one picture. An error when the records carry no diagnostics (see
+/// [`has_diagnostics`]).
 pub fn diagnostics_figure(path: &Path, s: &FedSummary, records: &[RoundRecord]) -> Result<()> {
     if !has_diagnostics(records) {
         anyhow::bail!("the records carry no per-client diagnostics (made before they existed?)");
     }
     let n_classes = records.iter().map(|r| r.dev_confusion.len()).max().unwrap_or(0);
-    let mut predicted = Panel::new("global model's dev predictions", "round", "share of dev (%)");
-    let mut leaning = Panel::new("class mix the update leans to", "round", "share (%)");
+    let mut predicted = Panel::new(
+        "global model's dev predictions per class (dashed: true share)",
+        "round",
+        "share of dev (%)",
+    );
+    let mut leaning = Panel::new(
+        "class mix of the update, by the server's weights (dashed: equal weights)",
+        "round",
+        "share (%)",
+    );
     for c in 0..n_classes {
         let name = format!("class {c}");
         let (mut pred, mut truth, mut weighted, mut plain) = (vec![], vec![], vec![], vec![]);
@@ -252,33 +262,24 @@ pub fn diagnostics_figure(path: &Path, s: &FedSummary, records: &[RoundRecord]) 
                 plain.push((x, pct(p)));
             }
         }
-        predicted.series.push(Series::new(format!("predicted {name}"), Style::Line, c, pred));
-        predicted.series.push(Series::new(format!("true {name}"), Style::Dashed, c, truth));
-        leaning.series.push(Series::new(format!("{name}, by weight"), Style::Line, c, weighted));
-        leaning.series.push(Series::new(format!("{name}, unweighted"), Style::Dashed, c, plain));
-    }
-    let mut by_rank: Vec<Vec<f64>> = Vec::new();
-    for r in records {
-        for cl in &r.clients {
-            let skew = shares(&cl.class_counts).into_iter().fold(0.0, f64::max);
-            if cl.rank >= 1 {
-                if by_rank.len() < cl.rank {
-                    by_rank.resize(cl.rank, Vec::new());
-                }
-                by_rank[cl.rank - 1].push(pct(skew));
-            }
-        }
-    }
-    let (mut skew, mut band) = (Vec::new(), Vec::new());
-    for (i, v) in by_rank.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
-        let (m, sd) = mean_std(v);
-        skew.push(((i + 1) as f64, m));
-        band.push(((i + 1) as f64, m - sd, m + sd));
+        predicted.series.push(Series::new(name.clone(), Style::Line, c, pred));
+        predicted.series.push(Series::new("", Style::Dashed, c, truth));
+        leaning.series.push(Series::new(name, Style::Line, c, weighted));
+        leaning.series.push(Series::new("", Style::Dashed, c, plain));
     }
     let mut ranks =
         Panel::new("skew of the client at each rank", "rank (1 = best)", "majority share (%)");
-    ranks.series =
-        vec![Series::new("mean over rounds, +- sd", Style::Line, 0, skew).with_band(band)];
+    ranks.series = vec![by_rank(records, |_, cl| {
+        Some(shares(&cl.class_counts).into_iter().fold(0.0, f64::max))
+    })];
+    let mut favoured = Panel::new(
+        "share of the class the model predicts most, at each rank",
+        "rank (1 = best)",
+        "share of that class (%)",
+    );
+    favoured.series = vec![by_rank(records, |r, cl| {
+        crate::mechanism::favoured_class(r).map(|c| crate::mechanism::share(cl, c))
+    })];
     let title = format!(
         "{}: {} clients, {}, seed {}",
         method_name(&s.config),
@@ -286,7 +287,32 @@ pub fn diagnostics_figure(path: &Path, s: &FedSummary, records: &[RoundRecord]) 
         if s.iid { "iid" } else { "non-iid" },
         s.seed
     );
-    figure_png(path, &title, 1, (900, 330), &[predicted, leaning, ranks])
+    figure_png(path, &title, 1, (900, 330), &[predicted, leaning, ranks, favoured])
+}
+
+/// The mean (in %) and spread over rounds of `value` for the told client at each rank.
+fn by_rank(
+    records: &[RoundRecord],
+    value: impl Fn(&RoundRecord, &fedbpt_actors::round::ClientDiagnostics) -> Option<f64>,
+) -> Series {
+    let mut at: Vec<Vec<f64>> = Vec::new();
+    for r in records {
+        for cl in r.clients.iter().filter(|cl| cl.rank >= 1) {
+            if let Some(v) = value(r, cl) {
+                if at.len() < cl.rank {
+                    at.resize(cl.rank, Vec::new());
+                }
+                at[cl.rank - 1].push(pct(v));
+            }
+        }
+    }
+    let (mut mean, mut band) = (Vec::new(), Vec::new());
+    for (i, v) in at.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+        let (m, sd) = mean_std(v);
+        mean.push(((i + 1) as f64, m));
+        band.push(((i + 1) as f64, m - sd, m + sd));
+    }
+    Series::new("mean over rounds, +- sd", Style::Line, 0, mean).with_band(band)
 }
 
 /// Whether any record has the clients' ranks and the dev predictions that
