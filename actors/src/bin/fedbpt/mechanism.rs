@@ -39,7 +39,9 @@ impl Mechanism {
 /// Dev examples predicted as each class (the confusion matrix's column sums).
 fn predicted_per_class(r: &RoundRecord) -> Vec<usize> {
     let n = r.dev_confusion.len();
-    (0..n).map(|c| r.dev_confusion.iter().map(|row| row.get(c).copied().unwrap_or(0)).sum()).collect()
+    (0..n)
+        .map(|c| r.dev_confusion.iter().map(|row| row.get(c).copied().unwrap_or(0)).sum())
+        .collect()
 }
 
 /// The class the global model predicts most on dev this round (the lowest index on a tie).
@@ -159,11 +161,7 @@ mod tests {
     fn clients_rich_in_the_over_predicted_class_ranked_first_give_plus_one_and_a_lean() {
         // The model predicts class 1 for 30 of 40 dev examples; the clients richest in class 1
         // rank first and get the largest weights.
-        let clients = vec![
-            client([1, 7], 1, 0.5),
-            client([4, 4], 2, 0.3),
-            client([7, 1], 3, 0.2),
-        ];
+        let clients = vec![client([1, 7], 1, 0.5), client([4, 4], 2, 0.3), client([7, 1], 3, 0.2)];
         let r = record(clients, vec![vec![8, 12], vec![2, 18]]);
         let m = Mechanism::of(std::slice::from_ref(&r));
         assert_eq!(m.skew_rank, Some(1.0));
@@ -173,11 +171,7 @@ mod tests {
         assert_eq!(m.final_majority, Some(30.0 / 40.0));
 
         // The same clients ranked the other way round correlate at -1 and lean away.
-        let reversed = vec![
-            client([1, 7], 3, 0.2),
-            client([4, 4], 2, 0.3),
-            client([7, 1], 1, 0.5),
-        ];
+        let reversed = vec![client([1, 7], 3, 0.2), client([4, 4], 2, 0.3), client([7, 1], 1, 0.5)];
         let m = Mechanism::of(&[record(reversed, vec![vec![8, 12], vec![2, 18]])]);
         assert_eq!(m.skew_rank, Some(-1.0));
         assert!(m.lean.unwrap() < 0.0);

@@ -84,16 +84,6 @@ const METHODS: [Method; 9] = [
     Method { cma: Some(CmaFlavour::Pycma), ..Method::fedbpt("fedbpt-pycma") },
 ];
 
-/// [`method_name`] with the CMA-ES when it is pycma's. (The figures' own titles use
-/// `method_name` alone.)
-pub fn method_label(cfg: &Config) -> String {
-    let name = method_name(cfg);
-    match cfg.cma {
-        CmaFlavour::Tutorial => name,
-        CmaFlavour::Pycma => format!("{name}, pycma CMA-ES"),
-    }
-}
-
 /// The methods named by their stems, in the order given; the first `DEFAULT_METHODS` where none
 /// is named.
 fn select_methods(stems: &[String]) -> Result<Vec<&'static Method>> {
@@ -150,7 +140,7 @@ pub fn compare(
     // the paper's claim, before its iid ones).
     let mut runs: Vec<Vec<Vec<Finished>>> = vec![vec![Vec::new(); selected.len()]; 2];
     for (mi, m) in selected.iter().enumerate() {
-        let name = method_label(&m.config(&base));
+        let name = method_name(&m.config(&base));
         for &(pi, iid) in &parts {
             for &seed in seeds {
                 let mut cfg = m.config(&base);
@@ -183,7 +173,7 @@ pub fn compare(
                 per_seed.iter().map(move |(s, r)| {
                     let mechanism = Mechanism::of(r);
                     serde_json::json!({
-                        "partition": part, "method": method_label(&s.config), "seed": s.seed,
+                        "partition": part, "method": method_name(&s.config), "seed": s.seed,
                         "final_test_acc": s.final_test_acc, "best_dev_test_acc": s.best_dev_test_acc,
                         "best_dev_round": s.best_dev_round,
                         "sigma": r.iter().map(|x| x.sigma).collect::<Vec<_>>(),
@@ -209,7 +199,7 @@ pub fn compare(
                 .zip(&selected)
                 .enumerate()
                 .map(|(color, (per_seed, m))| MethodRuns {
-                    name: method_label(&m.config(&base)),
+                    name: method_name(&m.config(&base)),
                     color,
                     runs: per_seed.iter().map(|(s, r)| (s, r.as_slice())).collect(),
                 })
@@ -281,7 +271,7 @@ fn compare_table(
         100.0 * zero
     ));
     for (mi, m) in methods.iter().enumerate() {
-        let name = method_label(&m.config(base));
+        let name = method_name(&m.config(base));
         let pick = |pi: usize, f: fn(&FedSummary) -> f64| -> Vec<f64> {
             runs.get(pi)
                 .and_then(|m| m.get(mi))
@@ -295,9 +285,7 @@ fn compare_table(
             cell(pick(1, |s| s.best_dev_test_acc)),
         ));
     }
-    md.push_str(
-        "\nStep size sent to the clients after each round (mean over seeds):\n\n",
-    );
+    md.push_str("\nStep size sent to the clients after each round (mean over seeds):\n\n");
     let rounds = base.num_rounds;
     md.push_str(&format!(
         "| method | partition | {} |\n|---|---|{}\n",
@@ -306,7 +294,7 @@ fn compare_table(
     ));
     for (pi, part) in ["iid", "non-iid"].iter().enumerate() {
         for (mi, m) in methods.iter().enumerate() {
-            let name = method_label(&m.config(base));
+            let name = method_name(&m.config(base));
             let Some(per_seed) = runs.get(pi).and_then(|m| m.get(mi)).filter(|v| !v.is_empty())
             else {
                 continue;
@@ -320,10 +308,7 @@ fn compare_table(
                     format!("{:.3}", mean_std(&v).0)
                 })
                 .collect();
-            md.push_str(&format!(
-                "| {name} | {part} | {} |\n",
-                per_round.join(" | ")
-            ));
+            md.push_str(&format!("| {name} | {part} | {} |\n", per_round.join(" | ")));
         }
     }
     md.push_str(&mechanism_table(base, methods, runs));
@@ -413,8 +398,7 @@ mod tests {
         );
         let reference = select_methods(&strings(&["fedbpt"])).unwrap()[0].config(&base);
         assert_eq!(reference.cma, CmaFlavour::Tutorial);
-        assert_eq!(method_label(&reference), method_name(&reference));
-        assert_eq!(method_label(&cfg), format!("{}, pycma CMA-ES", method_name(&reference)));
+        assert_eq!(method_name(&cfg), format!("{}, pycma CMA-ES", method_name(&reference)));
         // The config's own cma is kept by the methods that do not set one.
         let pycma_base = Config { cma: CmaFlavour::Pycma, ..Config::default() };
         let reference = select_methods(&strings(&["fedbpt"])).unwrap()[0].config(&pycma_base);
@@ -499,7 +483,14 @@ mod tests {
         assert!(md.contains("| non-iid | 1.00 ± 0.00 | 15.0 ± 0.0 | 75.0 ± 0.0 |"), "{md}");
         // Runs without diagnostics (made before they existed) add no such table.
         let (old, _) = finished(&method[0].config(&base), 0.6);
-        let md = compare_table(&base, "mr", "m", &[42], &method, &[Vec::new(), vec![vec![(old, Vec::new())]]]);
+        let md = compare_table(
+            &base,
+            "mr",
+            "m",
+            &[42],
+            &method,
+            &[Vec::new(), vec![vec![(old, Vec::new())]]],
+        );
         assert!(!md.contains("share-rank correlation"), "{md}");
     }
 

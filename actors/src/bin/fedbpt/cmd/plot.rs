@@ -11,7 +11,8 @@ use fedbpt_actors::run_dir::{read_metrics, RunDir};
 use crate::figures::{diagnostics_figure, has_diagnostics, run_figure};
 use crate::output::say;
 
-/// `fedbpt plot DIR`: redraws `accuracy.png` of the finished run in `dir`; a run whose records
+/// `fedbpt plot DIR`: redraws `accuracy.png` (and `diagnostics.png` where the records have
+/// them) of the finished run in `dir`; a run whose records
 /// do not cover its summary's rounds is refused (the figure would be partial).
 pub fn plot(dir: &Path) -> Result<()> {
     let summary_path = dir.join("summary.json");
@@ -34,10 +35,12 @@ pub fn plot(dir: &Path) -> Result<()> {
     let run_dir = RunDir::open(dir, "DIR")?;
     let mut publish = run_dir.publish();
     publish.file("accuracy.png", |tmp| run_figure(tmp, &summary, &records))?;
+    let mut wrote = vec!["accuracy.png"];
     if has_diagnostics(&records) {
         publish.file("diagnostics.png", |tmp| diagnostics_figure(tmp, &summary, &records))?;
+        wrote.push("diagnostics.png");
     }
     publish.commit()?;
-    say(&format!("wrote {}", dir.join("accuracy.png").display()));
+    say(&format!("wrote {} in {}", wrote.join(" and "), dir.display()));
     Ok(())
 }

@@ -14,8 +14,7 @@ use fedbpt_actors::profile::Profiler;
 use fedbpt_actors::run_dir::{read_metrics, RunDir};
 use fedbpt_actors::server::{Checkpoint, RoundRecord};
 
-use crate::cmd::compare::method_label;
-use crate::figures::{diagnostics_figure, has_diagnostics, run_figure};
+use crate::figures::{diagnostics_figure, has_diagnostics, method_name, run_figure};
 use crate::output::{default_out, say};
 
 pub(crate) fn runtime(cfg: &Config) -> Result<tokio::runtime::Runtime> {
@@ -214,7 +213,7 @@ pub fn run(
         cfg.num_users,
         if cfg.iid { "iid".to_string() } else { format!("non-iid, alpha {}", cfg.alpha_dir) },
         cfg.num_rounds,
-        method_label(&cfg)
+        method_name(&cfg)
     ));
     let profiler = trace.map(|_| Profiler::start());
     let result = run_one(&rt, &cfg, &mut env, &dir, "run", checkpoint, Clients::Local);

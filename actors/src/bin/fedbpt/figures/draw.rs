@@ -243,13 +243,26 @@ fn draw_panel(area: &Area<'_>, panel: &Panel, with_text: bool) -> Result<(), Str
             y_hi = y_lo + (y_hi - y_lo) / LEGEND_ROOM;
             corner = legend_corner(panel, (x_lo, x_hi), (y_lo, y_hi), |y| y).0;
         }
-        let mut chart = builder
-            .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)
-            .map_err(|e| e.to_string())?;
+        let mut chart =
+            builder.build_cartesian_2d(x_lo..x_hi, y_lo..y_hi).map_err(|e| e.to_string())?;
         let mut mesh = chart.configure_mesh();
         mesh.x_labels(x_ticks).y_labels(8);
         if panel.integer_x {
             mesh.x_label_formatter(&integer_ticks);
+        }
+        // The room made for a legend has no data: its ticks stay unlabelled, so that a share
+        // axis does not seem to go past 100%.
+        let data_top = y_max + pad;
+        let above_data = |y: &f64| {
+            if *y > data_top {
+                String::new()
+            } else {
+                let text = format!("{y:.3}");
+                text.trim_end_matches('0').trim_end_matches('.').to_string()
+            }
+        };
+        if y_hi > data_top {
+            mesh.y_label_formatter(&above_data);
         }
         if with_text {
             mesh.x_desc(panel.x_label.as_str()).y_desc(panel.y_label.as_str());

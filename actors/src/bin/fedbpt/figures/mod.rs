@@ -9,6 +9,7 @@ use std::path::Path;
 use self::draw::{figure_png, mean_and_band, mean_std, Panel, Points, Series, Style};
 use anyhow::Result;
 
+use fedbpt::cmaes::CmaFlavour;
 use fedbpt::config::{Aggregation, Config};
 use fedbpt::objective::ClientLoss;
 use fedbpt::strategy::{ServerFitness, ServerSigma, ServerWeights};
@@ -101,6 +102,9 @@ pub fn method_name(cfg: &Config) -> String {
     }
     if cfg.perturb {
         name.push_str(&format!(" + perturbation {}", cfg.perturb_rate));
+    }
+    if cfg.cma == CmaFlavour::Pycma {
+        name.push_str(", pycma CMA-ES");
     }
     name
 }
