@@ -19,6 +19,7 @@ pub mod objective;
 pub mod peak;
 pub mod projection;
 pub mod protocol;
+pub mod replay;
 pub mod seeds;
 pub mod strategy;
 pub mod task;

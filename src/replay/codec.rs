@@ -1,0 +1,55 @@
+//! The bytes of the replay messages: one tag byte (message kind and layout version), then the
+//! message in bincode 2's standard configuration (variable-length integers, raw `f64`s), and
+//! nothing after it. Decoding refuses another tag, a truncated message, trailing bytes and
+//! lengths beyond the message's limit before allocating them.
+
+use bincode::config::{self, Config};
+use bincode::error::DecodeError;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::ReplayError;
+
+/// One message kind: its tag and the largest body it may have.
+pub(super) struct Kind {
+    pub what: &'static str,
+    pub tag: u8,
+}
+
+/// Largest body of any replay message (a whole strategy at the largest dimension fits).
+const MAX_BODY: usize = 1 << 30;
+
+fn standard() -> impl Config {
+    config::standard().with_limit::<MAX_BODY>()
+}
+
+pub(super) fn encode<T: Serialize>(kind: &Kind, value: &T) -> Result<Vec<u8>, ReplayError> {
+    let body = bincode::serde::encode_to_vec(value, standard())
+        .map_err(|e| ReplayError::Encode { what: kind.what, reason: e.to_string() })?;
+    let mut out = Vec::with_capacity(body.len() + 1);
+    out.push(kind.tag);
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Bytes of `value` as [`encode`] writes them.
+pub(super) fn encoded_len<T: Serialize>(kind: &Kind, value: &T) -> Result<usize, ReplayError> {
+    encode(kind, value).map(|v| v.len())
+}
+
+pub(super) fn decode<T: DeserializeOwned>(kind: &Kind, bytes: &[u8]) -> Result<T, ReplayError> {
+    let what = kind.what;
+    let (&tag, body) = bytes.split_first().ok_or(ReplayError::Truncated { what })?;
+    if tag != kind.tag {
+        return Err(ReplayError::WrongTag { what, found: tag, expected: kind.tag });
+    }
+    let (value, used) =
+        bincode::serde::decode_from_slice(body, standard()).map_err(|e| match e {
+            DecodeError::UnexpectedEnd { .. } => ReplayError::Truncated { what },
+            e => ReplayError::Malformed { what, reason: e.to_string() },
+        })?;
+    if used != body.len() {
+        return Err(ReplayError::TrailingBytes { what, extra: body.len() - used });
+    }
+    Ok(value)
+}
