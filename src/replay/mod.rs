@@ -25,6 +25,7 @@
 
 mod codec;
 mod error;
+mod global;
 pub mod traffic;
 
 use serde::de::DeserializeOwned;
@@ -38,6 +39,7 @@ use crate::seeds::{derive, tag};
 use crate::strategy::{Aggregator, FedAvgBbt, FedBpt, Told};
 
 pub use error::ReplayError;
+pub use global::GlobalStrategy;
 
 use codec::Kind;
 
@@ -478,23 +480,19 @@ impl<S: Replayable> Replica<S> {
     }
 
     /// Replays a round: every told search from the round's distribution, then the server's
-    /// aggregation, then the hash. Returns the ranks and weights the server gave. On a hash
-    /// mismatch the replica is marked diverged until [`Replica::resync`].
+    /// aggregation, then the hash. Returns the ranks and weights the server gave. A digest of
+    /// another round is refused and changes nothing; a digest that does not replay, or whose
+    /// hash differs, marks the replica diverged until [`Replica::resync`].
     pub fn apply(&mut self, digest: &RoundDigest) -> Result<Vec<Told>, ReplayError> {
         self.check_usable()?;
         let round = digest.round;
         if round != self.next_round {
             return Err(ReplayError::RoundOrder { expected: self.next_round, found: round });
         }
-        check_told_order(round, &digest.told)?;
-        let dist = self.strategy.configure(round);
-        let updates = digest
-            .told
-            .iter()
-            .map(|t| replay_search(&self.ctx, &dist, t.client, &t.record))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut next = self.strategy.clone();
-        let told = if updates.is_empty() { Vec::new() } else { next.aggregate(round, &updates)? };
+        // A digest this replica cannot replay leaves it a round behind for good: like a
+        // mismatch, it needs the state.
+        let replayed = self.replay(digest);
+        let (next, told) = replayed.inspect_err(|_| self.diverged_at = Some(round))?;
         self.strategy = next;
         self.next_round = round + 1;
         let found = StateHash::of(&self.strategy)?;
@@ -507,6 +505,21 @@ impl<S: Replayable> Replica<S> {
             });
         }
         Ok(told)
+    }
+
+    /// The strategy after `digest`'s round, and the ranks and weights it gave.
+    fn replay(&self, digest: &RoundDigest) -> Result<(S, Vec<Told>), ReplayError> {
+        let round = digest.round;
+        check_told_order(round, &digest.told)?;
+        let dist = self.strategy.configure(round);
+        let updates = digest
+            .told
+            .iter()
+            .map(|t| replay_search(&self.ctx, &dist, t.client, &t.record))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut next = self.strategy.clone();
+        let told = if updates.is_empty() { Vec::new() } else { next.aggregate(round, &updates)? };
+        Ok((next, told))
     }
 
     /// Starts over from the server's state: checks the transfer's hash, restores through the

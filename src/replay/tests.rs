@@ -413,6 +413,7 @@ fn a_digest_with_repeated_or_unordered_clients_is_refused() {
     let mut replica = Replica::new(strategy, ctx, 0);
     let e = replica.apply(&digest).unwrap_err();
     assert!(matches!(e, ReplayError::ToldOrder { round: 0, client: 1 }), "{e}");
+    assert!(!replica.in_sync(), "a round it cannot replay leaves it behind");
 }
 
 #[test]
@@ -443,4 +444,37 @@ fn docs_traffic_md_holds_the_measured_table() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/traffic.md"))
         .unwrap_or_default();
     assert!(doc.contains(&table), "docs/traffic.md should contain:\n{table}");
+}
+
+#[test]
+fn the_configured_strategy_is_the_runtimes_and_replicates() {
+    use crate::config::{Aggregation, Config};
+    use crate::experiment::aggregator_for;
+    let mut cfg = Config { intrinsic_dim: DIM, local_iter: 4, num_users: 5, ..Config::default() };
+    let mut cases = vec![cfg.clone()];
+    cfg.cma = CmaFlavour::Pycma;
+    cfg.clients_per_round = 3;
+    cfg.server_fitness = ServerFitness::Permuted;
+    cases.push(cfg.clone());
+    cfg.aggregation = Aggregation::Fedavg;
+    cases.push(cfg);
+    for cfg in cases {
+        let global = GlobalStrategy::from_config(&cfg).unwrap();
+        let runtime = aggregator_for(&cfg).unwrap();
+        assert_eq!(global.name(), runtime.name());
+        assert_eq!(global.snapshot().unwrap(), runtime.snapshot().unwrap());
+        let ctx = ReplayContext::from_config(&cfg);
+        assert_eq!((ctx.run_seed, ctx.popsize, ctx.iterations), (cfg.seed, 5, 4));
+        replicate(global, cfg.cma, false, 3);
+    }
+    // A transferred state of the other rule does not restore.
+    let fedavg = GlobalStrategy::FedAvgBbt(FedAvgBbt::new(DIM, 0.8).unwrap());
+    let fedbpt = GlobalStrategy::FedBpt(fedbpt(
+        CmaFlavour::Tutorial,
+        ServerFitness::Loss,
+        ServerWeights::Rank,
+    ));
+    let mut replica = Replica::new(fedbpt, ctx(CmaFlavour::Tutorial), 0);
+    let err = replica.resync(&StateTransfer::new(0, &fedavg).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("fedavg-bbt"), "{err}");
 }
