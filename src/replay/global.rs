@@ -11,10 +11,10 @@ use crate::Result;
 
 use super::{ReplayContext, Replayable};
 
-/// FedBPT's or FedAvg-BBT's server, as `aggregation` says.
+/// FedBPT's or FedAvg-BBT's server, as `aggregation` says (FedBPT's boxed: it is the large one).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum GlobalStrategy {
-    FedBpt(FedBpt),
+    FedBpt(Box<FedBpt>),
     FedAvgBbt(FedAvgBbt),
 }
 
@@ -23,7 +23,7 @@ impl GlobalStrategy {
     /// test checks they agree).
     pub fn from_config(cfg: &Config) -> Result<Self> {
         Ok(match cfg.aggregation {
-            Aggregation::Fedbpt => Self::FedBpt(
+            Aggregation::Fedbpt => Self::FedBpt(Box::new(
                 FedBpt::new(
                     cfg.intrinsic_dim,
                     cfg.sigma,
@@ -34,21 +34,21 @@ impl GlobalStrategy {
                 )?
                 .with_flavour(cfg.cma, clients_per_round(cfg))?
                 .with_ranking(cfg.server_fitness, cfg.server_weights),
-            ),
+            )),
             Aggregation::Fedavg => Self::FedAvgBbt(FedAvgBbt::new(cfg.intrinsic_dim, cfg.sigma)?),
         })
     }
 
     fn inner(&self) -> &dyn Aggregator {
         match self {
-            Self::FedBpt(s) => s,
+            Self::FedBpt(s) => s.as_ref(),
             Self::FedAvgBbt(s) => s,
         }
     }
 
     fn inner_mut(&mut self) -> &mut dyn Aggregator {
         match self {
-            Self::FedBpt(s) => s,
+            Self::FedBpt(s) => s.as_mut(),
             Self::FedAvgBbt(s) => s,
         }
     }

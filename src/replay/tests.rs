@@ -469,11 +469,11 @@ fn the_configured_strategy_is_the_runtimes_and_replicates() {
     }
     // A transferred state of the other rule does not restore.
     let fedavg = GlobalStrategy::FedAvgBbt(FedAvgBbt::new(DIM, 0.8).unwrap());
-    let fedbpt = GlobalStrategy::FedBpt(fedbpt(
+    let fedbpt = GlobalStrategy::FedBpt(Box::new(fedbpt(
         CmaFlavour::Tutorial,
         ServerFitness::Loss,
         ServerWeights::Rank,
-    ));
+    )));
     let mut replica = Replica::new(fedbpt, ctx(CmaFlavour::Tutorial), 0);
     let err = replica.resync(&StateTransfer::new(0, &fedavg).unwrap()).unwrap_err();
     assert!(err.to_string().contains("fedavg-bbt"), "{err}");
