@@ -1,7 +1,7 @@
 //! The bytes of the replay messages: one tag byte (message kind and layout version), then the
 //! message in bincode 2's standard configuration (variable-length integers, raw `f64`s), and
-//! nothing after it. Decoding refuses another tag, a truncated message, trailing bytes and
-//! lengths beyond the message's limit before allocating them.
+//! nothing after it. Decoding refuses a message longer than its kind may be, another tag, a
+//! truncated message, trailing bytes and lengths beyond the bytes before allocating them.
 
 use bincode::config::{self, Config};
 use bincode::error::DecodeError;
@@ -10,14 +10,16 @@ use serde::Serialize;
 
 use super::ReplayError;
 
-/// One message kind: its tag and the largest body it may have.
+/// One message kind: its tag and the most bytes it may have.
 pub(super) struct Kind {
     pub what: &'static str,
     pub tag: u8,
+    pub max_len: usize,
 }
 
-/// Largest body of any replay message (a whole strategy at the largest dimension fits).
-const MAX_BODY: usize = 1 << 30;
+/// Largest body bincode may claim in any replay message (each kind has its own, smaller
+/// `max_len`).
+const MAX_BODY: usize = 1 << 31;
 
 fn standard() -> impl Config {
     config::standard().with_limit::<MAX_BODY>()
@@ -39,6 +41,9 @@ pub(super) fn encoded_len<T: Serialize>(kind: &Kind, value: &T) -> Result<usize,
 
 pub(super) fn decode<T: DeserializeOwned>(kind: &Kind, bytes: &[u8]) -> Result<T, ReplayError> {
     let what = kind.what;
+    if bytes.len() > kind.max_len {
+        return Err(ReplayError::TooLong { what, len: bytes.len(), max: kind.max_len });
+    }
     let (&tag, body) = bytes.split_first().ok_or(ReplayError::Truncated { what })?;
     if tag != kind.tag {
         return Err(ReplayError::WrongTag { what, found: tag, expected: kind.tag });

@@ -9,6 +9,9 @@ pub enum ReplayError {
     /// The bytes end before the message does.
     #[error("{what}: truncated message")]
     Truncated { what: &'static str },
+    /// More bytes than a message of this kind may have.
+    #[error("{what}: {len} bytes, at most {max}")]
+    TooLong { what: &'static str, len: usize, max: usize },
     /// Bytes left over after a complete message.
     #[error("{what}: {extra} trailing bytes after the message")]
     TrailingBytes { what: &'static str, extra: usize },

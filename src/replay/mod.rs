@@ -43,9 +43,12 @@ pub use global::GlobalStrategy;
 
 use codec::Kind;
 
-const UPLOAD: Kind = Kind { what: "replay upload", tag: 0x51 };
-const DIGEST: Kind = Kind { what: "round digest", tag: 0x52 };
-const TRANSFER: Kind = Kind { what: "state transfer", tag: 0x53 };
+// Bounds above any configurable run (an upload is a ranking per iteration, a digest one record
+// per told client, a transfer two `d x d` f64 matrices: 1.6 GB at the largest d, 10,000), so a
+// peer cannot make a party read more.
+const UPLOAD: Kind = Kind { what: "replay upload", tag: 0x51, max_len: 1 << 24 };
+const DIGEST: Kind = Kind { what: "round digest", tag: 0x52, max_len: 1 << 30 };
+const TRANSFER: Kind = Kind { what: "state transfer", tag: 0x53, max_len: 1 << 31 };
 
 /// What every party must agree on to replay a client's search: the run seed its search seed
 /// derives from, and the local search's shape.

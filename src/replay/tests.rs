@@ -229,6 +229,18 @@ fn a_replica_follows_the_fedbpt_server_bit_for_bit() {
 }
 
 #[test]
+fn a_replica_follows_a_pycma_server_in_40_dimensions() {
+    // More coordinates than candidates: the covariance is far from the identity and the
+    // eigendecompositions lag, as in a real run.
+    let strategy = FedBpt::new(40, 0.8, 5, true, ServerSigma::Reference, 5)
+        .unwrap()
+        .with_flavour(CmaFlavour::Pycma, 3)
+        .unwrap()
+        .with_ranking(ServerFitness::Improvement, ServerWeights::Rank);
+    replicate(strategy, CmaFlavour::Pycma, true, 4);
+}
+
+#[test]
 fn a_replica_follows_the_client_rms_rule_and_fedavg() {
     let rms = FedBpt::new(DIM, 0.8, 5, true, ServerSigma::ClientRms, 5).unwrap();
     replicate(rms, CmaFlavour::Tutorial, false, 4);
@@ -391,6 +403,8 @@ fn bad_bytes_are_refused_with_their_reason() {
     let digest_bytes = digest.encode().unwrap();
     let e = RoundDigest::decode(&digest_bytes[..digest_bytes.len() - 3]).unwrap_err();
     assert!(matches!(e, ReplayError::Truncated { what: "round digest" }), "{e}");
+    let e = Upload::decode(&vec![0x51; (1 << 24) + 1]).unwrap_err();
+    assert!(matches!(e, ReplayError::TooLong { max: 16_777_216, .. }), "{e}");
     // A length far beyond the bytes is refused before it is allocated.
     let e = Upload::decode(&[0x51, 1, 2, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f])
         .unwrap_err();
