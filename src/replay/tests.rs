@@ -492,3 +492,36 @@ fn the_configured_strategy_is_the_runtimes_and_replicates() {
     let err = replica.resync(&StateTransfer::new(0, &fedavg).unwrap()).unwrap_err();
     assert!(err.to_string().contains("fedavg-bbt"), "{err}");
 }
+
+#[test]
+fn catch_up_replays_the_missed_rounds_or_sends_the_state() {
+    let ctx = ctx(CmaFlavour::Tutorial);
+    let strategy = fedbpt(CmaFlavour::Tutorial, ServerFitness::Loss, ServerWeights::Rank);
+    let mut server = strategy.clone();
+    let log: Vec<RoundDigest> = (0..3).map(|round| round_of(&mut server, &ctx, round)).collect();
+    let transfer_len = StateTransfer::new(3, &server).unwrap().encoded_len().unwrap();
+    let replay_len: usize = log.iter().map(|d| d.encoded_len().unwrap()).sum();
+    assert!(replay_len < transfer_len, "{replay_len} vs {transfer_len}");
+
+    // Three rounds behind: the digests, in order.
+    let mut behind = Replica::new(strategy.clone(), ctx, 0);
+    match catch_up(&log, 0, 3, &server).unwrap() {
+        CatchUp::Replay(missed) => {
+            let rounds: Vec<usize> = missed.iter().map(|d| d.round).collect();
+            assert_eq!(rounds, [0, 1, 2]);
+            for d in &missed {
+                behind.apply(d).unwrap();
+            }
+        }
+        CatchUp::State(_) => panic!("the digests are fewer bytes"),
+    }
+    assert_eq!(bytes(behind.strategy()), bytes(&server));
+
+    // A round no longer in the log: the state.
+    let mut lost = Replica::new(strategy, ctx, 0);
+    match catch_up(&log[1..], 0, 3, &server).unwrap() {
+        CatchUp::State(transfer) => lost.resync(&transfer).unwrap(),
+        CatchUp::Replay(_) => panic!("round 0 is not in the log"),
+    }
+    assert_eq!((lost.next_round(), bytes(lost.strategy())), (3, bytes(&server)));
+}
