@@ -35,6 +35,17 @@ pub enum Aggregation {
     Fedavg,
 }
 
+/// What a round moves between server and clients (issue 29, docs/traffic.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Traffic {
+    /// The server sends the search distribution, clients send their updates.
+    #[default]
+    Distribution,
+    /// Clients send seeds and rankings, the server each round's digest; every party replays.
+    Replay,
+}
+
 /// How a non-iid partition draws each client's share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -376,6 +387,17 @@ fn cma_flavour<'de, D: serde::Deserializer<'de>>(
     }
 }
 
+fn traffic<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Traffic, D::Error> {
+    let name = String::deserialize(d)?;
+    match name.as_str() {
+        "distribution" => Ok(Traffic::Distribution),
+        "replay" => Ok(Traffic::Replay),
+        other => Err(serde::de::Error::custom(format!(
+            "traffic = \"{other}\": expected \"distribution\" or \"replay\""
+        ))),
+    }
+}
+
 fn u64_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -465,6 +487,10 @@ pub struct Config {
     /// "pycma" (pycma 3.4.0's defaults, as the reference; docs/pycma-flavour.md).
     #[serde(deserialize_with = "cma_flavour")]
     pub cma: CmaFlavour,
+    /// What crosses between server and clients: "distribution" (the default) or "replay"
+    /// (seeds and rankings, replayed by every party; one process only for now).
+    #[serde(deserialize_with = "traffic")]
+    pub traffic: Traffic,
     pub runtime: Runtime,
     pub cluster: Cluster,
     /// Fault injection (none by default).
@@ -518,6 +544,7 @@ impl Default for Config {
             server_weights: ServerWeights::Rank,
             client_loss: ClientLoss::Mean,
             cma: CmaFlavour::Tutorial,
+            traffic: Traffic::Distribution,
             runtime: Runtime::default(),
             cluster: Cluster::default(),
             faults: Faults::default(),
@@ -845,6 +872,29 @@ mod tests {
             let e = Config::from_toml_str(text, &sets).unwrap_err().to_string();
             assert!(e.contains("cma") && e.contains("numpy"), "{e}");
             assert!(e.contains("\"tutorial\" or \"pycma\""), "{e}");
+        }
+    }
+
+    #[test]
+    fn traffic_parses_and_names_its_key() {
+        assert_eq!(Config::default().traffic, Traffic::Distribution);
+        assert_eq!(Config::from_toml_str("", &[]).unwrap().traffic, Traffic::Distribution);
+        let c = Config::from_toml_str("traffic = \"replay\"", &[]).unwrap();
+        assert_eq!(c.traffic, Traffic::Replay);
+        let c = Config::from_toml_str("", &["traffic=distribution".into()]).unwrap();
+        assert_eq!(c.traffic, Traffic::Distribution);
+        // A config recorded before the key existed (checkpoints keep theirs) ships distributions.
+        let mut recorded = serde_json::to_value(Config::default()).unwrap();
+        recorded.as_object_mut().unwrap().remove("traffic");
+        let old: Config = serde_json::from_value(recorded).unwrap();
+        assert_eq!(old.traffic, Traffic::Distribution);
+        let replay = Config { traffic: Traffic::Replay, ..Config::default() };
+        let back: Config = serde_json::from_value(serde_json::to_value(&replay).unwrap()).unwrap();
+        assert_eq!(back.traffic, Traffic::Replay);
+        for (text, sets) in [("traffic = \"seeds\"", vec![]), ("", vec!["traffic=seeds".into()])] {
+            let e = Config::from_toml_str(text, &sets).unwrap_err().to_string();
+            assert!(e.contains("traffic") && e.contains("seeds"), "{e}");
+            assert!(e.contains("\"distribution\" or \"replay\""), "{e}");
         }
     }
 

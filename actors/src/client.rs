@@ -1,15 +1,18 @@
 //! A client: a local CMA-ES over z on its own shard, started each round from the server's
-//! search distribution. It never owns a model: every forward goes through the pool.
+//! search distribution. It never owns a model: every forward goes through the pool. With
+//! `traffic = "replay"` it derives that distribution from its replica of the server's strategy
+//! ([`crate::replay::client`]) and uploads its search's rankings.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedbpt::config::Config;
+use fedbpt::config::{Config, Traffic};
 use fedbpt::data::Example;
-use fedbpt::local_search::{LocalSearch, Objective, Scored};
+use fedbpt::local_search::{Objective, Scored};
 use fedbpt::models::{Prepared, TokenNoise};
 use fedbpt::projection::Projection;
 use fedbpt::protocol::{ClientUpdate, SearchDistribution};
+use fedbpt::replay::{RecordedSearch, ReplayContext, Upload};
 use fedbpt::seeds::{derive, tag};
 use fedbpt::strategy::ServerFitness;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -17,6 +20,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::messages::{now_ms, wire_size, ClientFault, ClientMsg, DataMsg};
 use crate::pool::ForwardPool;
 use crate::profile::{self, MessageInfo};
+use crate::replay::client::{new_replica, start_round, ClientReplica, Start};
+use crate::replay::{Answer, ReplayReply, ReplayRequest, ReplayTrain};
 use crate::wire::{Train, TrainReply, TrainRequest};
 
 pub struct Client;
@@ -43,6 +48,9 @@ pub struct ClientState {
     /// prepared when the client is sampled and dropped after its round, so an idle client holds
     /// only its examples.
     shard: Option<Arc<Prepared>>,
+    /// `traffic = "replay"`: its copy of the server's strategy (a restarted client starts a new
+    /// one from the configuration and catches up).
+    replica: Option<ClientReplica>,
 }
 
 /// Whether a client takes part in every round, so that its prepared shard is worth keeping.
@@ -82,7 +90,11 @@ impl Actor for Client {
         if let Some(group) = &args.group {
             ractor::pg::join(group.clone(), vec![me.get_cell()]);
         }
-        Ok(ClientState { args, examples, shard })
+        let replica = match args.cfg.traffic {
+            Traffic::Replay => Some(new_replica(&args.cfg)?),
+            Traffic::Distribution => None,
+        };
+        Ok(ClientState { args, examples, shard, replica })
     }
 
     async fn handle(
@@ -99,6 +111,14 @@ impl Actor for Client {
                 let site = format!("site-{}", state.args.id + 1);
                 tracing::warn!("{site}: rejected a Train request: {why}");
                 let _ = reply.send(TrainReply(Err(format!("request rejected: {why}"))));
+            }
+            ClientMsg::Replay(ReplayRequest::Valid(request), reply) => {
+                serve_replay(&me, request, reply, state).await
+            }
+            ClientMsg::Replay(ReplayRequest::Rejected(why), reply) => {
+                let site = format!("site-{}", state.args.id + 1);
+                tracing::warn!("{site}: rejected a Replay request: {why}");
+                let _ = reply.send(ReplayReply(Err(format!("request rejected: {why}"))));
             }
         }
         Ok(())
@@ -139,17 +159,86 @@ async fn serve_train(
         let _ = reply.send(TrainReply(Err(why)));
         return;
     }
+    let r = search_round(me, state, &dist, fault, deadline_ms).await;
+    let r = TrainReply(r.map(|(u, _)| (u, profile::stamp())));
+    reply_with_fault(reply, r, fault, deadline_ms).await
+}
+
+/// One round's request in replay mode: the replica brought up to the round gives the
+/// distribution; the reply is the upload, or what the replica needs first.
+async fn serve_replay(
+    me: &ActorRef<ClientMsg>,
+    request: ReplayTrain,
+    reply: ractor::RpcReplyPort<ReplayReply>,
+    state: &mut ClientState,
+) {
+    let ReplayTrain { download, fault, deadline_ms, stamp } = request;
+    let site = format!("site-{}", state.args.id + 1);
+    let _span = profile::handling(stamp, || MessageInfo {
+        sender: "server".into(),
+        receiver: site.clone(),
+        message: "Replay",
+        round: Some(download.round),
+        bytes: download.bytes(),
+    });
+    if now_ms() >= deadline_ms {
+        drop(reply);
+        return;
+    }
+    let Some(replica) = state.replica.as_mut() else {
+        let why = "request rejected: this client runs traffic = \"distribution\"".to_string();
+        let _ = reply.send(ReplayReply(Err(why)));
+        return;
+    };
+    let dist = match start_round(replica, &download) {
+        Ok(Start::Search(dist)) => dist,
+        Ok(Start::Ask(answer)) => {
+            if let Answer::Diverged { why } = &answer {
+                tracing::warn!("{site}: replica out of sync ({why}): asking for the state");
+            }
+            let _ = reply.send(ReplayReply(Ok((answer, profile::stamp()))));
+            return;
+        }
+        Err(why) => {
+            tracing::warn!("{site}: download refused: {why}");
+            let _ = reply.send(ReplayReply(Err(format!("download refused: {why}"))));
+            return;
+        }
+    };
+    let r = search_round(me, state, &dist, fault, deadline_ms).await;
+    let r = r.and_then(|(_, upload)| upload.encode().map_err(|e| e.to_string()));
+    let r = ReplayReply(r.map(|bytes| (Answer::Upload(bytes), profile::stamp())));
+    reply_with_fault(reply, r, fault, deadline_ms).await
+}
+
+/// The local search of a round with the fault the server injected into it: the update the
+/// distribution mode sends and the upload the replay mode sends.
+async fn search_round(
+    me: &ActorRef<ClientMsg>,
+    state: &mut ClientState,
+    dist: &SearchDistribution,
+    fault: Option<ClientFault>,
+    deadline_ms: u64,
+) -> Result<(ClientUpdate, Upload), String> {
     if fault == Some(ClientFault::Panic) {
-        panic!("injected fault: panic in {site}, round {}", dist.round);
+        panic!("injected fault: panic in site-{}, round {}", state.args.id + 1, dist.round);
     }
     let die_at =
         (fault == Some(ClientFault::DieMidSearch)).then_some(state.args.cfg.local_iter / 2);
-    let r = TrainReply(
-        train(state, &dist, die_at, deadline_ms, me).await.map(|u| (u, profile::stamp())),
-    );
+    let r = train(state, dist, die_at, deadline_ms, me).await;
     if !every_round(&state.args.cfg) {
         state.shard = None;
     }
+    r
+}
+
+/// Sends a round's reply, unless the fault drops or holds it back.
+async fn reply_with_fault<R: ractor::Message>(
+    reply: ractor::RpcReplyPort<R>,
+    r: R,
+    fault: Option<ClientFault>,
+    deadline_ms: u64,
+) {
     match fault {
         Some(ClientFault::DropReply) => drop(reply),
         Some(ClientFault::Delay(d)) => {
@@ -174,7 +263,7 @@ async fn train(
     die_at: Option<usize>,
     deadline_ms: u64,
     me: &ActorRef<ClientMsg>,
-) -> Result<ClientUpdate, String> {
+) -> Result<(ClientUpdate, Upload), String> {
     let site = format!("site-{}", state.args.id + 1);
     let shard = match &state.shard {
         Some(shard) => shard.clone(),
@@ -189,8 +278,8 @@ async fn train(
     let a = &state.args;
     let cfg = &a.cfg;
     let round = dist.round as u64;
-    let seed = derive(cfg.seed, &[tag::CLIENT_SEARCH, a.id as u64, round]);
-    let mut search = LocalSearch::start(dist, cfg.local_popsize, cfg.local_iter, seed, cfg.cma)
+    // Seeded as the replay derives it (`ReplayContext::search_seed`), recording its rankings.
+    let mut search = RecordedSearch::start(&ReplayContext::from_config(cfg), dist, a.id)
         .map_err(|e| e.to_string())?;
     // FedBPT's perturbation: a noisy copy of the shard, fresh each round.
     let perturbed = if cfg.perturb {
@@ -238,11 +327,11 @@ async fn train(
             return Err(format!(
                 "round {}: deadline passed after {} of {} local iterations",
                 dist.round,
-                search.iteration() - 1,
+                search.search().iteration() - 1,
                 cfg.local_iter
             ));
         }
-        if die_at == Some(search.iteration() - 1) {
+        if die_at == Some(search.search().iteration() - 1) {
             // Killed mid-search: the runtime drops this handler at its next await point.
             me.kill();
             std::future::pending::<()>().await;
@@ -255,17 +344,16 @@ async fn train(
         profile::phase(&site, "local CMA-ES", cma);
         let fitness: Vec<f64> = score(prompts).await?.iter().map(|s| s.fitness).collect();
         let cma = Instant::now();
-        search.tell(&candidates, &fitness).map_err(|e| e.to_string())?;
+        search.tell(&fitness).map_err(|e| e.to_string())?;
         profile::phase(&site, "local CMA-ES", cma);
     }
     // The upload's fitness is the final mean's, scored as every candidate was (Eq. 7 when
     // perturbing), so the server ranks clients by what their searches minimized.
-    let prompt = a.projection.project(&search.mean()).map_err(|e| e.to_string())?;
+    let prompt = a.projection.project(&search.search().mean()).map_err(|e| e.to_string())?;
     let final_score = score(vec![prompt]).await?[0];
-    let mut update = search.finish(a.id, dist.round, final_score).map_err(|e| e.to_string())?;
-    update.start_fitness = start_fitness;
-    update.class_counts = class_counts(&state.examples);
-    Ok(update)
+    search
+        .finish(final_score, start_fitness, class_counts(&state.examples))
+        .map_err(|e| e.to_string())
 }
 
 /// Examples of each class in a shard, up to its largest label (the server pads to the task's

@@ -15,6 +15,7 @@ pub mod messages;
 pub mod pool;
 pub mod profile;
 pub mod remote_roster;
+pub mod replay;
 pub mod round;
 pub mod run_dir;
 pub mod server;

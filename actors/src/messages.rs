@@ -11,6 +11,7 @@ use serde::Serialize;
 
 pub use crate::profile::now_ms;
 use crate::profile::Stamp;
+use crate::replay::{ReplayReply, ReplayRequest};
 pub use crate::wire::ClientFault;
 use crate::wire::{JoinReply, JoinRequest, TrainReply, TrainRequest};
 
@@ -70,6 +71,10 @@ pub enum ClientMsg {
     /// client does not carry a stale round into the next one.
     #[rpc]
     Train(TrainRequest, RpcReplyPort<TrainReply>),
+    /// `Train` with `traffic = "replay"`: what the client's replica misses instead of the
+    /// distribution, its upload (or what its replica needs first) in the reply.
+    #[rpc]
+    Replay(ReplayRequest, RpcReplyPort<ReplayReply>),
 }
 
 /// To the server process's registry, from client processes (`fedbpt join`).

@@ -7,6 +7,9 @@
 //!    round's rule ([`QuorumRule`]) decide to aggregate, retry (with a fresh roster: restarted
 //!    clients have new handles) or skip;
 //! 5. the aggregation, the evaluation of the global mean, best-on-dev, and the round's record.
+//!
+//! With `traffic = "replay"` the attempts exchange digests and uploads instead
+//! ([`crate::replay::server`]), and the round's digest is logged after the aggregation.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -14,7 +17,8 @@ use std::time::{Duration, Instant};
 use fedbpt::config::Config;
 use fedbpt::objective::BestOnDev;
 use fedbpt::protocol::{ClientUpdate, SearchDistribution};
-use fedbpt::strategy::{check_update, sample_clients, Aggregator, QuorumRule, RoundDecision, Told};
+use fedbpt::replay::Upload;
+use fedbpt::strategy::{check_update, sample_clients, QuorumRule, RoundDecision, Told};
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
@@ -24,6 +28,8 @@ use crate::messages::{
     now_ms, wire_size, ClientFault, ClientMsg, EvalMsg, Evaluation, Roster, SupervisorMsg,
 };
 use crate::profile::{self, MessageInfo, Stamp};
+use crate::replay::server::{exchange, ReplayServer};
+use crate::server::ServerStrategy;
 use crate::wire::{Train, TrainReply, TrainRequest};
 
 /// One line of `metrics.jsonl`.
@@ -50,6 +56,9 @@ pub struct RoundRecord {
     pub clients_late: Vec<String>,
     /// Not aggregated this round, with why (`site-N: reason`).
     pub clients_excluded: Vec<String>,
+    /// `traffic = "replay"`: clients whose replica diverged and got the server's state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients_resynced: Vec<String>,
     /// Whether the round had its quorum (`min_clients`) and was aggregated.
     pub aggregated: bool,
     /// Extra attempts of this round under `quorum_policy = "retry"`.
@@ -144,7 +153,7 @@ impl RoundRecord {
 /// What a round reads and changes of the server's state.
 pub struct RoundContext<'a> {
     pub cfg: &'a Config,
-    pub aggregator: &'a mut dyn Aggregator,
+    pub strategy: &'a mut ServerStrategy,
     pub supervisor: &'a ActorRef<SupervisorMsg>,
     pub evaluator: &'a ActorRef<EvalMsg>,
     pub started: Instant,
@@ -165,6 +174,7 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
     let patience = ctx.roster_patience;
     // 1. The clients that are up.
     let mut roster = settled_roster(ctx.supervisor, patience).await?;
+    note_restarts(ctx.strategy, &roster);
     // Rounds without a single client would only record nothing, and overwrite a finished run.
     if roster.clients.iter().all(Option::is_none) {
         return Err("no client is up: none connected (across processes, within \
@@ -178,7 +188,7 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
     // 3. Who takes part, from where.
     let sampled = sample_clients(cfg.seed, round, cfg.num_users, cfg.clients_per_round);
     let global = Instant::now();
-    let dist = ctx.aggregator.configure(round);
+    let dist = ctx.strategy.aggregator().configure(round);
     profile::phase("server", "global CMA-ES", global);
     // Clients that will kill themselves mid-search are counted as killed this round.
     for (&i, fault) in &faults.inside {
@@ -202,11 +212,13 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
         let first = retries == 0;
         let (participants, excluded) = participants(&roster, &sampled, &faults, first);
         let faults_now = if first { Some(&faults) } else { None };
-        let attempt = gather(&participants, &dist, faults_now, deadline, excluded).await;
+        let replay = ctx.strategy.replay();
+        let attempt = gather(&participants, &dist, faults_now, deadline, excluded, replay).await;
         match rule.decide(attempt.updates.len(), retries) {
             RoundDecision::Retry => {
                 retries += 1;
                 roster = settled_roster(ctx.supervisor, patience).await?;
+                note_restarts(ctx.strategy, &roster);
             }
             decision => break (attempt, decision),
         }
@@ -216,10 +228,16 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
     let mut told = Vec::new();
     if aggregated {
         let global = Instant::now();
-        told = ctx.aggregator.aggregate(round, &attempt.updates).map_err(|e| e.to_string())?;
+        let aggregator = ctx.strategy.aggregator_mut();
+        told = aggregator.aggregate(round, &attempt.updates).map_err(|e| e.to_string())?;
         profile::phase("server", "global CMA-ES", global);
     }
-    let z = ctx.aggregator.global_mean();
+    if let Some(book) = ctx.strategy.replay_mut() {
+        let told = if aggregated { attempt.uploads.as_slice() } else { &[] };
+        let uploaded: Vec<usize> = attempt.updates.iter().map(|u| u.client).collect();
+        book.close_round(round, told, &uploaded)?;
+    }
+    let z = ctx.strategy.aggregator().global_mean();
     let with_test = round.is_multiple_of(cfg.eval_every) || round == cfg.num_rounds;
     let eval = evaluate(ctx.evaluator, &z, with_test).await?;
     BestOnDev::offer(ctx.best_dev, eval.dev_acc, eval.dev_loss, round, &z);
@@ -237,21 +255,29 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
         dev_acc: eval.dev_acc,
         dev_loss: eval.dev_loss,
         train_loss,
-        sigma: ctx.aggregator.sigma(),
+        sigma: ctx.strategy.aggregator().sigma(),
         clients_ok: updates.len(),
         clients_sampled,
         clients_killed: killed,
         clients_restarted: restarted,
         clients_late: attempt.late.iter().map(|&i| site(i)).collect(),
         clients_excluded: attempt.excluded,
+        clients_resynced: attempt.resynced.iter().map(|&i| site(i)).collect(),
         aggregated,
         retries,
-        bytes_up: updates.iter().map(wire_size).sum(),
-        bytes_down: wire_size(&dist) * attempt.contacted,
+        bytes_up: attempt.bytes_up,
+        bytes_down: attempt.bytes_down,
         wall_s: ctx.started.elapsed().as_secs_f64(),
         clients: diagnostics(&told, &updates, eval.dev_confusion.len()),
         dev_confusion: eval.dev_confusion,
     })
+}
+
+/// A restarted client's replica starts over from the configuration.
+fn note_restarts(strategy: &mut ServerStrategy, roster: &Roster) {
+    if let Some(book) = strategy.replay_mut() {
+        book.restarted(&roster.restarted);
+    }
 }
 
 /// The roster once restarts finished (at most `timeout`; then the roster as it stands).
@@ -314,103 +340,174 @@ fn participants(
 struct Attempt {
     /// In increasing client order.
     updates: Vec<ClientUpdate>,
+    /// `traffic = "replay"`: the uploads of `updates`, in the same order.
+    uploads: Vec<Upload>,
     /// No reply within the deadline, in increasing order.
     late: Vec<usize>,
     /// Left out or failed, with why, sorted.
     excluded: Vec<String>,
-    /// Clients the distribution was sent to.
-    contacted: usize,
+    /// Replicas that diverged and got the state, in increasing order.
+    resynced: Vec<usize>,
+    /// Payload bytes of the accepted replies, and of everything sent.
+    bytes_up: usize,
+    bytes_down: usize,
 }
 
-enum Outcome {
-    Ok(Box<ClientUpdate>, Stamp),
+/// One client's part in an attempt, as the server sees it.
+pub(crate) struct Exchanged {
+    pub outcome: Outcome,
+    /// Payload bytes sent to the client.
+    pub bytes_down: usize,
+    /// Whether its replica diverged and was sent the state.
+    pub resynced: bool,
+}
+
+pub(crate) enum Outcome {
+    Ok(Box<Received>, Stamp),
     Late,
     Failed(String),
 }
 
-/// Sends `dist` to every participant and gathers what comes back before `deadline`.
+/// A reply's update, with the upload it was replayed from (replay mode) and its bytes.
+pub(crate) struct Received {
+    pub update: ClientUpdate,
+    pub upload: Option<Upload>,
+    pub bytes_up: usize,
+}
+
+/// A client's round in distribution mode: the distribution down, the update up.
+async fn ship(
+    client: ActorRef<ClientMsg>,
+    dist: SearchDistribution,
+    fault: Option<ClientFault>,
+    deadline_ms: u64,
+    deadline: Duration,
+) -> Exchanged {
+    let bytes_down = wire_size(&dist);
+    let request = Train { dist, fault, deadline_ms, stamp: profile::stamp() };
+    let outcome = match client
+        .call(|reply| ClientMsg::Train(TrainRequest::Valid(request), reply), Some(deadline))
+        .await
+    {
+        Ok(CallResult::Success(TrainReply(Ok((update, stamp))))) => {
+            let bytes_up = wire_size(&update);
+            Outcome::Ok(Box::new(Received { update, upload: None, bytes_up }), stamp)
+        }
+        Ok(CallResult::Success(TrainReply(Err(e)))) => Outcome::Failed(e),
+        Ok(CallResult::Timeout) => Outcome::Late,
+        Ok(CallResult::SenderError) => Outcome::Failed("stopped or dropped its reply".into()),
+        Err(e) => Outcome::Failed(format!("unreachable: {e}")),
+    };
+    Exchanged { outcome, bytes_down, resynced: false }
+}
+
+/// Sends `dist` (or, replaying, what each replica misses) to every participant and gathers
+/// what comes back before `deadline`.
 async fn gather(
     participants: &[(usize, ActorRef<ClientMsg>)],
     dist: &SearchDistribution,
     faults: Option<&RoundFaults>,
     deadline: Duration,
     mut excluded: Vec<String>,
+    replay: Option<&ReplayServer>,
 ) -> Attempt {
     let round = dist.round;
     let dim = dist.mean.len();
     let deadline_ms = now_ms().saturating_add(deadline.as_millis() as u64);
+    let shared = replay.map(|book| book.round(dist));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, client) in participants {
-        let (i, client, dist) = (*i, client.clone(), dist.clone());
+        let (i, client) = (*i, client.clone());
         let fault = faults.and_then(|f| f.inside(i));
-        tasks.spawn(async move {
-            let request = Train { dist, fault, deadline_ms, stamp: profile::stamp() };
-            let r = match client
-                .call(|reply| ClientMsg::Train(TrainRequest::Valid(request), reply), Some(deadline))
-                .await
-            {
-                Ok(CallResult::Success(TrainReply(Ok((u, stamp))))) => {
-                    Outcome::Ok(Box::new(u), stamp)
+        match (&shared, replay) {
+            (Some(shared), Some(book)) => match shared.download(book.known(i)) {
+                Ok(first) => {
+                    let shared = shared.clone();
+                    tasks.spawn(async move {
+                        (i, exchange((i, client), shared, first, fault, deadline_ms).await)
+                    });
                 }
-                Ok(CallResult::Success(TrainReply(Err(e)))) => Outcome::Failed(e),
-                Ok(CallResult::Timeout) => Outcome::Late,
-                Ok(CallResult::SenderError) => {
-                    Outcome::Failed("stopped or dropped its reply".into())
-                }
-                Err(e) => Outcome::Failed(format!("unreachable: {e}")),
-            };
-            (i, r)
-        });
+                Err(why) => excluded.push(format!("{}: no download: {why}", site(i))),
+            },
+            _ => {
+                let dist = dist.clone();
+                tasks.spawn(
+                    async move { (i, ship(client, dist, fault, deadline_ms, deadline).await) },
+                );
+            }
+        }
     }
-    let mut updates: Vec<ClientUpdate> = Vec::new();
+    let mut received: Vec<Received> = Vec::new();
     let mut late = BTreeSet::new();
+    let (mut bytes_down, mut resynced) = (0, Vec::new());
     while let Some(joined) = tasks.join_next().await {
-        match joined {
+        let (i, outcome) = match joined {
+            Ok((i, ex)) => {
+                bytes_down += ex.bytes_down;
+                if ex.resynced {
+                    resynced.push(i);
+                }
+                (i, ex.outcome)
+            }
+            Err(e) => {
+                excluded.push(format!("a reply task failed: {e}"));
+                continue;
+            }
+        };
+        match outcome {
             // A reply that names another client, or that does not fit the round, is left out with
             // why: a peer process must not be able to end the run.
-            Ok((i, Outcome::Ok(u, _))) if u.client != i => excluded.push(format!(
+            Outcome::Ok(r, _) if r.update.client != i => excluded.push(format!(
                 "{}: reply claims to be from client {}, left out",
                 site(i),
-                u.client
+                r.update.client
             )),
-            Ok((i, Outcome::Ok(u, _)))
-                if u.round == round && check_update(dim, round, &u).is_err() =>
-            {
-                let why =
-                    check_update(dim, round, &u).err().map(|e| e.to_string()).unwrap_or_default();
-                excluded.push(format!("{}: {why}", site(i)))
+            Outcome::Ok(r, stamp) if r.update.round == round => {
+                if let Err(e) = check_update(dim, round, &r.update) {
+                    excluded.push(format!("{}: {e}", site(i)));
+                    continue;
+                }
+                let message = if r.upload.is_some() { "Upload" } else { "ClientUpdate" };
+                let (sender, bytes) = (site(i), r.bytes_up);
+                let info = MessageInfo {
+                    sender,
+                    receiver: "server".into(),
+                    message,
+                    round: Some(round),
+                    bytes,
+                };
+                profile::received(stamp, info);
+                received.push(*r)
             }
-            Ok((i, Outcome::Ok(u, stamp))) if u.round == round => {
-                profile::received(
-                    stamp,
-                    MessageInfo {
-                        sender: site(i),
-                        receiver: "server".into(),
-                        message: "ClientUpdate",
-                        round: Some(round),
-                        bytes: wire_size(&*u),
-                    },
-                );
-                updates.push(*u)
+            Outcome::Ok(r, _) => {
+                excluded.push(format!("{}: reply for round {} discarded", site(i), r.update.round))
             }
-            Ok((i, Outcome::Ok(u, _))) => {
-                excluded.push(format!("{}: reply for round {} discarded", site(i), u.round))
-            }
-            Ok((i, Outcome::Late)) => {
+            Outcome::Late => {
                 late.insert(i);
             }
-            Ok((i, Outcome::Failed(e))) => excluded.push(format!("{}: {e}", site(i))),
-            Err(e) => excluded.push(format!("a reply task failed: {e}")),
+            Outcome::Failed(e) => excluded.push(format!("{}: {e}", site(i))),
         }
     }
     // Arrival order varies; the record must not.
-    updates.sort_by_key(|u| u.client);
+    received.sort_by_key(|r| r.update.client);
+    resynced.sort();
     excluded.extend(
         late.iter()
             .map(|&i| format!("{}: no reply within {:.0} s", site(i), deadline.as_secs_f64())),
     );
     excluded.sort();
-    Attempt { updates, late: late.into_iter().collect(), excluded, contacted: participants.len() }
+    let bytes_up = received.iter().map(|r| r.bytes_up).sum();
+    let (updates, uploads) =
+        received.into_iter().map(|r| (r.update, r.upload)).unzip::<_, _, Vec<_>, Vec<_>>();
+    Attempt {
+        updates,
+        uploads: uploads.into_iter().flatten().collect(),
+        late: late.into_iter().collect(),
+        excluded,
+        resynced,
+        bytes_up,
+        bytes_down,
+    }
 }
 
 /// Dev metrics (and test, when asked) of the global mean.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedbpt::config::Config;
+use fedbpt::config::{Config, Traffic};
 use fedbpt::objective::BestOnDev;
 use fedbpt::strategy::Aggregator;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -15,6 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::messages::{EvalMsg, ServerMsg, SupervisorMsg};
 use crate::profile::{self, MessageInfo};
+use crate::replay::server::ReplayServer;
 pub use crate::round::RoundRecord;
 use crate::round::{run_round, RoundContext};
 
@@ -22,6 +23,11 @@ use crate::round::{run_round, RoundContext};
 /// server follows the reference rule, clients upload their loss beside their fitness, and the
 /// best-on-dev record keeps its dev loss. Earlier checkpoints (no `format` key) are refused.
 pub const CHECKPOINT_FORMAT: u32 = 2;
+
+/// Why a run with `traffic = "replay"` cannot be continued.
+pub const REPLAY_RESUME: &str = "traffic = \"replay\" cannot continue a run (--resume) yet: \
+    the clients' replicas and the server's digest log are not checkpointed; start it anew, or \
+    run it with traffic = \"distribution\"";
 
 /// The server's durable state after a round: enough to continue the run bit for bit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +71,9 @@ impl Checkpoint {
     pub fn check(&self) -> Result<(), String> {
         let cfg = &self.config;
         cfg.validate().map_err(|e| format!("its configuration: {e}"))?;
+        if cfg.traffic == Traffic::Replay {
+            return Err(REPLAY_RESUME.into());
+        }
         if self.round == 0 || self.round > cfg.num_rounds {
             return Err(format!("round {} is not in 1 .. {}", self.round, cfg.num_rounds));
         }
@@ -108,6 +117,53 @@ impl Checkpoint {
     }
 }
 
+/// The server's aggregation rule, and with `traffic = "replay"` the digest log that lets the
+/// clients' replicas follow it.
+pub enum ServerStrategy {
+    /// `traffic = "distribution"`: the rule as `experiment::aggregator_for` builds it.
+    Shipped(Box<dyn Aggregator>),
+    /// `traffic = "replay"`: the rule as one type a replica can hold, and the log.
+    Replayed(Box<ReplayServer>),
+}
+
+impl ServerStrategy {
+    /// The configured rule at its starting state, for the configured traffic.
+    pub fn for_config(cfg: &Config) -> fedbpt::Result<Self> {
+        Ok(match cfg.traffic {
+            Traffic::Distribution => Self::Shipped(fedbpt::experiment::aggregator_for(cfg)?),
+            Traffic::Replay => Self::Replayed(Box::new(ReplayServer::from_config(cfg)?)),
+        })
+    }
+
+    pub fn aggregator(&self) -> &dyn Aggregator {
+        match self {
+            Self::Shipped(a) => a.as_ref(),
+            Self::Replayed(r) => r.strategy(),
+        }
+    }
+
+    pub fn aggregator_mut(&mut self) -> &mut dyn Aggregator {
+        match self {
+            Self::Shipped(a) => a.as_mut(),
+            Self::Replayed(r) => r.strategy_mut(),
+        }
+    }
+
+    pub fn replay(&self) -> Option<&ReplayServer> {
+        match self {
+            Self::Shipped(_) => None,
+            Self::Replayed(r) => Some(r),
+        }
+    }
+
+    pub fn replay_mut(&mut self) -> Option<&mut ReplayServer> {
+        match self {
+            Self::Shipped(_) => None,
+            Self::Replayed(r) => Some(r),
+        }
+    }
+}
+
 /// What the server tells its owner.
 #[derive(Debug)]
 pub enum ServerEvent {
@@ -126,7 +182,7 @@ pub struct Server;
 
 pub struct ServerArgs {
     pub cfg: Arc<Config>,
-    pub aggregator: Box<dyn Aggregator>,
+    pub aggregator: ServerStrategy,
     pub supervisor: ActorRef<SupervisorMsg>,
     pub evaluator: ActorRef<EvalMsg>,
     pub events: UnboundedSender<ServerEvent>,
@@ -162,7 +218,11 @@ impl Actor for Server {
         let mut best_dev = args.initial_dev.clone();
         let mut records = Vec::new();
         if let Some(cp) = args.resume.take() {
-            args.aggregator.restore(cp.aggregator)?;
+            // The clients' replicas and the digest log are not in a checkpoint (yet).
+            if args.aggregator.replay().is_some() {
+                return Err(REPLAY_RESUME.into());
+            }
+            args.aggregator.aggregator_mut().restore(cp.aggregator)?;
             best_dev = cp.best_dev;
             records = cp.records;
         }
@@ -193,7 +253,7 @@ impl Actor for Server {
                             stamp: profile::stamp(),
                         })?;
                     } else {
-                        let final_z = state.args.aggregator.global_mean();
+                        let final_z = state.args.aggregator.aggregator().global_mean();
                         let (best_dev_acc, best_dev_round, best_dev_z) =
                             match state.best_dev.clone() {
                                 Some(b) => (b.metric, b.step, b.z),
@@ -222,7 +282,7 @@ fn write_checkpoint(state: &ServerState, round: usize) -> Result<(), String> {
     let cp = Checkpoint {
         format: CHECKPOINT_FORMAT,
         round,
-        aggregator: state.args.aggregator.snapshot().map_err(|e| e.to_string())?,
+        aggregator: state.args.aggregator.aggregator().snapshot().map_err(|e| e.to_string())?,
         best_dev: state.best_dev.clone(),
         records: state.records.clone(),
         config: (*state.args.cfg).clone(),
@@ -252,7 +312,7 @@ async fn round_of(
     let a = &mut state.args;
     let mut ctx = RoundContext {
         cfg: &a.cfg,
-        aggregator: a.aggregator.as_mut(),
+        strategy: &mut a.aggregator,
         supervisor: &a.supervisor,
         evaluator: &a.evaluator,
         started: a.started,

@@ -31,6 +31,8 @@ pub enum Kind {
     TrainReply = 2,
     Join = 3,
     JoinReply = 4,
+    ReplayTrain = 5,
+    ReplayReply = 6,
 }
 
 impl Kind {
@@ -40,6 +42,8 @@ impl Kind {
             2 => "TrainReply".into(),
             3 => "Join".into(),
             4 => "JoinReply".into(),
+            5 => "ReplayTrain".into(),
+            6 => "ReplayReply".into(),
             b => format!("unknown kind {b}"),
         }
     }

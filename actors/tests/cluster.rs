@@ -531,7 +531,8 @@ impl ractor::Actor for LyingClient {
         msg: Self::Msg,
         _: &mut (),
     ) -> Result<(), ractor::ActorProcessingErr> {
-        let fedbpt_actors::messages::ClientMsg::Train(request, reply) = msg;
+        // This stand-in client speaks only distribution traffic.
+        let fedbpt_actors::messages::ClientMsg::Train(request, reply) = msg else { return Ok(()) };
         let TrainRequest::Valid(train) = request else { return Ok(()) };
         let round = train.dist.round;
         let mut update = fedbpt::protocol::ClientUpdate {

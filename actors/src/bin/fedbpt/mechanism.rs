@@ -147,6 +147,7 @@ mod tests {
             clients_restarted: Vec::new(),
             clients_late: Vec::new(),
             clients_excluded: Vec::new(),
+            clients_resynced: Vec::new(),
             aggregated: true,
             retries: 0,
             bytes_up: 0,

@@ -1,0 +1,110 @@
+//! A client's side of a replayed round: its replica of the server's strategy, brought up to the
+//! round by the download, gives the distribution it searches from.
+
+use fedbpt::config::Config;
+use fedbpt::protocol::SearchDistribution;
+use fedbpt::replay::{GlobalStrategy, ReplayContext, Replica, RoundDigest, StateTransfer};
+
+use super::{Answer, Download};
+
+/// The first round a replica built from the configuration replays.
+pub const FIRST_ROUND: usize = 1;
+
+pub type ClientReplica = Replica<GlobalStrategy>;
+
+/// A replica at the server's starting state, as every (re)started client builds it.
+pub fn new_replica(cfg: &Config) -> Result<ClientReplica, String> {
+    let strategy = GlobalStrategy::from_config(cfg).map_err(|e| e.to_string())?;
+    Ok(Replica::new(strategy, ReplayContext::from_config(cfg), FIRST_ROUND))
+}
+
+/// What a client does with a download.
+#[derive(Debug)]
+pub enum Start {
+    /// Its replica is at the round: search from this distribution.
+    Search(SearchDistribution),
+    /// It needs more from the server first.
+    Ask(Answer),
+}
+
+/// Applies `download` to `replica`: the state if it carries one, then every digest the replica
+/// has not applied yet. A refused message is an error (the reply says why); a replica that
+/// falls short of the round, or whose hash differs, asks for what it needs.
+pub fn start_round(replica: &mut ClientReplica, download: &Download) -> Result<Start, String> {
+    if let Some(bytes) = &download.transfer {
+        let transfer = StateTransfer::<GlobalStrategy>::decode(bytes).map_err(|e| e.to_string())?;
+        replica.resync(&transfer).map_err(|e| e.to_string())?;
+    }
+    for bytes in &download.digests {
+        let digest = RoundDigest::decode(bytes).map_err(|e| e.to_string())?;
+        // Applied already: the server learns where a replica stands only from its uploads.
+        if digest.round < replica.next_round() {
+            continue;
+        }
+        if digest.round > replica.next_round() || !replica.in_sync() {
+            break;
+        }
+        if let Err(e) = replica.apply(&digest) {
+            return Ok(Start::Ask(Answer::Diverged { why: e.to_string() }));
+        }
+    }
+    if !replica.in_sync() {
+        return Ok(Start::Ask(Answer::Diverged { why: "out of sync".into() }));
+    }
+    let next = replica.next_round();
+    if next < download.round {
+        return Ok(Start::Ask(Answer::Behind { next_round: next }));
+    }
+    replica.distribution(download.round).map(Start::Search).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use fedbpt::strategy::Aggregator;
+
+    use super::*;
+    use crate::replay::server::ReplayServer;
+
+    #[test]
+    fn a_replica_behind_asks_for_the_missed_rounds_and_a_diverged_one_for_the_state() {
+        let cfg = Config { intrinsic_dim: 6, num_users: 3, ..Config::default() };
+        let mut server = ReplayServer::from_config(&cfg).unwrap();
+        // Rounds 1 and 2 not aggregated: their digests carry the state's hash.
+        server.close_round(1, &[], &[]).unwrap();
+        server.close_round(2, &[], &[]).unwrap();
+        let dist = server.strategy().configure(3);
+        let round = server.round(&dist);
+        let search = |s: Start| match s {
+            Start::Search(d) => d,
+            other => panic!("{other:?}"),
+        };
+
+        // Sent only round 2's digest, a new replica (a restarted client) asks from round 1.
+        let mut replica = new_replica(&cfg).unwrap();
+        let last = round.download(2).unwrap();
+        match start_round(&mut replica, &last).unwrap() {
+            Start::Ask(Answer::Behind { next_round: 1 }) => {}
+            other => panic!("{other:?}"),
+        }
+        let missed = round.download(1).unwrap();
+        assert_eq!(search(start_round(&mut replica, &missed).unwrap()), dist);
+
+        // A digest whose hash is not the replica's state: it asks for the state, and searches
+        // from the server's distribution once it has it.
+        let mut replica = new_replica(&cfg).unwrap();
+        let mut digest = RoundDigest::decode(&missed.digests[0]).unwrap();
+        digest.state.0[0] ^= 1;
+        let bad = Download { round: 3, transfer: None, digests: vec![digest.encode().unwrap()] };
+        match start_round(&mut replica, &bad).unwrap() {
+            Start::Ask(Answer::Diverged { why }) => assert!(why.contains("out of sync"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(!replica.in_sync());
+        assert_eq!(search(start_round(&mut replica, &round.state().unwrap()).unwrap()), dist);
+
+        // Bytes that are no digest are refused with why.
+        let garbage = Download { round: 3, transfer: None, digests: vec![vec![0x52, 0xff]] };
+        let e = start_round(&mut new_replica(&cfg).unwrap(), &garbage).unwrap_err();
+        assert!(e.contains("round digest"), "{e}");
+    }
+}
