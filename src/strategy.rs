@@ -367,6 +367,7 @@ impl Aggregator for FedBpt {
     fn restore(&mut self, v: serde_json::Value) -> Result<()> {
         let restored: Self = restore_of(self.name(), v)?;
         check_restored_dim(self.es.dim(), restored.es.dim())?;
+        restored.es.check_consistent()?;
         if restored.rule != self.rule {
             return Err(Error::Optimizer(format!(
                 "snapshot uses server_sigma {:?}, this run {:?}",

@@ -293,6 +293,22 @@ fn snapshot_restore_gives_identical_configure() {
     avg2.restore(avg.snapshot().unwrap()).unwrap();
     assert_eq!(avg.configure(1), avg2.configure(1));
 
+    // A checkpoint edited into a malformed state (the covariance, basis or a path of a
+    // 3-dimensional strategy spliced into this 5-dimensional one) is refused by restore, not
+    // by a panic in the next round.
+    let mut small = fedbpt(3, 1.0, ServerSigma::Reference);
+    small
+        .aggregate(0, &[update(0, 0, vec![0.1; 3], 0.5), update(1, 0, vec![0.2; 3], 0.4)])
+        .unwrap();
+    let small_snap = small.snapshot().unwrap();
+    for field in ["cov", "basis", "ps", "mean"] {
+        let mut edited = snap.clone();
+        edited["state"]["es"][field] = small_snap["state"]["es"][field].clone();
+        let mut c = fedbpt(5, 1.0, ServerSigma::Reference);
+        let err = c.restore(edited).unwrap_err().to_string();
+        assert!(err.contains("shape"), "{field}: {err}");
+    }
+
     // Wrong rule, step-size rule or dimension.
     assert!(avg2.restore(snap.clone()).is_err());
     assert!(fedbpt(5, 1.0, ServerSigma::ClientRms).restore(snap.clone()).is_err());

@@ -137,7 +137,8 @@ pub struct Cmaes {
 }
 
 impl Cmaes {
-    /// A strategy centred on `mean` with step size `sigma` and identity covariance.
+    /// A strategy centred on `mean` with step size `sigma` and identity covariance (pycma's
+    /// `diag(exp(1e-4 i / d))` in that flavour).
     ///
     /// Errors on an empty or non-finite mean, a `sigma` that is not finite and positive, a
     /// popsize below 2, invalid bounds, or a mean outside the bounds.
@@ -582,6 +583,52 @@ impl Cmaes {
     /// flavour; 0 once told, and always 0 in the tutorial flavour).
     pub fn mirrors_asked(&self) -> usize {
         self.asked_mirrors
+    }
+
+    /// Checks a state that came from outside (a checkpoint, a state transfer): every vector and
+    /// matrix has the strategy's dimension and every value is finite, so that a malformed state
+    /// is refused here instead of panicking in the next ask or tell.
+    pub fn check_consistent(&self) -> Result<()> {
+        let d = self.dim;
+        let shape = |what: &str, got: String| {
+            Err(Error::Optimizer(format!("{what} has shape {got}, expected dimension {d}")))
+        };
+        for (what, v) in
+            [("mean", &self.mean), ("scales", &self.scales), ("pc", &self.pc), ("ps", &self.ps)]
+        {
+            if v.len() != d {
+                return shape(what, v.len().to_string());
+            }
+            check_finite(what, v.as_slice())?;
+        }
+        for (what, m) in [("covariance", &self.cov), ("basis", &self.basis)] {
+            if m.shape() != (d, d) {
+                return shape(what, format!("{:?}", m.shape()));
+            }
+            check_finite(what, m.as_slice())?;
+        }
+        if let Some(v) = self.mirror_directions.iter().find(|v| v.len() != d) {
+            return shape("a mirror direction", v.len().to_string());
+        }
+        if let Some((x, _)) = self.best.as_ref().filter(|(x, _)| x.len() != d) {
+            return shape("the best point", x.len().to_string());
+        }
+        check_sigma(self.sigma)?;
+        let p = &self.params;
+        if p.lambda < 2 || p.weights.is_empty() || p.weights.len() > p.lambda {
+            return Err(Error::Optimizer(format!(
+                "{} weights for popsize {}: not a strategy's parameters",
+                p.weights.len(),
+                p.lambda
+            )));
+        }
+        if self.asked_mirrors > p.lambda {
+            return Err(Error::Optimizer(format!(
+                "{} mirrors asked of a popsize of {}",
+                self.asked_mirrors, p.lambda
+            )));
+        }
+        Ok(())
     }
 
     /// Best candidate told so far and its fitness.

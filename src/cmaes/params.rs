@@ -99,8 +99,8 @@ impl Params {
     /// Tells between two eigendecompositions.
     pub fn eigen_gap(&self, flavour: CmaFlavour, n: usize) -> f64 {
         match flavour {
-            // pycma's lazy gap of `0.5 * lambda / ((c1 + cmu) * d)` evaluations as written in
-            // the tutorial, i.e. `0.5 / ((c1 + cmu) * d)` generations. The covariance moves by
+            // A lazy gap of `0.5 * lambda / ((c1 + cmu) * d)` evaluations, as the tutorial
+            // writes it, i.e. `0.5 / ((c1 + cmu) * d)` generations. The covariance moves by
             // about `c1 + cmu` per generation, so a basis that lags by this much costs little
             // progress while saving most of the `O(d^3)` work in high dimension.
             CmaFlavour::Tutorial => 0.5 / ((self.c1 + self.cmu) * n as f64),
@@ -113,14 +113,13 @@ impl Params {
     /// candidates are told (positive ones first; negative ones from the end of the list).
     pub fn told_weights(&self, count: usize) -> Vec<f64> {
         let mu = self.weights.len();
-        let len = mu + self.negative_weights.len();
         let mut w: Vec<f64> = self.weights.iter().copied().take(count).collect();
         if count > mu {
             let negatives = (count - mu).min(self.negative_weights.len());
-            w.resize(count - negatives, 0.0);
             w.extend_from_slice(&self.negative_weights[self.negative_weights.len() - negatives..]);
+            // Told more points than it has weights, pycma pads with zeros after all of them.
+            w.resize(count, 0.0);
         }
-        debug_assert!(count <= len || w.len() == count);
         w
     }
 }

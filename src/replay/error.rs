@@ -2,8 +2,9 @@
 
 use thiserror::Error;
 
-/// A replay message refused, or a replay that cannot be carried out. Every variant says which
-/// client, round and iteration are at fault, so a server can log it and exclude the reply.
+/// A replay message refused, or a replay that cannot be carried out. Each says what is at fault:
+/// the message kind for bytes that do not decode, and the client, round and iteration for a
+/// record that decodes but does not fit, so a server can log it and exclude the reply.
 #[derive(Debug, Error)]
 pub enum ReplayError {
     /// The bytes end before the message does.

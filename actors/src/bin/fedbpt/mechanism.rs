@@ -1,8 +1,8 @@
 //! What a run's diagnostics say about the non-iid mechanism, in three numbers per run: does the
 //! server's ranking follow the clients' class mix, do its weights lean the update to one class,
 //! and does the global model drift to that class. Each is measured against the class the global
-//! model predicts most on dev in that round (the "favoured" class), so that the numbers mean the
-//! same whichever class a seed drifts to.
+//! model the clients started from predicts most on dev (the "favoured" class), so that the
+//! numbers mean the same whichever class a seed drifts to.
 
 use fedbpt_actors::round::{ClientDiagnostics, RoundRecord};
 
@@ -24,8 +24,7 @@ pub struct Mechanism {
 impl Mechanism {
     pub fn of(records: &[RoundRecord]) -> Self {
         let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-        let favoured: Vec<(&RoundRecord, usize)> =
-            records.iter().filter_map(|r| favoured_class(r).map(|c| (r, c))).collect();
+        let favoured = favoured_before(records);
         Mechanism {
             skew_rank: mean(
                 favoured.iter().filter_map(|&(r, c)| skew_rank_correlation(r, c)).collect(),
@@ -34,6 +33,14 @@ impl Mechanism {
             final_majority: records.iter().rev().find_map(majority_prediction_share),
         }
     }
+}
+
+/// Each round from the second on, with the class the global model it started from (the one
+/// evaluated after the round before) predicted most on dev. A round's own `dev_confusion` is
+/// measured after its update, so comparing its ranking with that would count the effect of the
+/// ranking as its cause.
+pub(crate) fn favoured_before(records: &[RoundRecord]) -> Vec<(&RoundRecord, usize)> {
+    records.windows(2).filter_map(|w| favoured_class(&w[0]).map(|c| (&w[1], c))).collect()
 }
 
 /// Dev examples predicted as each class (the confusion matrix's column sums).
@@ -45,7 +52,7 @@ fn predicted_per_class(r: &RoundRecord) -> Vec<usize> {
 }
 
 /// The class the global model predicts most on dev this round (the lowest index on a tie).
-pub(crate) fn favoured_class(r: &RoundRecord) -> Option<usize> {
+fn favoured_class(r: &RoundRecord) -> Option<usize> {
     let predicted = predicted_per_class(r);
     let top = *predicted.iter().max()?;
     (top > 0).then(|| predicted.iter().position(|&n| n == top)).flatten()
@@ -78,7 +85,8 @@ fn skew_rank_correlation(r: &RoundRecord, c: usize) -> Option<f64> {
     pearson(&average_ranks(&shares), &average_ranks(&places))
 }
 
-/// The favoured class's weighted share minus its equal-weight share, over the told clients.
+/// The favoured class's weighted share minus its equal-weight share, over the told clients (all
+/// of a round's `clients` were told; only the correlation needs their ranks).
 fn weight_lean(r: &RoundRecord, c: usize) -> Option<f64> {
     let total_weight: f64 = r.clients.iter().map(|cl| cl.weight).sum();
     if r.clients.is_empty() || total_weight <= 0.0 {
@@ -164,7 +172,8 @@ mod tests {
         // rank first and get the largest weights.
         let clients = vec![client([1, 7], 1, 0.5), client([4, 4], 2, 0.3), client([7, 1], 3, 0.2)];
         let r = record(clients, vec![vec![8, 12], vec![2, 18]]);
-        let m = Mechanism::of(std::slice::from_ref(&r));
+        // The first round only sets the class the second started from.
+        let m = Mechanism::of(&[r.clone(), r]);
         assert_eq!(m.skew_rank, Some(1.0));
         // Class 1 shares 7/8, 4/8, 1/8: weighted .5*.875 + .3*.5 + .2*.125 = .6125, equal .5.
         let lean = m.lean.unwrap();
@@ -173,7 +182,8 @@ mod tests {
 
         // The same clients ranked the other way round correlate at -1 and lean away.
         let reversed = vec![client([1, 7], 3, 0.2), client([4, 4], 2, 0.3), client([7, 1], 1, 0.5)];
-        let m = Mechanism::of(&[record(reversed, vec![vec![8, 12], vec![2, 18]])]);
+        let r = record(reversed, vec![vec![8, 12], vec![2, 18]]);
+        let m = Mechanism::of(&[r.clone(), r]);
         assert_eq!(m.skew_rank, Some(-1.0));
         assert!(m.lean.unwrap() < 0.0);
     }
@@ -188,11 +198,26 @@ mod tests {
         ];
         // Favoured class 0 (25 of 40): its richest clients rank last.
         let r = record(clients, vec![vec![15, 5], vec![10, 10]]);
-        let m = Mechanism::of(&[r]);
+        let m = Mechanism::of(&[r.clone(), r]);
         assert!(m.lean.unwrap().abs() < 1e-12);
         // Shares of class 0: ranks (1.5, 1.5, 3.5, 3.5) against places (4, 3, 2, 1): -0.894.
         let rho = m.skew_rank.unwrap();
         assert!((rho + 2.0 / 5f64.sqrt()).abs() < 1e-12, "{rho}");
+    }
+
+    #[test]
+    fn the_favoured_class_is_the_one_the_round_started_from() {
+        // Round 1's model favours class 0; round 2 ranks the class-0 shards first, and its own
+        // update turns the model to class 1. Measured against class 0: +1; against its own
+        // round's class 1 it would be -1.
+        let before = record(Vec::new(), vec![vec![30, 10], vec![20, 20]]);
+        let clients = vec![client([7, 1], 1, 0.6), client([1, 7], 2, 0.4)];
+        let after = record(clients, vec![vec![10, 30], vec![0, 40]]);
+        let m = Mechanism::of(&[before, after.clone()]);
+        assert_eq!(m.skew_rank, Some(1.0));
+        assert!(m.lean.unwrap() > 0.0);
+        // A lone round has nothing before it.
+        assert_eq!(Mechanism::of(&[after]).skew_rank, None);
     }
 
     #[test]

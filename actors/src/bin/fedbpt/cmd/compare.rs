@@ -350,7 +350,7 @@ fn mechanism_table(base: &Config, methods: &[&Method], runs: &[Vec<Vec<Finished>
         return rows;
     }
     format!(
-        "\nDiagnostics (mean ± std over seeds), against the class the global model predicts most on dev in each round: the rank correlation of a told client's share of that class with its place in the server's ranking (+1: the richest first), how far the server's weights lean the update to it (weighted minus equal-weight share, points), and the final model's share of dev predicted as its top class (%):\n\n| method | partition | share-rank correlation | weight lean (points) | final top-class predictions (%) |\n|---|---|---|---|---|\n{rows}"
+        "\nDiagnostics (mean ± std over seeds), against the class the global model each round started from predicts most on dev: the rank correlation of a told client's share of that class with its place in the server's ranking (+1: the richest first), how far the server's weights lean the update to it (weighted minus equal-weight share, points), and the final model's share of dev predicted as its top class (%):\n\n| method | partition | share-rank correlation | weight lean (points) | final top-class predictions (%) |\n|---|---|---|---|---|\n{rows}"
     )
 }
 
@@ -478,7 +478,8 @@ mod tests {
         )
         .unwrap();
         let (summary, _) = finished(&method[0].config(&base), 0.6);
-        let runs = vec![Vec::new(), vec![vec![(summary, vec![record])]]];
+        // Two rounds: the first sets the class the second started from.
+        let runs = vec![Vec::new(), vec![vec![(summary, vec![record.clone(), record])]]];
         let md = compare_table(&base, "mr", "m", &[42], &method, &runs);
         assert!(md.contains("| non-iid | 1.00 ± 0.00 | 15.0 ± 0.0 | 75.0 ± 0.0 |"), "{md}");
         // Runs without diagnostics (made before they existed) add no such table.

@@ -220,7 +220,7 @@ fn shares<T: Copy + Into<f64>>(counts: &[T]) -> Vec<f64> {
 /// class mix the server's update leans to (each class's share in the clients' shards weighted
 /// by their weights) beside the equal-weight mix; (3) how skewed (the majority class's share of
 /// its shard) the client at each rank was, on average over the rounds; (4) the share, at each
-/// rank, of the class the global model predicted most that round. Whether the highest weighted
+/// rank, of the class the global model the round started from predicted most. Whether the highest weighted
 /// clients are the most skewed, towards the class the model already favours, and whether the
 /// model drifts to it, in one picture. An error when the records carry no diagnostics (see
 /// [`has_diagnostics`]).
@@ -273,16 +273,20 @@ pub fn diagnostics_figure(path: &Path, s: &FedSummary, records: &[RoundRecord]) 
     }
     let mut ranks =
         Panel::new("skew of the client at each rank", "rank (1 = best)", "majority share (%)");
-    ranks.series = vec![by_rank(records, |_, cl| {
+    let every_round: Vec<(&RoundRecord, Option<usize>)> =
+        records.iter().map(|r| (r, None)).collect();
+    ranks.series = vec![by_rank(&every_round, |_, cl| {
         Some(shares(&cl.class_counts).into_iter().fold(0.0, f64::max))
     })];
     let mut favoured = Panel::new(
-        "share of the class the model predicts most, at each rank",
+        "share of the class the model predicted most before the round, at each rank",
         "rank (1 = best)",
         "share of that class (%)",
     );
-    favoured.series = vec![by_rank(records, |r, cl| {
-        crate::mechanism::favoured_class(r).map(|c| crate::mechanism::share(cl, c))
+    let started_from: Vec<(&RoundRecord, Option<usize>)> =
+        crate::mechanism::favoured_before(records).into_iter().map(|(r, c)| (r, Some(c))).collect();
+    favoured.series = vec![by_rank(&started_from, |favoured, cl| {
+        favoured.map(|c| crate::mechanism::share(cl, c))
     })];
     let title = format!(
         "{}: {} clients, {}, seed {}",
@@ -294,15 +298,16 @@ pub fn diagnostics_figure(path: &Path, s: &FedSummary, records: &[RoundRecord]) 
     figure_png(path, &title, 1, (900, 330), &[predicted, leaning, ranks, favoured])
 }
 
-/// The mean (in %) and spread over rounds of `value` for the told client at each rank.
+/// The mean (in %) and spread over rounds of `value` for the told client at each rank, given
+/// each round with a class the value may refer to.
 fn by_rank(
-    records: &[RoundRecord],
-    value: impl Fn(&RoundRecord, &fedbpt_actors::round::ClientDiagnostics) -> Option<f64>,
+    rounds: &[(&RoundRecord, Option<usize>)],
+    value: impl Fn(Option<usize>, &fedbpt_actors::round::ClientDiagnostics) -> Option<f64>,
 ) -> Series {
     let mut at: Vec<Vec<f64>> = Vec::new();
-    for r in records {
+    for &(r, class) in rounds {
         for cl in r.clients.iter().filter(|cl| cl.rank >= 1) {
-            if let Some(v) = value(r, cl) {
+            if let Some(v) = value(class, cl) {
                 if at.len() < cl.rank {
                     at.resize(cl.rank, Vec::new());
                 }
