@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::Device;
 
 use crate::assets;
-use crate::config::{client_index, Aggregation, BackendKind, Config, DataFile, NoniidSplit};
+use crate::config::{client_index, BackendKind, Config, DataFile, NoniidSplit};
 use crate::data::split::{
     dedup_examples, k_shot, partition_client_mix, partition_dirichlet, partition_iid, test_split,
     Split,
@@ -17,8 +17,9 @@ use crate::models::bert::{MaskedLm, SentenceEncoder};
 use crate::models::linear::LinearFormat;
 use crate::models::llama::CausalLm;
 use crate::models::{PromptModel, PromptSettings};
+use crate::replay::GlobalStrategy;
 use crate::seeds::{derive, tag};
-use crate::strategy::{Aggregator, FedAvgBbt, FedBpt};
+use crate::strategy::Aggregator;
 use crate::{Error, Result};
 
 /// Seed of the fixed test split: the same test set for every run seed.
@@ -26,29 +27,7 @@ pub const TEST_SPLIT_SEED: u64 = 20_231_003;
 
 /// The server's aggregation rule as configured, at its starting state.
 pub fn aggregator_for(cfg: &Config) -> Result<Box<dyn Aggregator>> {
-    Ok(match cfg.aggregation {
-        Aggregation::Fedbpt => Box::new(
-            FedBpt::new(
-                cfg.intrinsic_dim,
-                cfg.sigma,
-                derive(cfg.seed, &[tag::SERVER]),
-                true,
-                cfg.server_sigma,
-                cfg.local_popsize,
-            )?
-            .with_flavour(cfg.cma, clients_per_round(cfg))?
-            .with_ranking(cfg.server_fitness, cfg.server_weights),
-        ),
-        Aggregation::Fedavg => Box::new(FedAvgBbt::new(cfg.intrinsic_dim, cfg.sigma)?),
-    })
-}
-
-/// Clients taking part in each round: `clients_per_round`, or all of them when it is 0 or more.
-fn clients_per_round(cfg: &Config) -> usize {
-    match cfg.clients_per_round {
-        0 => cfg.num_users,
-        k => k.min(cfg.num_users),
-    }
+    Ok(GlobalStrategy::from_config(cfg)?.into_aggregator())
 }
 
 /// Prompt settings from the config.

@@ -23,13 +23,14 @@ use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 
+pub(crate) use crate::exchange::{Exchanged, Outcome, Received};
 use crate::fault_plan::{plan_faults, RoundFaults};
 use crate::messages::{
     now_ms, wire_size, ClientFault, ClientMsg, EvalMsg, Evaluation, Roster, SupervisorMsg,
 };
-use crate::profile::{self, MessageInfo, Stamp};
+use crate::profile::{self, MessageInfo};
 use crate::replay::server::{exchange, ReplayServer};
-use crate::server::ServerStrategy;
+use crate::server_strategy::ServerStrategy;
 use crate::wire::{Train, TrainReply, TrainRequest};
 
 /// One line of `metrics.jsonl`.
@@ -351,28 +352,6 @@ struct Attempt {
     /// Payload bytes of the accepted replies, and of everything sent.
     bytes_up: usize,
     bytes_down: usize,
-}
-
-/// One client's part in an attempt, as the server sees it.
-pub(crate) struct Exchanged {
-    pub outcome: Outcome,
-    /// Payload bytes sent to the client.
-    pub bytes_down: usize,
-    /// Whether its replica diverged and was sent the state.
-    pub resynced: bool,
-}
-
-pub(crate) enum Outcome {
-    Ok(Box<Received>, Stamp),
-    Late,
-    Failed(String),
-}
-
-/// A reply's update, with the upload it was replayed from (replay mode) and its bytes.
-pub(crate) struct Received {
-    pub update: ClientUpdate,
-    pub upload: Option<Upload>,
-    pub bytes_up: usize,
 }
 
 /// A client's round in distribution mode: the distribution down, the update up.

@@ -8,16 +8,15 @@ use std::time::Instant;
 
 use fedbpt::config::{Config, Traffic};
 use fedbpt::objective::BestOnDev;
-use fedbpt::strategy::Aggregator;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::messages::{EvalMsg, ServerMsg, SupervisorMsg};
 use crate::profile::{self, MessageInfo};
-use crate::replay::server::ReplayServer;
 pub use crate::round::RoundRecord;
 use crate::round::{run_round, RoundContext};
+pub use crate::server_strategy::ServerStrategy;
 
 /// Version of [`Checkpoint`]'s layout and of the round it continues. Format 2: the FedBPT
 /// server follows the reference rule, clients upload their loss beside their fitness, and the
@@ -114,53 +113,6 @@ impl Checkpoint {
         }
         let mut aggregator = fedbpt::experiment::aggregator_for(cfg).map_err(|e| e.to_string())?;
         aggregator.restore(self.aggregator.clone()).map_err(|e| format!("aggregator state: {e}"))
-    }
-}
-
-/// The server's aggregation rule, and with `traffic = "replay"` the digest log that lets the
-/// clients' replicas follow it.
-pub enum ServerStrategy {
-    /// `traffic = "distribution"`: the rule as `experiment::aggregator_for` builds it.
-    Shipped(Box<dyn Aggregator>),
-    /// `traffic = "replay"`: the rule as one type a replica can hold, and the log.
-    Replayed(Box<ReplayServer>),
-}
-
-impl ServerStrategy {
-    /// The configured rule at its starting state, for the configured traffic.
-    pub fn for_config(cfg: &Config) -> fedbpt::Result<Self> {
-        Ok(match cfg.traffic {
-            Traffic::Distribution => Self::Shipped(fedbpt::experiment::aggregator_for(cfg)?),
-            Traffic::Replay => Self::Replayed(Box::new(ReplayServer::from_config(cfg)?)),
-        })
-    }
-
-    pub fn aggregator(&self) -> &dyn Aggregator {
-        match self {
-            Self::Shipped(a) => a.as_ref(),
-            Self::Replayed(r) => r.strategy(),
-        }
-    }
-
-    pub fn aggregator_mut(&mut self) -> &mut dyn Aggregator {
-        match self {
-            Self::Shipped(a) => a.as_mut(),
-            Self::Replayed(r) => r.strategy_mut(),
-        }
-    }
-
-    pub fn replay(&self) -> Option<&ReplayServer> {
-        match self {
-            Self::Shipped(_) => None,
-            Self::Replayed(r) => Some(r),
-        }
-    }
-
-    pub fn replay_mut(&mut self) -> Option<&mut ReplayServer> {
-        match self {
-            Self::Shipped(_) => None,
-            Self::Replayed(r) => Some(r),
-        }
     }
 }
 

@@ -19,8 +19,8 @@ pub enum GlobalStrategy {
 }
 
 impl GlobalStrategy {
-    /// The strategy at its starting state, built as `experiment::aggregator_for` builds it (a
-    /// test checks they agree).
+    /// The configured server rule at its starting state (`experiment::aggregator_for` is this,
+    /// as the runtime's trait object).
     pub fn from_config(cfg: &Config) -> Result<Self> {
         Ok(match cfg.aggregation {
             Aggregation::Fedbpt => Self::FedBpt(Box::new(
@@ -39,6 +39,14 @@ impl GlobalStrategy {
         })
     }
 
+    /// The strategy as the runtime's trait object.
+    pub fn into_aggregator(self) -> Box<dyn Aggregator> {
+        match self {
+            Self::FedBpt(s) => s,
+            Self::FedAvgBbt(s) => Box::new(s),
+        }
+    }
+
     fn inner(&self) -> &dyn Aggregator {
         match self {
             Self::FedBpt(s) => s.as_ref(),
@@ -54,7 +62,7 @@ impl GlobalStrategy {
     }
 }
 
-/// Clients taking part in each round: `clients_per_round`, or all of them when it is 0 or more.
+/// Clients taking part in each round: `clients_per_round`, or all of them when it is 0.
 fn clients_per_round(cfg: &Config) -> usize {
     match cfg.clients_per_round {
         0 => cfg.num_users,

@@ -463,7 +463,7 @@ fn docs_traffic_md_holds_the_measured_table() {
 #[test]
 fn the_configured_strategy_is_the_runtimes_and_replicates() {
     use crate::config::{Aggregation, Config};
-    use crate::experiment::aggregator_for;
+    use crate::seeds::{derive, tag};
     let mut cfg = Config { intrinsic_dim: DIM, local_iter: 4, num_users: 5, ..Config::default() };
     let mut cases = vec![cfg.clone()];
     cfg.cma = CmaFlavour::Pycma;
@@ -474,9 +474,29 @@ fn the_configured_strategy_is_the_runtimes_and_replicates() {
     cases.push(cfg);
     for cfg in cases {
         let global = GlobalStrategy::from_config(&cfg).unwrap();
-        let runtime = aggregator_for(&cfg).unwrap();
-        assert_eq!(global.name(), runtime.name());
-        assert_eq!(global.snapshot().unwrap(), runtime.snapshot().unwrap());
+        // The configuration's keys, mapped by hand: the server's seed, the clients per round
+        // (0 = all), the flavour and the ranking rule.
+        let per_round =
+            if cfg.clients_per_round == 0 { cfg.num_users } else { cfg.clients_per_round };
+        let expected: Box<dyn Aggregator> = match cfg.aggregation {
+            Aggregation::Fedbpt => Box::new(
+                FedBpt::new(
+                    DIM,
+                    cfg.sigma,
+                    derive(cfg.seed, &[tag::SERVER]),
+                    true,
+                    cfg.server_sigma,
+                    5,
+                )
+                .unwrap()
+                .with_flavour(cfg.cma, per_round)
+                .unwrap()
+                .with_ranking(cfg.server_fitness, cfg.server_weights),
+            ),
+            Aggregation::Fedavg => Box::new(FedAvgBbt::new(DIM, cfg.sigma).unwrap()),
+        };
+        assert_eq!(global.name(), expected.name());
+        assert_eq!(global.snapshot().unwrap(), expected.snapshot().unwrap());
         let ctx = ReplayContext::from_config(&cfg);
         assert_eq!((ctx.run_seed, ctx.popsize, ctx.iterations), (cfg.seed, 5, 4));
         replicate(global, cfg.cma, false, 3);

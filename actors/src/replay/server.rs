@@ -16,9 +16,9 @@ use ractor::ActorRef;
 
 use super::client::FIRST_ROUND;
 use super::{Answer, Download, ReplayReply, ReplayRequest, ReplayTrain};
+use crate::exchange::{Exchanged, Outcome, Received};
 use crate::messages::{now_ms, ClientFault, ClientMsg};
 use crate::profile;
-use crate::round::{Exchanged, Outcome, Received};
 
 /// The server's state in replay mode.
 pub struct ReplayServer {

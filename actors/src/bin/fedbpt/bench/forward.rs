@@ -18,6 +18,8 @@ use fedbpt::models::random_checkpoint::{self, RobertaShape};
 use fedbpt::models::{Placement, PromptModel, ScoreJob};
 use fedbpt::peak::{self, Peak};
 
+use crate::bench::share;
+
 use crate::bench::peers::{peer, peer_causal, peer_isa_for, peer_llamacpp, peer_variants};
 
 /// Non-embedding parameters: 2 FLOPs each per token is the forward's matmul work.
@@ -427,19 +429,6 @@ fn compute_threads() -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
-}
-
-/// `gflops` as a share of the measured peak of the unit `format` runs on: the f32 FMA peak for
-/// f32 and the AVX2 and portable kernels (which multiply in f32), the `vdpbf16ps` peak for
-/// AVX-512 BF16, the tiles' for AMX; none for formats without one.
-pub(crate) fn share(peak: Option<&Peak>, format: &str, gflops: f64) -> Option<f64> {
-    let peak = peak?;
-    match format {
-        "f32" | "bf16-avx2" | "bf16-portable" => Some(gflops / peak.f32_gflops),
-        "bf16-avx512bf16" => peak.bf16_gflops.map(|p| gflops / p),
-        "bf16-amx" => peak.amx_bf16_gflops.map(|p| gflops / p),
-        _ => None,
-    }
 }
 
 /// The llama.cpp peer's line with its share: its line declares the GGUF's own format (q4_1),

@@ -10,7 +10,7 @@ use fedbpt::kernels::Kernel;
 use fedbpt::models::linear::LinearFormat;
 use fedbpt::peak::Peak;
 
-use crate::bench::forward::share;
+use crate::bench::share;
 
 /// A way to run a PyTorch peer: its dtype and the instruction set it is held to (oneDNN's
 /// `ONEDNN_MAX_CPU_ISA`, MKL's `MKL_ENABLE_INSTRUCTIONS`), for comparing each of our kernels

@@ -237,16 +237,19 @@ fn draw_panel(area: &Area<'_>, panel: &Panel, with_text: bool) -> Result<(), Str
         let pad = 0.08 * (y_max - y_min).max(1e-3);
         let (y_lo, mut y_hi) = (y_min - pad, y_max + pad);
         let (mut corner, covered) = legend_corner(panel, (x_lo, x_hi), (y_lo, y_hi), |y| y);
+        let mut y_labels = 8;
         if covered > 0 && has_legend(panel, with_text) {
             // Every corner has data: raise the top so that the data fill the lower part of the
-            // chart and the legend the upper.
-            y_hi = y_lo + (y_hi - y_lo) / LEGEND_ROOM;
+            // chart and the legend the upper, with as many ticks on the data as before.
+            let room = legend_room(panel);
+            y_hi = y_lo + (y_hi - y_lo) / room;
+            y_labels = (8.0 / room).round() as usize;
             corner = legend_corner(panel, (x_lo, x_hi), (y_lo, y_hi), |y| y).0;
         }
         let mut chart =
             builder.build_cartesian_2d(x_lo..x_hi, y_lo..y_hi).map_err(|e| e.to_string())?;
         let mut mesh = chart.configure_mesh();
-        mesh.x_labels(x_ticks).y_labels(8);
+        mesh.x_labels(x_ticks).y_labels(y_labels);
         if panel.integer_x {
             mesh.x_label_formatter(&integer_ticks);
         }
@@ -274,8 +277,12 @@ fn draw_panel(area: &Area<'_>, panel: &Panel, with_text: bool) -> Result<(), Str
     }
 }
 
-/// The share of a linear y range the data keep when no corner is free for the legend.
-const LEGEND_ROOM: f64 = 0.6;
+/// The share of a linear y range the data keep when no corner is free for the legend: less the
+/// more entries the legend has (each takes about a fifteenth of a panel's height).
+fn legend_room(panel: &Panel) -> f64 {
+    let entries = panel.series.iter().filter(|s| !s.name.is_empty()).count() as f64;
+    (0.92 - 0.065 * entries).clamp(0.3, 0.6)
+}
 
 /// Whether the panel draws a legend: two or more named series (a lone series is named by the
 /// panel's title; an unnamed one, such as a reference line the title explains, by nothing).
@@ -434,7 +441,7 @@ mod tests {
         ];
         let (_, covered) = legend_corner(&panel, (0.0, 10.0), (30.0, 70.0), |y| y);
         assert!(covered > 0);
-        let raised = 30.0 + 40.0 / LEGEND_ROOM;
+        let raised = 30.0 + 40.0 / legend_room(&panel);
         let (corner, covered) = legend_corner(&panel, (0.0, 10.0), (30.0, raised), |y| y);
         assert_eq!(covered, 0);
         assert!(matches!(corner, SeriesLabelPosition::UpperRight), "{corner:?}");
