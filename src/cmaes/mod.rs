@@ -136,6 +136,17 @@ pub struct Cmaes {
     asked_mirrors: usize,
 }
 
+/// What a tell computed, before [`Cmaes::commit`] writes it: the new distribution, its paths,
+/// and the covariance's eigenbasis and axis lengths when a decomposition was due.
+pub(super) struct Update {
+    pub mean: DVector<f64>,
+    pub sigma: f64,
+    pub cov: DMatrix<f64>,
+    pub ps: DVector<f64>,
+    pub pc: DVector<f64>,
+    pub eigen: Option<(DMatrix<f64>, DVector<f64>)>,
+}
+
 impl Cmaes {
     /// A strategy centred on `mean` with step size `sigma` and identity covariance (pycma's
     /// `diag(exp(1e-4 i / d))` in that flavour).
@@ -367,6 +378,29 @@ impl Cmaes {
     }
 
     /// Records the best candidate of a committed tell.
+    /// Writes a tell's result into the strategy, once every step of it has succeeded (so a
+    /// failed tell leaves the state as it was): the best point, the distribution and paths, the
+    /// decomposition when one was due, and the counters.
+    fn commit(&mut self, candidates: &[Vec<f64>], fitness: &[f64], best_k: usize, u: Update) {
+        self.record_best(candidates, fitness, best_k);
+        self.mean = u.mean;
+        self.sigma = u.sigma;
+        self.cov = u.cov;
+        self.ps = u.ps;
+        self.pc = u.pc;
+        self.path_generations += 1;
+        match u.eigen {
+            Some((basis, scales)) => {
+                self.basis = basis;
+                self.scales = scales;
+                self.since_eigen = 0;
+            }
+            None => self.since_eigen += 1,
+        }
+        self.generation += 1;
+        self.evaluations += candidates.len();
+    }
+
     fn record_best(&mut self, candidates: &[Vec<f64>], fitness: &[f64], best_k: usize) {
         if self.best.as_ref().is_none_or(|(_, f)| fitness[best_k] < *f) {
             self.best = Some((candidates[best_k].clone(), fitness[best_k]));
@@ -454,24 +488,7 @@ impl Cmaes {
             None
         };
 
-        // Commit.
-        self.record_best(candidates, fitness, order[0]);
-        self.mean = mean;
-        self.sigma = sigma;
-        self.cov = cov;
-        self.ps = ps;
-        self.pc = pc;
-        self.path_generations = path_generations;
-        match eigen {
-            Some((basis, scales)) => {
-                self.basis = basis;
-                self.scales = scales;
-                self.since_eigen = 0;
-            }
-            None => self.since_eigen = since_eigen,
-        }
-        self.generation += 1;
-        self.evaluations += count;
+        self.commit(candidates, fitness, order[0], Update { mean, sigma, cov, ps, pc, eigen });
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use nalgebra::{DMatrix, DVector, SymmetricEigen};
 use rand::Rng;
 use rand_distr::StandardNormal;
 
-use super::{ranking, symmetrize, Cmaes};
+use super::{ranking, symmetrize, Cmaes, Update};
 use crate::{Error, Result};
 
 /// pycma adds `min(D)^2` to the diagonal and decomposes again when an eigenvalue is not
@@ -173,26 +173,9 @@ pub(super) fn tell(
         .map(|&k| old_mean - &xs[k])
         .collect();
 
-    // Commit.
-    es.record_best(candidates, fitness, order[0]);
-    es.mean = mean;
-    es.sigma = new_sigma;
-    es.cov = cov;
-    es.ps = ps;
-    es.pc = pc;
-    es.path_generations = path_generations;
-    match eigen {
-        Some((basis, scales)) => {
-            es.basis = basis;
-            es.scales = scales;
-            es.since_eigen = 0;
-        }
-        None => es.since_eigen = since_eigen,
-    }
+    es.commit(candidates, fitness, order[0], Update { mean, sigma: new_sigma, cov, ps, pc, eigen });
     es.mirror_directions = mirror_directions;
     es.asked_mirrors = 0;
-    es.generation += 1;
-    es.evaluations += count;
     Ok(())
 }
 
