@@ -264,6 +264,10 @@ pub struct Faults {
     pub kill_fraction: f64,
     pub panic: Vec<ClientRound>,
     pub drop_reply: Vec<ClientRound>,
+    /// `traffic = "replay"`: the client's replica is moved one ulp off the server's state
+    /// before it applies the round's digests (as another build's rounding would), so that the
+    /// hash check and the resync are exercised. Round 2 on: round 1 has nothing to replay.
+    pub corrupt_replica: Vec<ClientRound>,
     pub stragglers: Vec<Straggler>,
     /// Kill the forward worker serving the N-th forward request of the run (1-based) while it
     /// holds that batch; 0 = never.
@@ -283,6 +287,7 @@ impl Default for Faults {
             kill_fraction: 0.0,
             panic: Vec::new(),
             drop_reply: Vec::new(),
+            corrupt_replica: Vec::new(),
             stragglers: Vec::new(),
             kill_worker_at_request: 0,
             restart_limit: 10,
@@ -328,6 +333,16 @@ impl Faults {
         for d in &self.drop_reply {
             check("faults.drop_reply.client", &d.client)?;
             in_run("faults.drop_reply.round", d.round)?;
+        }
+        for c in &self.corrupt_replica {
+            check("faults.corrupt_replica.client", &c.client)?;
+            in_run("faults.corrupt_replica.round", c.round)?;
+            if c.round < 2 {
+                return Err(Error::config(
+                    "faults.corrupt_replica.round",
+                    "round 1 has no digest to check a replica against: round 2 on",
+                ));
+            }
         }
         for s in &self.stragglers {
             check("faults.stragglers.client", &s.client)?;
@@ -760,6 +775,12 @@ impl Config {
             }
         }
         self.faults.validate(self.num_users, self.num_rounds)?;
+        if !self.faults.corrupt_replica.is_empty() && self.traffic != Traffic::Replay {
+            return Err(Error::config(
+                "faults.corrupt_replica",
+                "corrupts the clients' replicas, which only traffic = \"replay\" keeps",
+            ));
+        }
         self.cluster.validate(self.num_users)?;
         if client_index(&self.eval_clients, self.num_users).is_none() {
             return Err(Error::config(
@@ -973,6 +994,18 @@ mod tests {
         assert!(Config::from_toml_str(text, &[]).is_err());
         let ok = "num_rounds = 3\n[faults]\ndrop_reply = [{ client = \"site-2\", round = 3 }]";
         assert!(Config::from_toml_str(ok, &[]).is_ok());
+    }
+
+    #[test]
+    fn a_corrupted_replica_needs_replay_and_a_round_with_a_digest() {
+        let corrupt =
+            |round: usize| format!("faults.corrupt_replica=[{{client=\"site-2\", round={round}}}]");
+        let replay = "traffic=\"replay\"".to_string();
+        let e = Config::from_toml_str("", &[corrupt(2)]).unwrap_err().to_string();
+        assert!(e.contains("faults.corrupt_replica") && e.contains("traffic"), "{e}");
+        let e = Config::from_toml_str("", &[replay.clone(), corrupt(1)]).unwrap_err().to_string();
+        assert!(e.contains("faults.corrupt_replica.round") && e.contains("round 2"), "{e}");
+        assert!(Config::from_toml_str("", &[replay, corrupt(2)]).is_ok());
     }
 
     #[test]

@@ -290,6 +290,13 @@ impl FedBpt {
         self.es = es;
         Ok(())
     }
+
+    /// Moves the step size one ulp up: the difference another build's rounding could make
+    /// (fault injection for replicas, [`crate::replay::Replayable::nudge`]).
+    pub(crate) fn nudge_sigma(&mut self) -> Result<()> {
+        let s = self.es.sigma();
+        self.es.set_sigma(s.next_up())
+    }
 }
 
 /// The client means as candidates, by client index: replies arrive in any order, and the
@@ -413,6 +420,12 @@ impl FedAvgBbt {
             )));
         }
         Ok(Self { mean: vec![0.0; dim], sigma: sigma0 })
+    }
+
+    /// As [`FedBpt::nudge_sigma`].
+    pub(crate) fn nudge_sigma(&mut self) -> Result<()> {
+        self.sigma = self.sigma.next_up();
+        Ok(())
     }
 }
 

@@ -19,7 +19,8 @@ pub struct RoundFaults {
     /// Clients killed before the round's request reaches them, in increasing order.
     pub kill_before: Vec<usize>,
     /// A fault inside the round, by client (at most one each: a later kind overrides an
-    /// earlier one, in the order kill-during, panic, dropped reply, straggler).
+    /// earlier one, in the order corrupted replica, kill-during, panic, dropped reply,
+    /// straggler).
     pub inside: BTreeMap<usize, ClientFault>,
 }
 
@@ -35,6 +36,11 @@ pub fn plan_faults(cfg: &Config, round: usize) -> RoundFaults {
     let n = cfg.num_users;
     let f = &cfg.faults;
     let mut plan = RoundFaults::default();
+    for c in f.corrupt_replica.iter().filter(|c| c.round == round) {
+        if let Some(i) = client_index(&c.client, n) {
+            plan.inside.insert(i, ClientFault::CorruptReplica);
+        }
+    }
     for k in f.kill.iter().filter(|k| k.round == round) {
         if let Some(i) = client_index(&k.client, n) {
             match k.when {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use fedbpt::bbt::projection_for;
-use fedbpt::config::{client_index, Aggregation, Config, Traffic};
+use fedbpt::config::{client_index, Aggregation, Config};
 use fedbpt::data::{Dataset, Example};
 use fedbpt::experiment;
 use fedbpt::local_search::Objective;
@@ -26,9 +26,7 @@ use crate::evaluator::{EvalArgs, Evaluator};
 use crate::messages::{DataMsg, EvalMsg, ServerMsg, SupervisorMsg};
 use crate::pool::ForwardPool;
 use crate::profile;
-use crate::server::{
-    Checkpoint, RoundRecord, Server, ServerArgs, ServerEvent, ServerStrategy, REPLAY_RESUME,
-};
+use crate::server::{Checkpoint, RoundRecord, Server, ServerArgs, ServerEvent, ServerStrategy};
 use crate::supervisor::{stop_and_wait, ClientSupervisor, SupervisorArgs};
 
 /// `summary.json` of a federated run.
@@ -186,19 +184,6 @@ pub struct RunOptions {
     pub clients: Clients,
 }
 
-/// Why `traffic = "replay"` is refused across processes (`serve`, `join`, `--processes`).
-pub const REPLAY_ACROSS_PROCESSES: &str = "traffic = \"replay\" runs in one process only for \
-    now (fedbpt run without --processes; not serve or join): its messages are not counted on the \
-    socket yet; run across processes with traffic = \"distribution\"";
-
-/// Refuses what cannot run across processes yet (`serve`, `join`, `run --processes`).
-pub fn one_process_only(cfg: &Config) -> Result<()> {
-    if cfg.traffic == Traffic::Replay {
-        bail!("{REPLAY_ACROSS_PROCESSES}");
-    }
-    Ok(())
-}
-
 /// Runs one federation to the end. `on_round` sees every round's record as it lands (with a
 /// resumed run, the checkpoint's records first).
 pub async fn run(
@@ -210,12 +195,6 @@ pub async fn run(
     let started = Instant::now();
     let cfg = Arc::new(cfg.clone());
     check_search_memory(&cfg)?;
-    if cfg.traffic == Traffic::Replay && opts.resume.is_some() {
-        bail!("{REPLAY_RESUME}");
-    }
-    if matches!(opts.clients, Clients::Remote(_)) {
-        one_process_only(&cfg)?;
-    }
     if let Some(recorded) = opts.resume.as_ref().and_then(|cp| cp.data_fingerprint.as_deref()) {
         if recorded != env.data_fingerprint {
             let source = match &cfg.data {
@@ -586,7 +565,6 @@ where
     F: std::future::Future<Output = Result<String>>,
 {
     let cfg = Arc::new(cfg.clone());
-    one_process_only(&cfg)?;
     check_search_memory(&cfg)?;
     let data = partition(&cfg, &env.dataset)?;
     let model = env.replicas.first().ok_or_else(|| anyhow!("no model replica"))?.clone();

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedbpt::config::{Config, Traffic};
+use fedbpt::config::Config;
 use fedbpt::objective::BestOnDev;
+use fedbpt::replay::RoundDigest;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
@@ -23,11 +24,6 @@ pub use crate::server_strategy::ServerStrategy;
 /// best-on-dev record keeps its dev loss. Earlier checkpoints (no `format` key) are refused.
 pub const CHECKPOINT_FORMAT: u32 = 2;
 
-/// Why a run with `traffic = "replay"` cannot be continued.
-pub const REPLAY_RESUME: &str = "traffic = \"replay\" cannot continue a run (--resume) yet: \
-    the clients' replicas and the server's digest log are not checkpointed; start it anew, or \
-    run it with traffic = \"distribution\"";
-
 /// The server's durable state after a round: enough to continue the run bit for bit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -42,6 +38,10 @@ pub struct Checkpoint {
     /// checkpoints written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_fingerprint: Option<String>,
+    /// `traffic = "replay"`: the digest of every round so far, from which the clients' new
+    /// replicas catch up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_log: Option<Vec<RoundDigest>>,
 }
 
 impl Checkpoint {
@@ -70,9 +70,6 @@ impl Checkpoint {
     pub fn check(&self) -> Result<(), String> {
         let cfg = &self.config;
         cfg.validate().map_err(|e| format!("its configuration: {e}"))?;
-        if cfg.traffic == Traffic::Replay {
-            return Err(REPLAY_RESUME.into());
-        }
         if self.round == 0 || self.round > cfg.num_rounds {
             return Err(format!("round {} is not in 1 .. {}", self.round, cfg.num_rounds));
         }
@@ -111,8 +108,27 @@ impl Checkpoint {
                 ));
             }
         }
-        let mut aggregator = fedbpt::experiment::aggregator_for(cfg).map_err(|e| e.to_string())?;
-        aggregator.restore(self.aggregator.clone()).map_err(|e| format!("aggregator state: {e}"))
+        let mut strategy = ServerStrategy::for_config(cfg).map_err(|e| e.to_string())?;
+        self.restore_into(&mut strategy)
+    }
+
+    /// Puts the checkpoint's server state into `strategy` (built from its configuration): the
+    /// aggregator's, and with `traffic = "replay"` the digest log, checked against it.
+    pub fn restore_into(&self, strategy: &mut ServerStrategy) -> Result<(), String> {
+        strategy
+            .aggregator_mut()
+            .restore(self.aggregator.clone())
+            .map_err(|e| format!("aggregator state: {e}"))?;
+        match (strategy.replay_mut(), &self.replay_log) {
+            (Some(book), Some(log)) => book.resume(self.round, log.clone()),
+            (Some(_), None) => Err("traffic = \"replay\" but no replay_log: the clients' new \
+                                    replicas could not catch up"
+                .into()),
+            (None, Some(_)) => {
+                Err("a replay_log, but traffic = \"distribution\": written by another run".into())
+            }
+            (None, None) => Ok(()),
+        }
     }
 }
 
@@ -170,11 +186,7 @@ impl Actor for Server {
         let mut best_dev = args.initial_dev.clone();
         let mut records = Vec::new();
         if let Some(cp) = args.resume.take() {
-            // The clients' replicas and the digest log are not in a checkpoint (yet).
-            if args.aggregator.replay().is_some() {
-                return Err(REPLAY_RESUME.into());
-            }
-            args.aggregator.aggregator_mut().restore(cp.aggregator)?;
+            cp.restore_into(&mut args.aggregator)?;
             best_dev = cp.best_dev;
             records = cp.records;
         }
@@ -239,6 +251,7 @@ fn write_checkpoint(state: &ServerState, round: usize) -> Result<(), String> {
         records: state.records.clone(),
         config: (*state.args.cfg).clone(),
         data_fingerprint: Some(state.args.data_fingerprint.clone()),
+        replay_log: state.args.aggregator.replay().map(|book| book.log().to_vec()),
     };
     let path = dir.join("checkpoint.json");
     let tmp = dir.join("checkpoint.json.tmp");

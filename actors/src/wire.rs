@@ -102,6 +102,9 @@ pub enum ClientFault {
     DropReply,
     /// The reply is held back this long (a straggler).
     Delay(std::time::Duration),
+    /// `traffic = "replay"`: the replica is moved off the server's state before it applies
+    /// the round's digests (`faults.corrupt_replica`).
+    CorruptReplica,
 }
 
 /// One round's request to a client. In a process the deadline is absolute (the server's

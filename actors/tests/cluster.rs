@@ -4,15 +4,12 @@
 //! that round and takes part again once restarted; garbage, a wrong cookie, an oversize frame and
 //! a valid frame of the wrong message type are refused and logged while the federation finishes.
 
-use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fedbpt::config::Config;
 use fedbpt::protocol::SearchDistribution;
-use fedbpt_actors::cluster::{start_node, SERVER_GROUP};
+use fedbpt_actors::cluster::start_node;
 use fedbpt_actors::messages::RegistryMsg;
 use fedbpt_actors::server::RoundRecord;
 use fedbpt_actors::wire::{Join, JoinReply, JoinRequest, Train, TrainRequest};
@@ -20,159 +17,9 @@ use ractor::rpc::CallResult;
 use ractor::{ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fedbpt");
-const COOKIE: &str = "loopback-test-cookie";
+mod common;
 
-const STAND_IN: &[&str] = &[
-    "model_name=stand-in",
-    "weights=\"f32\"",
-    "num_users=10",
-    "min_clients=5",
-    "k_shot=8",
-    "test_size=40",
-    "intrinsic_dim=12",
-    "n_prompt_tokens=2",
-    "local_iter=4",
-    "local_popsize=4",
-    "eval_every=1",
-    "seed=11",
-    "iid=false",
-];
-
-fn config() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/quickstart.toml")
-}
-
-fn sets(extra: &[&str]) -> Vec<String> {
-    STAND_IN.iter().chain(extra).flat_map(|s| ["--set".to_string(), s.to_string()]).collect()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A child process of the binary, its stderr kept in a file.
-fn spawn(args: &[String], log: &Path, cookie: &str) -> Child {
-    let err = std::fs::File::create(log).unwrap();
-    Command::new(BIN)
-        .args(args)
-        .env("FEDBPT_COOKIE", cookie)
-        .stdout(Stdio::null())
-        .stderr(err)
-        .spawn()
-        .unwrap()
-}
-
-fn serve(dir: &Path, port: u16, extra: &[&str]) -> Child {
-    serve_with(dir, port, extra, &[])
-}
-
-/// `serve` with settings of its own process (`own`: the `[cluster]` section).
-fn serve_with(dir: &Path, port: u16, extra: &[&str], own: &[&str]) -> Child {
-    let mut args = vec![
-        "serve".to_string(),
-        config().display().to_string(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--out".into(),
-        dir.join("served").display().to_string(),
-    ];
-    args.extend(sets(extra));
-    args.extend(own.iter().flat_map(|s| ["--set".to_string(), s.to_string()]));
-    spawn(&args, &dir.join("serve.log"), COOKIE)
-}
-
-fn join(dir: &Path, port: u16, sites: &str, extra: &[&str], log: &str, cookie: &str) -> Child {
-    let mut args = vec![
-        "join".to_string(),
-        config().display().to_string(),
-        "--connect".into(),
-        format!("127.0.0.1:{port}"),
-        "--sites".into(),
-        sites.into(),
-    ];
-    args.extend(sets(extra));
-    spawn(&args, &dir.join(log), cookie)
-}
-
-/// Waits for a child to exit (at most `limit`), killing it past that.
-fn finish(child: &mut Child, what: &str, limit: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("{what} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Waits for a child to exit successfully within 120 s; its log otherwise.
-fn finished_ok(child: &mut Child, what: &str, log_file: &Path) {
-    let status = finish(child, what, Duration::from_secs(120));
-    assert!(status.success(), "{what}: {}", log(log_file));
-}
-
-/// Waits for the server and the client processes of sites 1-5 and 6-10 (logs `serve.log`,
-/// `a.log`, `b.log`) to finish successfully.
-fn finish_federation(d: &Path, [server, a, b]: [&mut Child; 3]) {
-    finished_ok(server, "serve", &d.join("serve.log"));
-    finished_ok(a, "join 1-5", &d.join("a.log"));
-    finished_ok(b, "join 6-10", &d.join("b.log"));
-}
-
-/// The one-process run of the same config into `d/out`, and its records.
-fn run_alone(d: &Path, out: &str, extra: &[&str]) -> Vec<RoundRecord> {
-    let mut args = vec!["run".to_string(), config().display().to_string()];
-    args.extend(["--out".into(), d.join(out).display().to_string()]);
-    args.extend(sets(extra));
-    let log_file = d.join(format!("{out}.log"));
-    let status = spawn(&args, &log_file, COOKIE).wait().unwrap();
-    assert!(status.success(), "one-process run: {}", log(&log_file));
-    records(&d.join(out).join("metrics.jsonl"))
-}
-
-/// The server's registry, once this process's node has joined the server's (30 s at most).
-async fn registry() -> ractor::ActorCell {
-    let started = Instant::now();
-    loop {
-        if let Some(cell) = ractor::pg::get_members(&SERVER_GROUP.to_string()).pop() {
-            return cell;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "no registry in sight");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn log(path: &Path) -> String {
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut text);
-    }
-    text
-}
-
-fn records(path: &Path) -> Vec<RoundRecord> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn without_wall(mut rs: Vec<RoundRecord>) -> Vec<RoundRecord> {
-    for r in &mut rs {
-        r.wall_s = 0.0;
-    }
-    rs
-}
-
-fn sites(range: std::ops::RangeInclusive<usize>) -> Vec<String> {
-    range.map(|i| format!("site-{i}")).collect()
-}
+use common::*;
 
 #[test]
 fn two_client_processes_match_the_one_process_run_bit_for_bit() {
@@ -203,6 +50,19 @@ fn two_client_processes_match_the_one_process_run_bit_for_bit() {
 
 #[test]
 fn a_client_process_killed_mid_round_drops_out_and_rejoins_the_next_round() {
+    client_process_killed_mid_round(&[]);
+}
+
+/// Replaying, the restarted process's clients start new replicas and catch up from the log.
+#[test]
+fn a_killed_client_process_rejoins_a_replayed_run_and_catches_up() {
+    let r = client_process_killed_mid_round(&["traffic=\"replay\""]);
+    assert!(r.iter().all(|r| r.clients_resynced.is_empty()), "{r:?}");
+    // Round 3's download to the new replicas is a catch-up: more bytes than round 4's.
+    assert!(r[2].bytes_down > r[3].bytes_down, "{} vs {}", r[2].bytes_down, r[3].bytes_down);
+}
+
+fn client_process_killed_mid_round(mode: &[&str]) -> Vec<RoundRecord> {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // Sites 6-10 hold their round-2 replies back, so that round 2 is still running when their
@@ -214,12 +74,9 @@ fn a_client_process_killed_mid_round_drops_out_and_rejoins_the_next_round() {
         .map(|s| format!("{{client=\"{s}\", delay_s=40.0, rounds=[2]}}"))
         .collect();
     let stragglers = format!("faults.stragglers=[{}]", stragglers.join(", "));
-    let extra = [
-        "num_rounds=4",
-        "runtime.round_timeout_s=60",
-        "cluster.rejoin_wait_s=60",
-        stragglers.as_str(),
-    ];
+    let mut extra = vec!["num_rounds=4", "runtime.round_timeout_s=60", "cluster.rejoin_wait_s=60"];
+    extra.push(stragglers.as_str());
+    extra.extend(mode);
     let port = free_port();
     let mut server = serve(d, port, &extra);
     let mut a = join(d, port, "1-5", &extra, "a.log", COOKIE);
@@ -258,6 +115,7 @@ fn a_client_process_killed_mid_round_drops_out_and_rejoins_the_next_round() {
     assert_eq!(r[2].clients_restarted, sites(6..=10));
     assert_eq!(r[3].clients_ok, 10);
     assert!(r[3].clients_restarted.is_empty());
+    r
 }
 
 #[test]
@@ -563,54 +421,21 @@ fn a_client_process_that_sends_bad_updates_cannot_end_the_run() {
     let port = free_port();
     let mut server = serve(d, port, &extra);
     let mut honest = join(d, port, "1-9", &extra, "a.log", COOKIE);
-    let text = std::fs::read_to_string(config()).unwrap();
-    let all: Vec<String> = STAND_IN.iter().chain(&extra).map(|s| s.to_string()).collect();
-    let cfg = Config::from_toml_str(&text, &all).unwrap();
+    let cfg = stand_in_config(&extra);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let node = start_node("liar", COOKIE.into(), &cfg).await.unwrap();
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(30), "the server does not listen");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        ractor_cluster::client_connect(&node, format!("127.0.0.1:{port}")).await.unwrap();
-        let registry: ActorRef<RegistryMsg> = registry().await.into();
+        let (node, registry) = connect_node("liar", &cfg, port).await;
         let data = fedbpt::experiment::load_dataset(&cfg, &mut |_| {}).unwrap().fingerprint();
         // The same configuration over other data (the same path, another machine's file):
         // refused, naming the data.
-        let other = Join {
-            node: "liar".into(),
-            sites: vec![9],
-            config: serde_json::to_string(&cfg).unwrap(),
-            data: data.chars().rev().collect(),
-        };
-        let answer = registry
-            .call(
-                |reply| RegistryMsg::Join(JoinRequest::Valid(other), reply),
-                Some(Duration::from_secs(20)),
-            )
-            .await
-            .unwrap();
-        match answer {
+        let other: String = data.chars().rev().collect();
+        match ask_to_join(&registry, "liar", &cfg, &other, 9).await {
             CallResult::Success(JoinReply(Err(why))) => {
                 assert!(why.contains("data differs") && why.contains("data.path"), "{why}")
             }
             other => panic!("a join over other data was answered {other:?}"),
         }
-        let join = Join {
-            node: "liar".into(),
-            sites: vec![9],
-            config: serde_json::to_string(&cfg).unwrap(),
-            data,
-        };
-        let answer = registry
-            .call(
-                |reply| RegistryMsg::Join(JoinRequest::Valid(join), reply),
-                Some(Duration::from_secs(20)),
-            )
-            .await
-            .unwrap();
+        let answer = ask_to_join(&registry, "liar", &cfg, &data, 9).await;
         assert!(matches!(answer, CallResult::Success(JoinReply(Ok(())))), "{answer:?}");
         let (liar, _) = ractor::Actor::spawn(None, LyingClient, ()).await.unwrap();
         let limit = Duration::from_secs(120);

@@ -1,12 +1,13 @@
 //! `traffic = "replay"` in one process, on the stand-in backend (seconds, no language model):
 //! the records equal those of the same run shipping distributions, field by field but the wall
 //! clock and the bytes, with client sampling and killed clients (restarted clients catch up from
-//! a new replica); each upload is smaller. Where replay is not wired yet (`--resume`, client
-//! processes) it is refused, naming the key.
+//! a new replica), with a resume from a checkpoint, and with a replica corrupted on purpose
+//! (detected by the hash and resynced); each upload is smaller. Across processes:
+//! `tests/cluster.rs`.
 
-use fedbpt::config::{Config, KillClient, KillWhen, Traffic};
+use fedbpt::config::{ClientRound, Config, KillClient, KillWhen, Traffic};
 use fedbpt_actors::federation::{self, Env, RunOptions};
-use fedbpt_actors::server::{Checkpoint, RoundRecord, CHECKPOINT_FORMAT};
+use fedbpt_actors::server::{Checkpoint, RoundRecord};
 
 const STAND_IN: &[&str] = &[
     "model_name=stand-in",
@@ -42,10 +43,11 @@ fn run(cfg: &Config, env: &mut Env) -> Vec<RoundRecord> {
     records
 }
 
-/// A record without what the traffic mode may change: the wall clock and the bytes.
+/// A record without what the traffic mode may change: the wall clock, the bytes and the
+/// replicas resynced (checked on their own).
 fn comparable(r: &RoundRecord) -> serde_json::Value {
     let mut v = serde_json::to_value(r).unwrap();
-    for key in ["wall_s", "bytes_up", "bytes_down"] {
+    for key in ["wall_s", "bytes_up", "bytes_down", "clients_resynced"] {
         v.as_object_mut().unwrap().remove(key);
     }
     v
@@ -101,51 +103,82 @@ fn replayed_rounds_record_what_shipped_rounds_record_with_sampling_and_kills() {
     same_records_fewer_bytes_up(&fedavg, &mut env);
 }
 
-#[test]
-fn replay_is_refused_where_it_is_not_wired_naming_the_key() {
-    let replay = cfg(&["traffic=replay", "num_rounds=2"]);
-    let mut env = Env::load(&replay, &mut |l| eprintln!("{l}")).unwrap();
-    let checkpoint = Checkpoint {
-        format: CHECKPOINT_FORMAT,
-        round: 1,
-        aggregator: serde_json::Value::Null,
-        best_dev: None,
-        records: Vec::new(),
-        config: replay.clone(),
-        data_fingerprint: None,
-    };
-    // A checkpoint of a replayed run is refused before anything starts...
-    let e = checkpoint.check().unwrap_err();
-    assert!(e.contains("traffic") && e.contains("--resume"), "{e}");
-    // ... and so is continuing one through the library.
-    let opts = RunOptions { resume: Some(checkpoint), ..Default::default() };
-    let e = runtime()
-        .block_on(federation::run(&replay, &mut env, opts, &mut |_| {}))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("traffic") && e.contains("--resume"), "{e}");
-    // A client process (`fedbpt join`) refuses it too.
-    let e = runtime()
-        .block_on(federation::run_sites(&replay, &env, &[0], async { Ok(String::new()) }))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("traffic") && e.contains("one process"), "{e}");
+/// The checkpoint after `round` of `cfg`'s run (its records after the round land), and the
+/// run's records.
+fn run_keeping_checkpoint(
+    cfg: &Config,
+    env: &mut Env,
+    round: usize,
+) -> (Checkpoint, Vec<RoundRecord>) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = RunOptions { checkpoint_dir: Some(dir.path().to_path_buf()), ..Default::default() };
+    let mut kept = None;
+    let (_, records) = runtime()
+        .block_on(federation::run(cfg, env, opts, &mut |r| {
+            if r.round == round {
+                kept = std::fs::read_to_string(dir.path().join("checkpoint.json")).ok();
+            }
+        }))
+        .expect("run finishes");
+    let checkpoint = Checkpoint::parse(&kept.expect("a checkpoint after the round")).unwrap();
+    (checkpoint, records)
 }
 
 #[test]
-fn the_cli_refuses_replay_across_processes_before_starting_any() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let bin = env!("CARGO_BIN_EXE_fedbpt");
-    let sets = ["model_name=stand-in", "traffic=replay", "num_users=2"];
-    let mut args = vec!["run", "../configs/quickstart.toml", "--processes", "2", "--out"];
-    args.push(out.to_str().unwrap());
-    for s in sets {
-        args.extend(["--set", s]);
+fn a_resumed_replayed_run_and_a_corrupted_replica_leave_the_records_unchanged() {
+    let mut base = cfg(&[]);
+    base.faults.kill =
+        vec![KillClient { client: "site-4".into(), round: 2, when: KillWhen::During }];
+    let mut env = Env::load(&base, &mut |l| eprintln!("{l}")).unwrap();
+    let shipped = run(&base, &mut env);
+
+    // Replayed, with site-2's replica (sampled in round 5) moved one ulp off before round 5.
+    let mut replay = Config { traffic: Traffic::Replay, ..base.clone() };
+    replay.faults.corrupt_replica = vec![ClientRound { client: "site-2".into(), round: 5 }];
+    replay.validate().unwrap();
+    let (checkpoint, replayed) = run_keeping_checkpoint(&replay, &mut env, 3);
+    let r5 = &replayed[4];
+    assert!(r5.clients_sampled.contains(&"site-2".to_string()), "{r5:?}");
+    assert_eq!(r5.clients_resynced, vec!["site-2".to_string()], "detected by the hash, resynced");
+    for (s, r) in shipped.iter().zip(&replayed) {
+        assert_eq!(comparable(s), comparable(r), "round {}", s.round);
+        if r.round != 5 {
+            assert!(r.clients_resynced.is_empty(), "round {}", r.round);
+        }
     }
-    let r = std::process::Command::new(bin).args(&args).output().unwrap();
-    assert!(!r.status.success());
-    let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(stderr.contains("traffic") && stderr.contains("one process"), "{stderr}");
-    assert!(!out.join("metrics.jsonl").exists());
+    // The resync is one state transfer: more bytes down than the round before.
+    assert!(
+        r5.bytes_down > replayed[3].bytes_down,
+        "{} vs {}",
+        r5.bytes_down,
+        replayed[3].bytes_down
+    );
+
+    // Continued after round 3 (every client starts a new replica and catches up from the
+    // checkpoint's digest log): the same records.
+    let log = checkpoint.replay_log.clone().expect("a replayed run checkpoints its digests");
+    assert_eq!(log.iter().map(|d| d.round).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let opts = RunOptions { resume: Some(checkpoint.clone()), ..Default::default() };
+    let (_, resumed) = runtime()
+        .block_on(federation::run(&replay, &mut env, opts, &mut |_| {}))
+        .expect("the resumed run finishes");
+    assert_eq!(resumed.len(), replay.num_rounds);
+    for (s, r) in shipped.iter().zip(&resumed) {
+        assert_eq!(comparable(s), comparable(r), "round {}", s.round);
+    }
+
+    // A checkpoint whose log does not end at its aggregator's state, or that has none, is
+    // refused before anything starts, naming what is wrong.
+    let mut cut = checkpoint.clone();
+    cut.replay_log.as_mut().unwrap().pop();
+    let e = cut.check().unwrap_err();
+    assert!(e.contains("replay_log") && e.contains("[1, 2]"), "{e}");
+    let mut spliced = checkpoint.clone();
+    spliced.replay_log.as_mut().unwrap()[2].state.0[0] ^= 1;
+    let e = spliced.check().unwrap_err();
+    assert!(e.contains("replay_log") && e.contains("round 3"), "{e}");
+    let none = Checkpoint { replay_log: None, ..checkpoint.clone() };
+    assert!(none.check().unwrap_err().contains("no replay_log"));
+    let shipped_cp = Checkpoint { config: base.clone(), ..checkpoint };
+    assert!(shipped_cp.check().unwrap_err().contains("traffic = \"distribution\""));
 }

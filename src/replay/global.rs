@@ -113,4 +113,11 @@ impl Aggregator for GlobalStrategy {
     }
 }
 
-impl Replayable for GlobalStrategy {}
+impl Replayable for GlobalStrategy {
+    fn nudge(&mut self) -> Result<()> {
+        match self {
+            Self::FedBpt(s) => s.nudge(),
+            Self::FedAvgBbt(s) => s.nudge(),
+        }
+    }
+}

@@ -45,10 +45,14 @@ use codec::Kind;
 
 // Bounds above any configurable run (an upload is a ranking per iteration, a digest one record
 // per told client, a transfer two `d x d` f64 matrices: 1.6 GB at the largest d, 10,000), so a
-// peer cannot make a party read more.
+// peer cannot make a party read more. An upload is held to its run's own bound too
+// ([`ReplayContext::max_upload_len`]).
 const UPLOAD: Kind = Kind { what: "replay upload", tag: 0x51, max_len: 1 << 24 };
 const DIGEST: Kind = Kind { what: "round digest", tag: 0x52, max_len: 1 << 30 };
 const TRANSFER: Kind = Kind { what: "state transfer", tag: 0x53, max_len: 1 << 31 };
+
+/// Classes an upload's class counts may name, for [`ReplayContext::max_upload_len`].
+const MAX_CLASSES: usize = 1 << 12;
 
 /// What every party must agree on to replay a client's search: the run seed its search seed
 /// derives from, and the local search's shape.
@@ -68,6 +72,14 @@ impl ReplayContext {
     /// The seed of `client`'s local search in `round`, as the runtime's client derives it.
     pub fn search_seed(&self, client: usize, round: usize) -> u64 {
         derive(self.run_seed, &[tag::CLIENT_SEARCH, client as u64, round as u64])
+    }
+
+    /// The most bytes an upload of this run can take: its fixed fields (at most 10 bytes
+    /// each), one ranking per iteration (a length and an index per candidate, at most 5 bytes
+    /// each) and up to [`MAX_CLASSES`] class counts.
+    pub fn max_upload_len(&self) -> usize {
+        let ranking = 5 * (1 + self.popsize);
+        1 + 10 * 12 + self.iterations * ranking + 5 * (1 + MAX_CLASSES)
     }
 }
 
@@ -148,6 +160,18 @@ impl Upload {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, ReplayError> {
         codec::decode(&UPLOAD, bytes)
+    }
+
+    /// [`Upload::decode`], first refusing bytes beyond what an upload of this run can take:
+    /// decoded, an upload can take some 24 times its bytes (an empty ranking is one byte on the
+    /// wire and a `Vec` in memory), so the kind's 16 MiB alone would let a peer make the server
+    /// allocate 400 MB.
+    pub fn decode_in(ctx: &ReplayContext, bytes: &[u8]) -> Result<Self, ReplayError> {
+        let max = ctx.max_upload_len();
+        if bytes.len() > max {
+            return Err(ReplayError::TooLong { what: UPLOAD.what, len: bytes.len(), max });
+        }
+        Self::decode(bytes)
     }
 
     /// Bytes of [`Upload::encode`].
@@ -450,10 +474,22 @@ impl<S: Replayable> StateTransfer<S> {
 
 /// A server strategy a client can replicate: its whole state serializes (for the hash and the
 /// transfer) and it restores from its own snapshots (which check the rule and dimension).
-pub trait Replayable: Aggregator + Clone + Serialize + DeserializeOwned {}
+pub trait Replayable: Aggregator + Clone + Serialize + DeserializeOwned {
+    /// Moves the state one ulp off (the step size): what another build's rounding could do.
+    fn nudge(&mut self) -> crate::Result<()>;
+}
 
-impl Replayable for FedBpt {}
-impl Replayable for FedAvgBbt {}
+impl Replayable for FedBpt {
+    fn nudge(&mut self) -> crate::Result<()> {
+        self.nudge_sigma()
+    }
+}
+
+impl Replayable for FedAvgBbt {
+    fn nudge(&mut self) -> crate::Result<()> {
+        self.nudge_sigma()
+    }
+}
 
 /// A client's copy of the server's strategy, kept in step by replaying each round's digest.
 #[derive(Debug, Clone)]
@@ -576,6 +612,12 @@ impl<S: Replayable> Replica<S> {
 
     pub fn state_hash(&self) -> Result<StateHash, ReplayError> {
         StateHash::of(&self.strategy)
+    }
+
+    /// Moves the replica one ulp off the server's state, for fault injection: the next digest
+    /// it applies no longer reproduces the server's hash.
+    pub fn inject_divergence(&mut self) -> Result<(), ReplayError> {
+        Ok(self.strategy.nudge()?)
     }
 
     /// The strategy, for tests that corrupt a replica on purpose.

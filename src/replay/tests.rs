@@ -411,6 +411,41 @@ fn bad_bytes_are_refused_with_their_reason() {
     assert!(matches!(e, ReplayError::Truncated { .. } | ReplayError::Malformed { .. }), "{e}");
 }
 
+/// An upload of 700,000 empty rankings, each one byte: valid bincode that would allocate 24
+/// bytes per ranking (16.8 MB from 0.7 MB).
+fn upload_of_empty_rankings() -> Vec<u8> {
+    let count: u32 = 700_000;
+    let mut bytes = vec![0x51, 1, 2, 0]; // tag, round, client, seed
+    bytes.extend_from_slice(&[0; 8]); // start digest
+    bytes.push(0xfc); // a u32 length follows
+    bytes.extend_from_slice(&count.to_le_bytes());
+    bytes.extend(std::iter::repeat_n(0u8, count as usize));
+    bytes.extend_from_slice(&0.5f64.to_le_bytes()); // fitness
+    bytes.push(0); // no start fitness
+    bytes.extend_from_slice(&0.5f64.to_le_bytes()); // loss
+    bytes.push(0); // no class counts
+    bytes
+}
+
+#[test]
+fn an_upload_cannot_claim_more_memory_than_its_run_allows() {
+    let bytes = upload_of_empty_rankings();
+    // Within the kind's bound, it decodes (into 16.8 MB)...
+    let decoded = Upload::decode(&bytes).map(|u| u.record.rankings.len());
+    assert_eq!(decoded.ok(), Some(700_000));
+    // ... so the run's own bound refuses it by its length, before decoding.
+    let ctx = ctx(CmaFlavour::Tutorial);
+    let e = Upload::decode_in(&ctx, &bytes).unwrap_err();
+    let max = ctx.max_upload_len();
+    assert!(matches!(e, ReplayError::TooLong { what: "replay upload", .. }), "{e}");
+    assert!(max < 30_000, "{max}");
+    // An honest upload is well inside it.
+    let (_, upload) = recorded(&ctx, &dist_with_covariance(4), 2, false);
+    let encoded = upload.encode().unwrap();
+    assert!(encoded.len() < max / 100);
+    assert_eq!(Upload::decode_in(&ctx, &encoded).unwrap(), upload);
+}
+
 #[test]
 fn a_digest_with_repeated_or_unordered_clients_is_refused() {
     let ctx = ctx(CmaFlavour::Tutorial);

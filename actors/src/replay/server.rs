@@ -8,8 +8,8 @@ use std::time::Duration;
 use fedbpt::config::Config;
 use fedbpt::protocol::SearchDistribution;
 use fedbpt::replay::{
-    catch_up, replay_upload, CatchUp, GlobalStrategy, ReplayContext, RoundDigest, StateTransfer,
-    Upload,
+    catch_up, replay_upload, CatchUp, GlobalStrategy, ReplayContext, RoundDigest, StateHash,
+    StateTransfer, Upload,
 };
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
@@ -47,6 +47,35 @@ impl ReplayServer {
 
     pub fn strategy_mut(&mut self) -> &mut GlobalStrategy {
         &mut self.strategy
+    }
+
+    /// Every round's digest so far, in round order (what a checkpoint keeps).
+    pub fn log(&self) -> &[RoundDigest] {
+        &self.log
+    }
+
+    /// Continues a run after `round` from its checkpoint: the strategy already restored, `log`
+    /// its digests, which must be those of rounds 1 to `round` in order and end at the hash of
+    /// the restored strategy. Every client is taken to start from a new replica (a client
+    /// process that kept its replica skips the digests it applied, or resyncs).
+    pub fn resume(&mut self, round: usize, log: Vec<RoundDigest>) -> Result<(), String> {
+        let rounds: Vec<usize> = log.iter().map(|d| d.round).collect();
+        if !rounds.iter().copied().eq(1..=round) {
+            return Err(format!(
+                "replay_log holds the digests of rounds {rounds:?}, not of rounds 1 to {round}"
+            ));
+        }
+        let state = StateHash::of(&self.strategy).map_err(|e| e.to_string())?;
+        if let Some(last) = log.last().filter(|d| d.state != state) {
+            return Err(format!(
+                "replay_log's digest of round {round} ends at state {}, the checkpoint's \
+                 aggregator state hashes to {state}",
+                last.state
+            ));
+        }
+        self.log = log;
+        self.known.iter_mut().for_each(|k| *k = FIRST_ROUND);
+        Ok(())
     }
 
     /// Restarted clients start from a replica built from the configuration.
@@ -148,7 +177,7 @@ impl ReplayRound {
 
     /// The update an upload from `client` stands for, or why it is refused.
     fn replay(&self, client: usize, bytes: &[u8]) -> Result<Received, String> {
-        let upload = Upload::decode(bytes).map_err(|e| e.to_string())?;
+        let upload = Upload::decode_in(&self.ctx, bytes).map_err(|e| e.to_string())?;
         let update =
             replay_upload(&self.ctx, &self.dist, client, &upload).map_err(|e| e.to_string())?;
         Ok(Received { update, upload: Some(upload), bytes_up: bytes.len() })
@@ -194,7 +223,10 @@ pub(crate) async fn exchange(
             (Answer::Upload(bytes), stamp) => {
                 out.outcome = match shared.replay(i, &bytes) {
                     Ok(r) => Outcome::Ok(Box::new(r), stamp),
-                    Err(why) => Outcome::Failed(format!("upload refused: {why}")),
+                    Err(why) => {
+                        tracing::warn!("site-{}: upload refused: {why}", i + 1);
+                        Outcome::Failed(format!("upload refused: {why}"))
+                    }
                 };
                 return out;
             }

@@ -33,7 +33,6 @@ pub fn serve(
     let listen = address("--listen", listen)?;
     let cookie = cluster::cookie(cookie_file)?;
     let (cfg, out, checkpoint) = run_setup(config, resume, out, overrides)?;
-    federation::one_process_only(&cfg)?;
     let dir = RunDir::open(&out, "--out")?;
     check_trace(trace)?;
     let rt = runtime(&cfg)?;
@@ -96,7 +95,6 @@ pub fn join(
     let started = std::time::Instant::now();
     let cookie = cluster::cookie(cookie_file)?;
     let cfg = Config::load(config, overrides)?;
-    federation::one_process_only(&cfg)?;
     check_trace(trace)?;
     let sites = cluster::parse_sites(sites, cfg.num_users)?;
     let names: Vec<String> = sites.iter().map(|i| (i + 1).to_string()).collect();
@@ -151,7 +149,6 @@ pub fn loopback(
     trace: Option<&Path>,
 ) -> Result<f64> {
     let cfg = Config::load(config, overrides)?;
-    federation::one_process_only(&cfg)?;
     if processes == 0 || processes > cfg.num_users {
         anyhow::bail!("--processes: {processes} client processes for {} sites", cfg.num_users);
     }
