@@ -103,6 +103,27 @@ fn replayed_rounds_record_what_shipped_rounds_record_with_sampling_and_kills() {
     same_records_fewer_bytes_up(&fedavg, &mut env);
 }
 
+#[test]
+fn replayed_rounds_record_late_replies_quorum_retries_and_eq7_as_shipped_ones() {
+    // Sampled (seed 13): site-2 in round 2, site-3 and site-5 in round 4. site-2 misses round
+    // 2's deadline; site-3's and site-5's dropped replies in round 4
+    // leave the round short of its quorum of 2, and it is retried; clients perturb their data
+    // (Eq. 7).
+    let base = cfg(&[
+        "perturb=true",
+        "min_clients=2",
+        "runtime.round_timeout_s=1.5",
+        "faults.quorum_policy=\"retry\"",
+        "faults.stragglers=[{client=\"site-2\", delay_s=2.5, rounds=[2]}]",
+        "faults.drop_reply=[{client=\"site-3\", round=4}, {client=\"site-5\", round=4}]",
+    ]);
+    let mut env = Env::load(&base, &mut |l| eprintln!("{l}")).unwrap();
+    let records = same_records_fewer_bytes_up(&base, &mut env);
+    assert_eq!(records[1].clients_late, vec!["site-2".to_string()]);
+    assert_eq!(records[3].retries, 1, "round 4 was retried");
+    assert_eq!(records[3].clients_ok, 3);
+}
+
 /// The checkpoint after `round` of `cfg`'s run (its records after the round land), and the
 /// run's records.
 fn run_keeping_checkpoint(
