@@ -4,6 +4,7 @@
 //! truncated message, trailing bytes and lengths beyond the bytes before allocating them.
 
 use bincode::config::{self, Config};
+use bincode::enc::write::{SizeWriter, Writer};
 use bincode::error::DecodeError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -34,9 +35,22 @@ pub(super) fn encode<T: Serialize>(kind: &Kind, value: &T) -> Result<Vec<u8>, Re
     Ok(out)
 }
 
-/// Bytes of `value` as [`encode`] writes them.
+/// Bytes of `value` as [`encode`] writes them, counted without writing them.
 pub(super) fn encoded_len<T: Serialize>(kind: &Kind, value: &T) -> Result<usize, ReplayError> {
-    encode(kind, value).map(|v| v.len())
+    let mut size = SizeWriter::default();
+    bincode::serde::encode_into_writer(value, &mut size, standard())
+        .map_err(|e| ReplayError::Encode { what: kind.what, reason: e.to_string() })?;
+    Ok(1 + size.bytes_written)
+}
+
+/// Feeds `value`'s body, as [`encode`] writes it, to `sink` (a hasher) without building it.
+pub(super) fn encode_into<T: Serialize, W: Writer>(
+    what: &'static str,
+    value: &T,
+    sink: W,
+) -> Result<(), ReplayError> {
+    bincode::serde::encode_into_writer(value, sink, config::standard())
+        .map_err(|e| ReplayError::Encode { what, reason: e.to_string() })
 }
 
 pub(super) fn decode<T: DeserializeOwned>(kind: &Kind, bytes: &[u8]) -> Result<T, ReplayError> {

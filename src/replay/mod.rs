@@ -121,9 +121,20 @@ impl std::fmt::Display for StateHash {
 }
 
 fn sha256_of<T: Serialize>(what: &'static str, value: &T) -> Result<[u8; 32], ReplayError> {
-    let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard())
-        .map_err(|e| ReplayError::Encode { what, reason: e.to_string() })?;
-    Ok(Sha256::digest(&bytes).into())
+    // Streamed: at d = 500 the state is 4 MB, hashed every round by every party.
+    let mut hasher = HashWriter(Sha256::new());
+    codec::encode_into(what, value, &mut hasher)?;
+    Ok(hasher.0.finalize().into())
+}
+
+/// A SHA-256 fed by bincode's encoder.
+struct HashWriter(Sha256);
+
+impl bincode::enc::write::Writer for HashWriter {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.update(bytes);
+        Ok(())
+    }
 }
 
 /// What a local search leaves to be replayed: each iteration's ranking (candidate indices,
@@ -470,6 +481,12 @@ impl<S: Replayable> StateTransfer<S> {
     pub fn encoded_len(&self) -> Result<usize, ReplayError> {
         codec::encoded_len(&TRANSFER, self)
     }
+
+    /// Bytes of the transfer of `strategy`, counted without copying or hashing it (bincode
+    /// writes a struct as the tuple of its fields).
+    pub fn encoded_len_of(next_round: usize, strategy: &S) -> Result<usize, ReplayError> {
+        codec::encoded_len(&TRANSFER, &(next_round, strategy, StateHash([0; 32])))
+    }
 }
 
 /// A server strategy a client can replicate: its whole state serializes (for the hash and the
@@ -653,9 +670,8 @@ pub fn catch_up<S: Replayable>(
     }
     let replay_bytes =
         missed.iter().map(RoundDigest::encoded_len).sum::<Result<usize, ReplayError>>()?;
-    let transfer = StateTransfer::new(to, strategy)?;
-    if transfer.encoded_len()? < replay_bytes {
-        Ok(CatchUp::State(transfer))
+    if StateTransfer::encoded_len_of(to, strategy)? < replay_bytes {
+        Ok(CatchUp::State(StateTransfer::new(to, strategy)?))
     } else {
         Ok(CatchUp::Replay(missed))
     }

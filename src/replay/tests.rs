@@ -554,7 +554,15 @@ fn catch_up_replays_the_missed_rounds_or_sends_the_state() {
     let strategy = fedbpt(CmaFlavour::Tutorial, ServerFitness::Loss, ServerWeights::Rank);
     let mut server = strategy.clone();
     let log: Vec<RoundDigest> = (0..3).map(|round| round_of(&mut server, &ctx, round)).collect();
-    let transfer_len = StateTransfer::new(3, &server).unwrap().encoded_len().unwrap();
+    let transfer = StateTransfer::new(3, &server).unwrap();
+    let transfer_len = transfer.encoded_len().unwrap();
+    // Counted, not written: the same as the bytes.
+    assert_eq!(transfer_len, transfer.encode().unwrap().len());
+    assert_eq!(StateTransfer::encoded_len_of(3, &server).unwrap(), transfer_len);
+    // Streamed into the hasher: the SHA-256 of the encoding.
+    let whole = bincode::serde::encode_to_vec(&server, bincode::config::standard()).unwrap();
+    let expected: [u8; 32] = sha2::Sha256::digest(&whole).into();
+    assert_eq!(StateHash::of(&server).unwrap().0, expected);
     let replay_len: usize = log.iter().map(|d| d.encoded_len().unwrap()).sum();
     assert!(replay_len < transfer_len, "{replay_len} vs {transfer_len}");
 
