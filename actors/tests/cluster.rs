@@ -350,38 +350,12 @@ fn a_server_killed_and_resumed_takes_its_client_processes_back() {
         "faults.stragglers=[{client=\"site-1\", delay_s=3.0, rounds=[3]}]",
     ];
     let alone = run_alone(d, "one", &extra);
-
-    let port = free_port();
-    let mut server = serve(d, port, &extra);
-    let mut a = join(d, port, "1-5", &extra, "a.log", COOKIE);
-    let mut b = join(d, port, "6-10", &extra, "b.log", COOKIE);
-    let partial = d.join("served/metrics.jsonl.partial");
-    let started = Instant::now();
-    while records(&partial).len() < 2 {
-        assert!(started.elapsed() < Duration::from_secs(60), "round 2 did not finish");
-        assert!(server.try_wait().unwrap().is_none(), "{}", log(&d.join("serve.log")));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    server.kill().unwrap(); // SIGKILL, inside round 3
-    let _ = server.wait();
-    let resume = vec![
-        "serve".to_string(),
-        "--resume".into(),
-        d.join("served").display().to_string(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-    ];
-    let mut resumed = spawn(&resume, &d.join("resumed.log"), COOKIE);
-    finished_ok(&mut resumed, "serve --resume", &d.join("resumed.log"));
-    finished_ok(&mut a, "join 1-5", &d.join("a.log"));
-    finished_ok(&mut b, "join 6-10", &d.join("b.log"));
+    let served = served_with_server_killed_in_round_3(d, &extra);
     assert!(
         log(&d.join("a.log")).contains("connected to the server at"),
         "{}",
         log(&d.join("a.log"))
     );
-    let served = records(&d.join("served/metrics.jsonl"));
     assert_eq!(served.len(), 4);
     assert_eq!(without_wall(served), without_wall(alone));
 }

@@ -5,7 +5,7 @@
 //! server killed with kill -9 and resumed (a client process killed: `tests/cluster.rs`); and a client process whose uploads lie (a ranking of the wrong length, a
 //! repeated index, a seed for another round) is refused with its reason while the run finishes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fedbpt::replay::{ReplayContext, SearchRecord, StartDigest, Upload};
 use fedbpt_actors::messages::ClientMsg;
@@ -52,33 +52,7 @@ fn replayed_rounds_across_processes_record_what_shipped_rounds_record() {
     replayed
         .extend(["traffic=\"replay\"", "faults.corrupt_replica=[{client=\"site-9\", round=4}]"]);
 
-    let port = free_port();
-    let mut server = serve(d, port, &replayed);
-    let mut a = join(d, port, "1-5", &replayed, "a.log", COOKIE);
-    let mut b = join(d, port, "6-10", &replayed, "b.log", COOKIE);
-    let partial = d.join("served/metrics.jsonl.partial");
-    let started = Instant::now();
-    while records(&partial).len() < 2 {
-        assert!(started.elapsed() < Duration::from_secs(60), "round 2 did not finish");
-        assert!(server.try_wait().unwrap().is_none(), "{}", log(&d.join("serve.log")));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    server.kill().unwrap(); // SIGKILL, inside round 3
-    let _ = server.wait();
-    let resume = vec![
-        "serve".to_string(),
-        "--resume".into(),
-        d.join("served").display().to_string(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-    ];
-    let mut resumed = spawn(&resume, &d.join("resumed.log"), COOKIE);
-    finished_ok(&mut resumed, "serve --resume", &d.join("resumed.log"));
-    finished_ok(&mut a, "join 1-5", &d.join("a.log"));
-    finished_ok(&mut b, "join 6-10", &d.join("b.log"));
-
-    let served = records(&d.join("served/metrics.jsonl"));
+    let served = served_with_server_killed_in_round_3(d, &replayed);
     assert_eq!(served.len(), 5);
     for (s, r) in shipped.iter().zip(&served) {
         assert_eq!(comparable(s), comparable(r), "round {}", s.round);

@@ -217,3 +217,36 @@ pub async fn ask_to_join(
         .await
         .unwrap()
 }
+
+/// Runs `extra`'s federation as a server and the client processes of sites 1-5 and 6-10 (logs
+/// `a.log`, `b.log`), kills the server with kill -9 once round 2 is recorded (inside round 3,
+/// which a straggler of the config must hold open), resumes it (`resumed.log`) and waits for
+/// all of them. Returns the served records.
+pub fn served_with_server_killed_in_round_3(d: &Path, extra: &[&str]) -> Vec<RoundRecord> {
+    let port = free_port();
+    let mut server = serve(d, port, extra);
+    let mut a = join(d, port, "1-5", extra, "a.log", COOKIE);
+    let mut b = join(d, port, "6-10", extra, "b.log", COOKIE);
+    let partial = d.join("served/metrics.jsonl.partial");
+    let started = Instant::now();
+    while records(&partial).len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(60), "round 2 did not finish");
+        assert!(server.try_wait().unwrap().is_none(), "{}", log(&d.join("serve.log")));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    server.kill().unwrap(); // SIGKILL, inside round 3
+    let _ = server.wait();
+    let resume = vec![
+        "serve".to_string(),
+        "--resume".into(),
+        d.join("served").display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    let mut resumed = spawn(&resume, &d.join("resumed.log"), COOKIE);
+    finished_ok(&mut resumed, "serve --resume", &d.join("resumed.log"));
+    finished_ok(&mut a, "join 1-5", &d.join("a.log"));
+    finished_ok(&mut b, "join 6-10", &d.join("b.log"));
+    records(&d.join("served/metrics.jsonl"))
+}
