@@ -3,7 +3,7 @@
 //! kill -9 of the whole process followed by `--resume`. Every run finishes every round; nothing
 //! hangs; nothing finished is lost.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -218,24 +218,18 @@ fn raw_records(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn kill_dash_nine_then_resume_gives_the_uninterrupted_records_byte_for_byte() {
-    let tmp = tempfile::tempdir().unwrap();
-    // One client straggles a second each round, so the run is slow enough to be killed.
-    let slow = [
-        "num_rounds=5",
-        "faults.stragglers=[{ client = \"site-1\", delay_s = 0.7 }]",
-        "runtime.round_timeout_s=30",
-    ];
-    let full = tmp.path().join("full");
+/// The run of `extra` uninterrupted (`tmp/full`), and killed with kill -9 once round 2 is
+/// checkpointed and resumed with `run --resume` (`tmp/cut`, its settings `extra` and `cut`).
+fn run_killed_and_resumed(tmp: &Path, extra: &[&str], cut_extra: &[&str]) -> (PathBuf, PathBuf) {
+    let full = tmp.join("full");
     let full_s = full.to_str().unwrap();
-    let out = cli(&["run", "../configs/quickstart.toml", "--out", full_s], &slow);
+    let out = cli(&["run", "../configs/quickstart.toml", "--out", full_s], extra);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let cut = tmp.path().join("cut");
+    let cut = tmp.join("cut");
     let mut cmd = Command::new(bin());
     cmd.args(["run", "../configs/quickstart.toml", "--out"]).arg(&cut);
-    for s in sets(&slow) {
+    for s in sets(&[extra, cut_extra].concat()) {
         cmd.args(["--set", &s]);
     }
     let mut child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
@@ -257,6 +251,43 @@ fn kill_dash_nine_then_resume_gives_the_uninterrupted_records_byte_for_byte() {
     child.wait().unwrap();
     let status = Command::new(bin()).args(["run", "--resume"]).arg(&cut).output().unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    (full, cut)
+}
+
+/// One client straggles each round, so the run is slow enough to be killed.
+const SLOW: [&str; 3] = [
+    "num_rounds=5",
+    "faults.stragglers=[{ client = \"site-1\", delay_s = 0.7 }]",
+    "runtime.round_timeout_s=30",
+];
+
+#[test]
+fn a_replayed_run_killed_and_resumed_records_what_the_shipped_run_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (full, cut) = run_killed_and_resumed(tmp.path(), &SLOW, &["traffic=\"replay\""]);
+    let comparable = |dir: &Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                for key in ["wall_s", "bytes_up", "bytes_down"] {
+                    v.as_object_mut().unwrap().remove(key);
+                }
+                v
+            })
+            .collect()
+    };
+    let (shipped, replayed) = (comparable(&full), comparable(&cut));
+    assert_eq!(shipped.len(), 5);
+    assert_eq!(shipped, replayed);
+    let checkpoint = std::fs::read_to_string(cut.join("checkpoint.json")).unwrap();
+    assert!(checkpoint.contains("\"replay_log\""));
+}
+
+#[test]
+fn kill_dash_nine_then_resume_gives_the_uninterrupted_records_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (full, cut) = run_killed_and_resumed(tmp.path(), &SLOW, &[]);
     let (a, b) = (raw_records(&full), raw_records(&cut));
     assert_eq!(a.len(), 5);
     assert_eq!(a, b);
