@@ -162,6 +162,10 @@ pub struct RoundContext<'a> {
     /// How long the roster may take to answer: the round's deadline for the local supervisor;
     /// a remote roster waits for client processes itself (`[cluster]`), longer.
     pub roster_patience: Duration,
+    /// Clients restarted during the previous round, as the roster said at its end: recorded in
+    /// this round's `clients_restarted`, and kept in the checkpoint so that a resumed run
+    /// records them too.
+    pub restarted_before: &'a mut Vec<usize>,
 }
 
 pub(crate) fn site(i: usize) -> String {
@@ -182,7 +186,11 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
                     cluster.join_timeout_s or rejoin_wait_s), or all past their restart limit"
             .into());
     }
-    let restarted: Vec<String> = roster.restarted.iter().map(|&i| site(i)).collect();
+    let mut restarted_now = std::mem::take(ctx.restarted_before);
+    restarted_now.extend(&roster.restarted);
+    restarted_now.sort_unstable();
+    restarted_now.dedup();
+    let restarted: Vec<String> = restarted_now.iter().map(|&i| site(i)).collect();
     // 2. Faults, and the kills before the round.
     let faults = plan_faults(cfg, round);
     let mut killed = kill_before(&roster, &faults).await;
@@ -239,6 +247,11 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
         book.close_round(round, told, &uploaded)?;
     }
     let z = ctx.strategy.aggregator().global_mean();
+    // Restarts of this round's clients, for the next round's record (and the checkpoint).
+    if let Ok(CallResult::Success(r)) = roster_now(ctx.supervisor, patience).await {
+        note_restarts(ctx.strategy, &r);
+        *ctx.restarted_before = r.restarted;
+    }
     let with_test = round.is_multiple_of(cfg.eval_every) || round == cfg.num_rounds;
     let eval = evaluate(ctx.evaluator, &z, with_test).await?;
     BestOnDev::offer(ctx.best_dev, eval.dev_acc, eval.dev_loss, round, &z);
@@ -281,20 +294,31 @@ fn note_restarts(strategy: &mut ServerStrategy, roster: &Roster) {
     }
 }
 
+/// The roster as it stands (restarts still pending are not waited for).
+async fn roster_now(
+    supervisor: &ActorRef<SupervisorMsg>,
+    timeout: Duration,
+) -> Result<CallResult<Roster>, ractor::MessagingErr<SupervisorMsg>> {
+    supervisor
+        .call(
+            move |reply| SupervisorMsg::Roster { wait: false, stamp: profile::stamp(), reply },
+            Some(timeout),
+        )
+        .await
+}
+
 /// The roster once restarts finished (at most `timeout`; then the roster as it stands).
 async fn settled_roster(
     supervisor: &ActorRef<SupervisorMsg>,
     timeout: Duration,
 ) -> Result<Roster, String> {
-    let ask = |wait: bool| {
-        supervisor.call(
-            move |reply| SupervisorMsg::Roster { wait, stamp: profile::stamp(), reply },
-            Some(timeout),
-        )
-    };
-    match ask(true).await {
+    let settled = supervisor.call(
+        move |reply| SupervisorMsg::Roster { wait: true, stamp: profile::stamp(), reply },
+        Some(timeout),
+    );
+    match settled.await {
         Ok(CallResult::Success(r)) => Ok(r),
-        Ok(CallResult::Timeout) => match ask(false).await {
+        Ok(CallResult::Timeout) => match roster_now(supervisor, timeout).await {
             Ok(CallResult::Success(r)) => Ok(r),
             _ => Err("the client supervisor did not answer".into()),
         },

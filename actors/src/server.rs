@@ -42,6 +42,9 @@ pub struct Checkpoint {
     /// replicas catch up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_log: Option<Vec<RoundDigest>>,
+    /// Clients restarted during the checkpoint's round, for the next round's record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restarted_after: Vec<usize>,
 }
 
 impl Checkpoint {
@@ -84,6 +87,12 @@ impl Checkpoint {
         }
         for r in &self.records {
             r.check()?;
+        }
+        if let Some(i) = self.restarted_after.iter().find(|&&i| i >= cfg.num_users) {
+            return Err(format!(
+                "restarted_after names client {i}, the run has {} (0-based)",
+                cfg.num_users
+            ));
         }
         if let Some(b) = &self.best_dev {
             let in_range = (0.0..=1.0).contains(&b.metric) && b.loss.is_finite() && b.loss >= 0.0;
@@ -171,6 +180,7 @@ pub struct ServerState {
     args: ServerArgs,
     best_dev: Option<BestOnDev>,
     records: Vec<RoundRecord>,
+    restarted_before: Vec<usize>,
 }
 
 impl Actor for Server {
@@ -185,12 +195,14 @@ impl Actor for Server {
     ) -> Result<ServerState, ActorProcessingErr> {
         let mut best_dev = args.initial_dev.clone();
         let mut records = Vec::new();
+        let mut restarted_before = Vec::new();
         if let Some(cp) = args.resume.take() {
             cp.restore_into(&mut args.aggregator)?;
             best_dev = cp.best_dev;
             records = cp.records;
+            restarted_before = cp.restarted_after;
         }
-        Ok(ServerState { args, best_dev, records })
+        Ok(ServerState { args, best_dev, records, restarted_before })
     }
 
     async fn handle(
@@ -252,6 +264,7 @@ fn write_checkpoint(state: &ServerState, round: usize) -> Result<(), String> {
         config: (*state.args.cfg).clone(),
         data_fingerprint: Some(state.args.data_fingerprint.clone()),
         replay_log: state.args.aggregator.replay().map(|book| book.log().to_vec()),
+        restarted_after: state.restarted_before.clone(),
     };
     let path = dir.join("checkpoint.json");
     let tmp = dir.join("checkpoint.json.tmp");
@@ -283,6 +296,7 @@ async fn round_of(
         started: a.started,
         best_dev: &mut state.best_dev,
         roster_patience: a.roster_patience,
+        restarted_before: &mut state.restarted_before,
     };
     run_round(&mut ctx, round).await
 }

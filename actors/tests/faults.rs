@@ -254,11 +254,14 @@ fn run_killed_and_resumed(tmp: &Path, extra: &[&str], cut_extra: &[&str]) -> (Pa
     (full, cut)
 }
 
-/// One client straggles each round, so the run is slow enough to be killed.
-const SLOW: [&str; 3] = [
+/// One client straggles each round, so the run is slow enough to be killed; site-2 panics in
+/// round 2, and its restart is recorded in round 3, the round the run is killed in (the
+/// checkpoint carries it).
+const SLOW: [&str; 4] = [
     "num_rounds=5",
     "faults.stragglers=[{ client = \"site-1\", delay_s = 0.7 }]",
     "runtime.round_timeout_s=30",
+    "faults.panic=[{ client = \"site-2\", round = 2 }]",
 ];
 
 #[test]
@@ -290,6 +293,7 @@ fn kill_dash_nine_then_resume_gives_the_uninterrupted_records_byte_for_byte() {
     let (full, cut) = run_killed_and_resumed(tmp.path(), &SLOW, &[]);
     let (a, b) = (raw_records(&full), raw_records(&cut));
     assert_eq!(a.len(), 5);
+    assert!(a[2].contains("\"clients_restarted\":[\"site-2\"]"), "{}", a[2]);
     assert_eq!(a, b);
     let summary = |d: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap()

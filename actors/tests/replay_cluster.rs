@@ -34,17 +34,19 @@ fn comparable(r: &RoundRecord) -> serde_json::Value {
 fn replayed_rounds_across_processes_record_what_shipped_rounds_record() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // Sampled (seed 11): round 3 has site-1 and site-9, round 4 site-4 and site-9, round 5
-    // site-4. site-1 holds its round-3 reply back so that the server is killed inside round 3;
-    // site-4 panics in round 4 (restarted, its new replica catches up in round 5). (A restart
-    // reported in the round a server is killed in is not in the resumed run's record: the new
-    // server's roster did not see it.)
+    // Sampled (seed 11): round 2 has site-3 and site-5, round 3 site-1 and site-9, round 4
+    // site-4 and site-9, round 5 site-4. site-5 panics in round 2 (site-3 holds round 2 open
+    // for its restart): the restart is recorded in round 3, the round the server is killed in,
+    // from the checkpoint. site-1 holds its round-3 reply back so that the server is killed
+    // inside round 3; site-4 panics in round 4 (restarted, its new replica catches up in
+    // round 5).
     let extra = [
         "num_rounds=5",
         "clients_per_round=6",
         "runtime.round_timeout_s=30",
-        "faults.stragglers=[{client=\"site-1\", delay_s=3.0, rounds=[3]}]",
-        "faults.panic=[{client=\"site-4\", round=4}]",
+        "faults.stragglers=[{client=\"site-3\", delay_s=1.0, rounds=[2]}, \
+         {client=\"site-1\", delay_s=3.0, rounds=[3]}]",
+        "faults.panic=[{client=\"site-5\", round=2}, {client=\"site-4\", round=4}]",
     ];
     let shipped = run_alone(d, "one", &extra);
     // site-9's replica is moved one ulp off before round 4's digest.
@@ -60,6 +62,7 @@ fn replayed_rounds_across_processes_record_what_shipped_rounds_record() {
     // The run exercised what it claims: sampling, the kill, and the corrupted replica found
     // by the hash and resynced (and nothing else resynced).
     assert!(served.iter().all(|r| r.clients_sampled.len() == 6 && r.aggregated));
+    assert_eq!(served[2].clients_restarted, vec!["site-5".to_string()]);
     assert_eq!(served[4].clients_restarted, vec!["site-4".to_string()]);
     assert!(served[4].clients.iter().any(|c| c.client == "site-4"), "{:?}", served[4]);
     for r in &served {
