@@ -264,9 +264,9 @@ pub struct Faults {
     pub kill_fraction: f64,
     pub panic: Vec<ClientRound>,
     pub drop_reply: Vec<ClientRound>,
-    /// `traffic = "replay"`: the client's replica is moved one ulp off the server's state
-    /// before it applies the round's digests (as another build's rounding would), so that the
-    /// hash check and the resync are exercised. Round 2 on: round 1 has nothing to replay.
+    /// `traffic = "replay"`: the client's replica is moved one ulp off the server's state just
+    /// before the first digest it applies in the round (as another build's rounding would), so
+    /// that the hash check and the resync are exercised. Round 2 on: round 1 has no digest.
     pub corrupt_replica: Vec<ClientRound>,
     pub stragglers: Vec<Straggler>,
     /// Kill the forward worker serving the N-th forward request of the run (1-based) while it

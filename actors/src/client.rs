@@ -190,16 +190,8 @@ async fn serve_replay(
         let _ = reply.send(ReplayReply(Err(why)));
         return;
     };
-    // Only before digests: a state transfer (the resync it causes) replaces the replica anyway.
-    if fault == Some(ClientFault::CorruptReplica) && download.transfer.is_none() {
-        match replica.inject_divergence() {
-            Ok(()) => {
-                tracing::warn!("{site}: injected fault: replica moved off the server's state")
-            }
-            Err(e) => tracing::warn!("{site}: could not corrupt its replica: {e}"),
-        }
-    }
-    let dist = match start_round(replica, &download) {
+    let corrupt = fault == Some(ClientFault::CorruptReplica);
+    let dist = match start_round(replica, &download, corrupt) {
         Ok(Start::Search(dist)) => dist,
         Ok(Start::Ask(answer)) => {
             if let Answer::Diverged { why } = &answer {

@@ -51,7 +51,8 @@ pub struct RoundRecord {
     pub clients_sampled: Vec<String>,
     /// Killed by fault injection this round (before or during their local search).
     pub clients_killed: Vec<String>,
-    /// Restarted by the supervisor since the previous round.
+    /// Restarted by the supervisor since the previous round's clients finished (during that
+    /// round's end, before this round, or before one of its retries).
     pub clients_restarted: Vec<String>,
     /// No reply before the deadline.
     pub clients_late: Vec<String>,
@@ -186,11 +187,9 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
                     cluster.join_timeout_s or rejoin_wait_s), or all past their restart limit"
             .into());
     }
-    let mut restarted_now = std::mem::take(ctx.restarted_before);
-    restarted_now.extend(&roster.restarted);
-    restarted_now.sort_unstable();
-    restarted_now.dedup();
-    let restarted: Vec<String> = restarted_now.iter().map(|&i| site(i)).collect();
+    // Restarted since the previous round: during it (its closing roster), and since.
+    let mut restarted = std::mem::take(ctx.restarted_before);
+    restarted.extend(&roster.restarted);
     // 2. Faults, and the kills before the round.
     let faults = plan_faults(cfg, round);
     let mut killed = kill_before(&roster, &faults).await;
@@ -228,6 +227,7 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
                 retries += 1;
                 roster = settled_roster(ctx.supervisor, patience).await?;
                 note_restarts(ctx.strategy, &roster);
+                restarted.extend(&roster.restarted);
             }
             decision => break (attempt, decision),
         }
@@ -247,10 +247,13 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
         book.close_round(round, told, &uploaded)?;
     }
     let z = ctx.strategy.aggregator().global_mean();
-    // Restarts of this round's clients, for the next round's record (and the checkpoint).
-    if let Ok(CallResult::Success(r)) = roster_now(ctx.supervisor, patience).await {
-        note_restarts(ctx.strategy, &r);
-        *ctx.restarted_before = r.restarted;
+    // Restarts of this round's clients, once they finished: for the next round's record, and
+    // the checkpoint (a run resumed from it records them as the uninterrupted run does).
+    if round < cfg.num_rounds {
+        if let Ok(r) = settled_roster(ctx.supervisor, patience).await {
+            note_restarts(ctx.strategy, &r);
+            *ctx.restarted_before = r.restarted;
+        }
     }
     let with_test = round.is_multiple_of(cfg.eval_every) || round == cfg.num_rounds;
     let eval = evaluate(ctx.evaluator, &z, with_test).await?;
@@ -263,6 +266,8 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
     } else {
         Vec::new()
     };
+    restarted.sort_unstable();
+    restarted.dedup();
     Ok(RoundRecord {
         round,
         test_acc: eval.test_acc,
@@ -273,7 +278,7 @@ pub async fn run_round(ctx: &mut RoundContext<'_>, round: usize) -> Result<Round
         clients_ok: updates.len(),
         clients_sampled,
         clients_killed: killed,
-        clients_restarted: restarted,
+        clients_restarted: restarted.into_iter().map(site).collect(),
         clients_late: attempt.late.iter().map(|&i| site(i)).collect(),
         clients_excluded: attempt.excluded,
         clients_resynced: attempt.resynced.iter().map(|&i| site(i)).collect(),

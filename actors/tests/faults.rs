@@ -184,6 +184,8 @@ fn a_retried_round_reaches_clients_restarted_since_it_began() {
     assert_eq!(r[1].retries, 1);
     assert!(r[1].aggregated, "the retry had its quorum: {:?}", r[1].clients_excluded);
     assert_eq!(r[1].clients_ok, 4);
+    // The restart the retry waited for is in the round's record.
+    assert_eq!(r[1].clients_restarted, vec!["site-2"]);
     // Under "skip" the same round is not aggregated.
     let mut skip = c.clone();
     skip.faults.quorum_policy = fedbpt::strategy::QuorumPolicy::Skip;
@@ -249,6 +251,13 @@ fn run_killed_and_resumed(tmp: &Path, extra: &[&str], cut_extra: &[&str]) -> (Pa
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    // Killed inside round 3 (site-1 holds each round open), with site-2's round-2 restart in
+    // the checkpoint: the resume must record it.
+    let checkpoint: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cut.join("checkpoint.json")).unwrap())
+            .unwrap();
+    assert_eq!(checkpoint["round"], 2, "killed inside round 3");
+    assert_eq!(checkpoint["restarted_after"], serde_json::json!([1]));
     let status = Command::new(bin()).args(["run", "--resume"]).arg(&cut).output().unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     (full, cut)

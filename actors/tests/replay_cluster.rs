@@ -100,7 +100,7 @@ impl ractor::Actor for LyingReplayClient {
         (replica, ctx): &mut Self::State,
     ) -> Result<(), ractor::ActorProcessingErr> {
         let ClientMsg::Replay(ReplayRequest::Valid(train), reply) = msg else { return Ok(()) };
-        let dist = match start_round(replica, &train.download)? {
+        let dist = match start_round(replica, &train.download, false)? {
             Start::Search(dist) => dist,
             Start::Ask(answer) => {
                 let _ = reply.send(ReplayReply(Ok((answer, Default::default()))));

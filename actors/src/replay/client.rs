@@ -29,8 +29,15 @@ pub enum Start {
 
 /// Applies `download` to `replica`: the state if it carries one, then every digest the replica
 /// has not applied yet. A refused message is an error (the reply says why); a replica that
-/// falls short of the round, or whose hash differs, asks for what it needs.
-pub fn start_round(replica: &mut ClientReplica, download: &Download) -> Result<Start, String> {
+/// falls short of the round, or whose hash differs, asks for what it needs. With `corrupt`
+/// (`faults.corrupt_replica`), the replica is moved off the server's state just before the
+/// first digest it applies, so that the digest's hash catches it; with none to apply, it is
+/// left as it is.
+pub fn start_round(
+    replica: &mut ClientReplica,
+    download: &Download,
+    mut corrupt: bool,
+) -> Result<Start, String> {
     if let Some(bytes) = &download.transfer {
         let transfer = StateTransfer::<GlobalStrategy>::decode(bytes).map_err(|e| e.to_string())?;
         replica.resync(&transfer).map_err(|e| e.to_string())?;
@@ -44,9 +51,16 @@ pub fn start_round(replica: &mut ClientReplica, download: &Download) -> Result<S
         if digest.round > replica.next_round() || !replica.in_sync() {
             break;
         }
+        if std::mem::take(&mut corrupt) {
+            replica.inject_divergence().map_err(|e| format!("injected fault: {e}"))?;
+            tracing::warn!("injected fault: replica moved off the server's state");
+        }
         if let Err(e) = replica.apply(&digest) {
             return Ok(Start::Ask(Answer::Diverged { why: e.to_string() }));
         }
+    }
+    if corrupt && download.transfer.is_none() {
+        tracing::warn!("injected fault: no digest to apply, the replica is left as it is");
     }
     if !replica.in_sync() {
         return Ok(Start::Ask(Answer::Diverged { why: "out of sync".into() }));
@@ -63,7 +77,7 @@ mod tests {
     use fedbpt::strategy::Aggregator;
 
     use super::*;
-    use crate::replay::server::ReplayServer;
+    use crate::replay::server::{ReplayServer, CATCH_UP_MAX_ROUNDS};
 
     #[test]
     fn a_replica_behind_asks_for_the_missed_rounds_and_a_diverged_one_for_the_state() {
@@ -82,12 +96,12 @@ mod tests {
         // Sent only round 2's digest, a new replica (a restarted client) asks from round 1.
         let mut replica = new_replica(&cfg).unwrap();
         let last = round.download(2).unwrap();
-        match start_round(&mut replica, &last).unwrap() {
+        match start_round(&mut replica, &last, false).unwrap() {
             Start::Ask(Answer::Behind { next_round: 1 }) => {}
             other => panic!("{other:?}"),
         }
         let missed = round.download(1).unwrap();
-        assert_eq!(search(start_round(&mut replica, &missed).unwrap()), dist);
+        assert_eq!(search(start_round(&mut replica, &missed, false).unwrap()), dist);
 
         // A digest whose hash is not the replica's state: it asks for the state, and searches
         // from the server's distribution once it has it.
@@ -95,16 +109,32 @@ mod tests {
         let mut digest = RoundDigest::decode(&missed.digests[0]).unwrap();
         digest.state.0[0] ^= 1;
         let bad = Download { round: 3, transfer: None, digests: vec![digest.encode().unwrap()] };
-        match start_round(&mut replica, &bad).unwrap() {
+        match start_round(&mut replica, &bad, false).unwrap() {
             Start::Ask(Answer::Diverged { why }) => assert!(why.contains("out of sync"), "{why}"),
             other => panic!("{other:?}"),
         }
         assert!(!replica.in_sync());
-        assert_eq!(search(start_round(&mut replica, &round.state().unwrap()).unwrap()), dist);
+        assert_eq!(
+            search(start_round(&mut replica, &round.state().unwrap(), false).unwrap()),
+            dist
+        );
+
+        // More missed rounds than a catch-up replays: the state, though the digests are fewer
+        // bytes.
+        let mut server = ReplayServer::from_config(&cfg).unwrap();
+        let last = CATCH_UP_MAX_ROUNDS + 1;
+        for r in 1..=last {
+            server.close_round(r, &[], &[]).unwrap();
+        }
+        let far = server.round(&server.strategy().configure(last + 1));
+        let d = far.download(1).unwrap();
+        assert!(d.transfer.is_some() && d.digests.is_empty(), "{} digests", d.digests.len());
+        let near = far.download(2).unwrap();
+        assert_eq!((near.transfer.is_none(), near.digests.len()), (true, CATCH_UP_MAX_ROUNDS));
 
         // Bytes that are no digest are refused with why.
         let garbage = Download { round: 3, transfer: None, digests: vec![vec![0x52, 0xff]] };
-        let e = start_round(&mut new_replica(&cfg).unwrap(), &garbage).unwrap_err();
+        let e = start_round(&mut new_replica(&cfg).unwrap(), &garbage, false).unwrap_err();
         assert!(e.contains("round digest"), "{e}");
     }
 }

@@ -20,6 +20,11 @@ use crate::exchange::{Exchanged, Outcome, Received};
 use crate::messages::{now_ms, ClientFault, ClientMsg};
 use crate::profile;
 
+/// Missed rounds beyond which a replica gets the state rather than the digests, whatever the
+/// bytes: a catch-up replays every told search of every missed round inside the round's
+/// deadline, and after a resume every client catches up at once.
+pub const CATCH_UP_MAX_ROUNDS: usize = 16;
+
 /// The server's state in replay mode.
 pub struct ReplayServer {
     strategy: GlobalStrategy,
@@ -145,6 +150,9 @@ impl ReplayRound {
         let plan = match (round - from, logged(from)) {
             (0, _) => CatchUp::Replay(Vec::new()),
             (1, Some(d)) => CatchUp::Replay(vec![d.clone()]),
+            (missed, _) if missed > CATCH_UP_MAX_ROUNDS => CatchUp::State(
+                StateTransfer::new(round, &self.strategy).map_err(|e| e.to_string())?,
+            ),
             _ => catch_up(&self.log, from, round, &self.strategy).map_err(|e| e.to_string())?,
         };
         Ok(match plan {
@@ -184,9 +192,9 @@ impl ReplayRound {
     }
 }
 
-/// `client`'s round in replay mode: the download, then at most one catch-up or state transfer
-/// if its replica asks for it, then its upload replayed. Everything refused is a failure with
-/// why, never an end of the run.
+/// `client`'s round in replay mode: the download, then at most one catch-up (its replica was
+/// behind) and one state transfer (its replica diverged, possibly found by the catch-up), then
+/// its upload replayed. Everything refused is a failure with why, never an end of the run.
 pub(crate) async fn exchange(
     (i, client): (usize, ActorRef<ClientMsg>),
     shared: Arc<ReplayRound>,
@@ -196,7 +204,8 @@ pub(crate) async fn exchange(
 ) -> Exchanged {
     let mut out = Exchanged { outcome: Outcome::Late, bytes_down: 0, resynced: false };
     let mut download = first;
-    for asked_before in [false, true] {
+    let mut caught_up = false;
+    loop {
         out.bytes_down += download.bytes();
         let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
         let request = ReplayTrain { download, fault, deadline_ms, stamp: profile::stamp() };
@@ -230,8 +239,16 @@ pub(crate) async fn exchange(
                 };
                 return out;
             }
-            _ if asked_before => Err("its replica is still out of step after a catch-up".into()),
-            (Answer::Behind { next_round }, _) => shared.download(next_round),
+            (Answer::Behind { .. }, _) if caught_up || out.resynced => {
+                Err("its replica is still behind after a catch-up".into())
+            }
+            (Answer::Diverged { .. }, _) if out.resynced => {
+                Err("its replica still differs after the state".into())
+            }
+            (Answer::Behind { next_round }, _) => {
+                caught_up = true;
+                shared.download(next_round)
+            }
             (Answer::Diverged { why }, _) => {
                 tracing::warn!(
                     "site-{}: replica diverged in round {} ({why}): sending the state",
@@ -250,5 +267,4 @@ pub(crate) async fn exchange(
             }
         }
     }
-    out
 }
