@@ -2,8 +2,10 @@
 //! process and two `fedbpt join` processes record what the one-process run shipping
 //! distributions records (but the wall clock, the bytes and the resyncs), with client sampling,
 //! a client that panics (restarted with a new replica), a replica corrupted on purpose and the
-//! server killed with kill -9 and resumed (a client process killed: `tests/cluster.rs`); and a client process whose uploads lie (a ranking of the wrong length, a
-//! repeated index, a seed for another round) is refused with its reason while the run finishes.
+//! server killed with kill -9 and resumed (a client process killed: `tests/cluster.rs`); and a
+//! client process whose uploads lie (a ranking of the wrong length, a repeated index, a seed for
+//! another round, more bytes than an upload can take) is refused with its reason while the run
+//! finishes.
 
 use std::time::Duration;
 
@@ -126,7 +128,8 @@ impl ractor::Actor for LyingReplayClient {
                 upload.record.rankings[1].pop(); // a ranking of the wrong length
             }
             2 => upload.record.rankings[2][1] = 0, // candidate 0 twice
-            _ => upload.seed = ctx.search_seed(9, round - 1), // last round's seed
+            3 => upload.seed = ctx.search_seed(9, round - 1), // last round's seed
+            _ => upload.class_counts = vec![0; 30_000], // beyond what an upload can take
         }
         let answer = Answer::Upload(upload.encode()?);
         let _ = reply.send(ReplayReply(Ok((answer, Default::default()))));
@@ -138,7 +141,7 @@ impl ractor::Actor for LyingReplayClient {
 fn a_client_process_whose_uploads_lie_cannot_end_a_replayed_run() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let extra = ["num_rounds=3", "traffic=\"replay\""];
+    let extra = ["num_rounds=4", "traffic=\"replay\""];
     let port = free_port();
     let mut server = serve(d, port, &extra);
     let mut honest = join(d, port, "1-9", &extra, "a.log", COOKIE);
@@ -159,13 +162,14 @@ fn a_client_process_whose_uploads_lie_cannot_end_a_replayed_run() {
     });
     assert!(finish(&mut honest, "join 1-9", Duration::from_secs(60)).success());
     let r = records(&d.join("served/metrics.jsonl"));
-    assert_eq!(r.len(), 3, "every round finishes");
+    assert_eq!(r.len(), 4, "every round finishes");
     assert!(r.iter().all(|r| r.clients_ok == 9 && r.aggregated), "{r:?}");
     let why = |k: usize| r[k].clients_excluded.join("; ");
     let expected = [
         "iteration 1: ranking of 3 candidates, expected 4",
         "iteration 2: candidate 0 repeated",
         "seed",
+        "replay upload: 30",
     ];
     for (k, reason) in expected.iter().enumerate() {
         assert!(
@@ -176,5 +180,5 @@ fn a_client_process_whose_uploads_lie_cannot_end_a_replayed_run() {
     }
     // Logged by the server as it refused them.
     let said = log(&d.join("serve.log"));
-    assert!(said.matches("site-10: upload refused").count() >= 3, "{said}");
+    assert!(said.matches("site-10: upload refused").count() >= 4, "{said}");
 }
