@@ -26,6 +26,7 @@
 mod codec;
 mod error;
 mod global;
+mod memo;
 pub mod traffic;
 
 use serde::de::DeserializeOwned;
@@ -40,6 +41,7 @@ use crate::strategy::{Aggregator, FedAvgBbt, FedBpt, Told};
 
 pub use error::ReplayError;
 pub use global::GlobalStrategy;
+pub use memo::ReplayMemo;
 
 use codec::Kind;
 
@@ -540,6 +542,24 @@ impl<S: Replayable> Replica<S> {
     /// another round is refused and changes nothing; a digest that does not replay, or whose
     /// hash differs, marks the replica diverged until [`Replica::resync`].
     pub fn apply(&mut self, digest: &RoundDigest) -> Result<Vec<Told>, ReplayError> {
+        self.apply_with(digest, None)
+    }
+
+    /// [`Replica::apply`], taking the replay from `memo` when another replica of this process
+    /// made it from the same state (and leaving it there for the others).
+    pub fn apply_memo(
+        &mut self,
+        digest: &RoundDigest,
+        memo: &ReplayMemo<S>,
+    ) -> Result<Vec<Told>, ReplayError> {
+        self.apply_with(digest, Some(memo))
+    }
+
+    fn apply_with(
+        &mut self,
+        digest: &RoundDigest,
+        memo: Option<&ReplayMemo<S>>,
+    ) -> Result<Vec<Told>, ReplayError> {
         self.check_usable()?;
         let round = digest.round;
         if round != self.next_round {
@@ -547,7 +567,10 @@ impl<S: Replayable> Replica<S> {
         }
         // A digest this replica cannot replay leaves it a round behind for good: like a
         // mismatch, it needs the state.
-        let replayed = self.replay(digest);
+        let replayed = match memo {
+            Some(memo) => memo.replay(self, digest),
+            None => self.replay(digest),
+        };
         let (next, told) = replayed.inspect_err(|_| self.diverged_at = Some(round))?;
         self.strategy = next;
         self.next_round = round + 1;

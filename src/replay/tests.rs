@@ -588,3 +588,32 @@ fn catch_up_replays_the_missed_rounds_or_sends_the_state() {
     }
     assert_eq!((lost.next_round(), bytes(lost.strategy())), (3, bytes(&server)));
 }
+
+#[test]
+fn replicas_sharing_a_memo_end_where_each_alone_ends_and_a_differing_one_is_still_caught() {
+    let ctx = ctx(CmaFlavour::Pycma);
+    let strategy = fedbpt(CmaFlavour::Pycma, ServerFitness::Loss, ServerWeights::Rank);
+    let mut server = strategy.clone();
+    let digests: Vec<RoundDigest> = (0..3).map(|r| round_of(&mut server, &ctx, r)).collect();
+    let memo = ReplayMemo::new(2);
+    let mut alone = Replica::new(strategy.clone(), ctx, 0);
+    let mut first = Replica::new(strategy.clone(), ctx, 0);
+    let mut second = Replica::new(strategy.clone(), ctx, 0);
+    for d in &digests {
+        let told = alone.apply(d).unwrap();
+        assert_eq!(first.apply_memo(d, &memo).unwrap(), told);
+        // The second takes the first's replay: the same state and record.
+        assert_eq!(second.apply_memo(d, &memo).unwrap(), told);
+        assert_eq!(bytes(second.strategy()), bytes(alone.strategy()));
+    }
+    assert_eq!(bytes(first.strategy()), bytes(&server));
+    // A replica one ulp off does not take the others' replay: its own ends elsewhere, and the
+    // digest's hash refuses it.
+    let mut server = strategy.clone();
+    let d0 = round_of(&mut server, &ctx, 0);
+    let mut odd = Replica::new(strategy.clone(), ctx, 0);
+    odd.inject_divergence().unwrap();
+    Replica::new(strategy, ctx, 0).apply_memo(&d0, &memo).unwrap();
+    let e = odd.apply_memo(&d0, &memo).unwrap_err();
+    assert!(matches!(e, ReplayError::StateMismatch { round: 0, .. }), "{e}");
+}

@@ -3,9 +3,17 @@
 
 use fedbpt::config::Config;
 use fedbpt::protocol::SearchDistribution;
-use fedbpt::replay::{GlobalStrategy, ReplayContext, Replica, RoundDigest, StateTransfer};
+use std::sync::LazyLock;
+
+use fedbpt::replay::{
+    GlobalStrategy, ReplayContext, ReplayMemo, Replica, RoundDigest, StateTransfer,
+};
 
 use super::{Answer, Download};
+
+/// This process's replays, shared by its clients' replicas (in a simulation they hold the same
+/// state and apply the same digests; a catch-up or a retry may lag a round or two).
+static MEMO: LazyLock<ReplayMemo<GlobalStrategy>> = LazyLock::new(|| ReplayMemo::new(4));
 
 /// The first round a replica built from the configuration replays.
 pub const FIRST_ROUND: usize = 1;
@@ -55,7 +63,7 @@ pub fn start_round(
             replica.inject_divergence().map_err(|e| format!("injected fault: {e}"))?;
             tracing::warn!("injected fault: replica moved off the server's state");
         }
-        if let Err(e) = replica.apply(&digest) {
+        if let Err(e) = replica.apply_memo(&digest, &MEMO) {
             return Ok(Start::Ask(Answer::Diverged { why: e.to_string() }));
         }
     }
