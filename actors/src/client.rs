@@ -125,6 +125,25 @@ impl Actor for Client {
     }
 }
 
+/// The client's name, and its handling of a round's request in the message trace.
+fn open_round(
+    state: &ClientState,
+    stamp: profile::Stamp,
+    message: &'static str,
+    round: usize,
+    bytes: usize,
+) -> (String, profile::Handling) {
+    let site = format!("site-{}", state.args.id + 1);
+    let span = profile::handling(stamp, || MessageInfo {
+        sender: "server".into(),
+        receiver: site.clone(),
+        message,
+        round: Some(round),
+        bytes,
+    });
+    (site, span)
+}
+
 /// One round's request: the local search, with the fault the server injected into it.
 async fn serve_train(
     me: &ActorRef<ClientMsg>,
@@ -133,14 +152,7 @@ async fn serve_train(
     state: &mut ClientState,
 ) {
     let Train { dist, fault, deadline_ms, stamp } = request;
-    let site = format!("site-{}", state.args.id + 1);
-    let _span = profile::handling(stamp, || MessageInfo {
-        sender: "server".into(),
-        receiver: site.clone(),
-        message: "Train",
-        round: Some(dist.round),
-        bytes: wire_size(&dist),
-    });
+    let (site, _span) = open_round(state, stamp, "Train", dist.round, wire_size(&dist));
     if now_ms() >= deadline_ms {
         // It waited out its round behind an earlier one: nobody awaits the reply.
         drop(reply);
@@ -173,14 +185,7 @@ async fn serve_replay(
     state: &mut ClientState,
 ) {
     let ReplayTrain { download, fault, deadline_ms, stamp } = request;
-    let site = format!("site-{}", state.args.id + 1);
-    let _span = profile::handling(stamp, || MessageInfo {
-        sender: "server".into(),
-        receiver: site.clone(),
-        message: "Replay",
-        round: Some(download.round),
-        bytes: download.bytes(),
-    });
+    let (site, _span) = open_round(state, stamp, "Replay", download.round, download.bytes());
     if now_ms() >= deadline_ms {
         drop(reply);
         return;
