@@ -90,7 +90,7 @@ impl Checkpoint {
         }
         if let Some(i) = self.restarted_after.iter().find(|&&i| i >= cfg.num_users) {
             return Err(format!(
-                "restarted_after names client {i}, the run has {} (0-based)",
+                "restarted_after names client index {i}, beyond the run's {} clients",
                 cfg.num_users
             ));
         }
