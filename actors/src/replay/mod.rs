@@ -113,3 +113,61 @@ impl BytesConvertable for ReplayReply {
         ReplayReply(reply.map(|(a, stamp)| (a, from_wall_clock(stamp))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Train, TrainRequest};
+
+    fn request() -> ReplayTrain {
+        ReplayTrain {
+            download: Download { round: 3, transfer: None, digests: vec![vec![0x52, 1, 2]] },
+            fault: Some(ClientFault::CorruptReplica),
+            deadline_ms: now_ms() + 60_000,
+            stamp: Stamp::default(),
+        }
+    }
+
+    #[test]
+    fn replay_messages_round_trip_and_garbage_is_rejected_with_why() {
+        let sent = request();
+        let ReplayRequest::Valid(got) =
+            ReplayRequest::from_bytes(ReplayRequest::Valid(sent.clone()).into_bytes())
+        else {
+            panic!("a valid request was rejected");
+        };
+        assert_eq!((got.download, got.fault), (sent.download, sent.fault));
+        // The time left travels, not the host's clock.
+        assert!(got.deadline_ms.abs_diff(sent.deadline_ms) < 5_000);
+
+        let rejected = |bytes: Vec<u8>| match ReplayRequest::from_bytes(bytes) {
+            ReplayRequest::Rejected(why) => why,
+            ReplayRequest::Valid(_) => panic!("garbage accepted"),
+        };
+        assert!(!rejected(vec![0xff; 40]).is_empty());
+        assert!(!rejected(Vec::new()).is_empty());
+        let mut cut = ReplayRequest::Valid(request()).into_bytes();
+        cut.truncate(cut.len() - 2);
+        assert!(!rejected(cut).is_empty());
+        // Another message's valid bytes are named as such.
+        let train = Train {
+            dist: fedbpt::protocol::SearchDistribution {
+                round: 1,
+                mean: vec![0.0; 4],
+                sigma: 1.0,
+                covariance: None,
+            },
+            fault: None,
+            deadline_ms: now_ms() + 1_000,
+            stamp: Stamp::default(),
+        };
+        let why = rejected(TrainRequest::Valid(train).into_bytes());
+        assert!(why.contains("Train") && why.contains("ReplayTrain"), "{why}");
+
+        let answer = (Answer::Behind { next_round: 2 }, Stamp::default());
+        let back = ReplayReply::from_bytes(ReplayReply(Ok(answer.clone())).into_bytes());
+        assert_eq!(back.0, Ok(answer));
+        let ReplayReply(garbage) = ReplayReply::from_bytes(vec![1, 2, 3]);
+        assert!(garbage.unwrap_err().contains("undecodable reply"));
+    }
+}
