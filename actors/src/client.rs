@@ -108,21 +108,23 @@ impl Actor for Client {
                 serve_train(&me, request, reply, state).await
             }
             ClientMsg::Train(TrainRequest::Rejected(why), reply) => {
-                let site = format!("site-{}", state.args.id + 1);
-                tracing::warn!("{site}: rejected a Train request: {why}");
-                let _ = reply.send(TrainReply(Err(format!("request rejected: {why}"))));
+                let _ = reply.send(TrainReply(Err(rejected(state, "Train", &why))));
             }
             ClientMsg::Replay(ReplayRequest::Valid(request), reply) => {
                 serve_replay(&me, request, reply, state).await
             }
             ClientMsg::Replay(ReplayRequest::Rejected(why), reply) => {
-                let site = format!("site-{}", state.args.id + 1);
-                tracing::warn!("{site}: rejected a Replay request: {why}");
-                let _ = reply.send(ReplayReply(Err(format!("request rejected: {why}"))));
+                let _ = reply.send(ReplayReply(Err(rejected(state, "Replay", &why))));
             }
         }
         Ok(())
     }
+}
+
+/// Logs a request that did not decode, and the reply's reason.
+fn rejected(state: &ClientState, message: &str, why: &str) -> String {
+    tracing::warn!("site-{}: rejected a {message} request: {why}", state.args.id + 1);
+    format!("request rejected: {why}")
 }
 
 /// The client's name, and its handling of a round's request in the message trace.
